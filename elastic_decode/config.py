@@ -1,0 +1,49 @@
+"""Engine construction settings."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ElasticDecodeError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # Checkpoint directory, .gguf file, or None for the embedded SmolLM2-135M-Instruct.
+    model: str | None = None
+    # Weight and KV dtype. "auto": float32 on CPU (exact and fast there), the checkpoint's
+    # 16-bit dtype (else bfloat16) on CUDA.
+    dtype: str = "auto"
+    # "cpu", "cuda", "cuda:1"...; None picks CUDA when available.
+    device: str | None = None
+    # Kernel implementation: "auto" | "triton" | "reference" (env ELASTIC_DECODE_BACKEND).
+    backend: str | None = None
+    # Tokens per KV-cache block.
+    block_size: int = 16
+    # Longest prompt + completion; None = the model's max_position_embeddings.
+    max_model_len: int | None = None
+    # Sequences decoded together at most.
+    max_num_seqs: int = 256
+    # Prompt tokens prefilled in one step at most (a longer single prompt still runs alone).
+    max_num_batched_tokens: int = 8192
+    # KV-cache size in blocks; None sizes it from kv_cache_memory_gb.
+    num_kv_blocks: int | None = None
+    # KV-cache size in GiB; None = 1 GiB on CPU, 90% of the free GPU memory on CUDA.
+    kv_cache_memory_gb: float | None = None
+    # Seeds the request seeds of requests that give none, for reproducible runs.
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ElasticDecodeError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ElasticDecodeError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_model_len", "num_kv_blocks"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ElasticDecodeError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
+            raise ElasticDecodeError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")

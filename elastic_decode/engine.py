@@ -1,0 +1,243 @@
+"""The engine: load a model, accept requests at any time, step until they finish.
+
+request -> scheduler -> model runner -> model (kernels) -> sampler + budget -> outputs.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from elastic_decode.kernels import FINISH_STOP
+
+from .backend import select_ops
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .errors import ElasticDecodeError, InvalidRequestError
+from .loader import resolve_checkpoint
+from .model_runner import ModelRunner
+from .models import LlamaForCausalLM, ModelSpec, rope_inv_freq
+from .outputs import CompletionOutput, RequestOutput
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence, SequenceStatus
+from .tokenizer import Tokenizer
+
+_SEED_MASK = (1 << 63) - 1
+
+
+def _sample_seed(seed: int, index: int) -> int:
+    """Seed of sample `index` of a request: the request seed itself for sample 0."""
+    if index == 0:
+        return seed
+    x = (seed + index * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF  # splitmix64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & _SEED_MASK
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: int
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.status is SequenceStatus.FINISHED for s in self.seqs)
+
+
+def _pick_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ElasticDecodeError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ElasticDecodeError("device 'cuda' requested but no CUDA GPU is available")
+    return device
+
+
+def _pick_dtype(name: str, device: torch.device, hf_config) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type != "cuda":
+        return torch.float32
+    ckpt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    ckpt = getattr(torch, ckpt) if isinstance(ckpt, str) else ckpt
+    return ckpt if ckpt in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from safetensors import safe_open
+        from transformers import AutoConfig
+
+        self.config = config
+        path = resolve_checkpoint(config.model)
+        hf_config = AutoConfig.from_pretrained(path)
+        self.spec = ModelSpec.from_hf_config(hf_config)
+        self.device = _pick_device(config.device)
+        self.dtype = _pick_dtype(config.dtype, self.device, hf_config)
+        self.ops = select_ops(self.device, config.backend)
+        self.tokenizer = Tokenizer(path, hf_config)
+        self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
+                                 self.spec.max_position_embeddings)
+
+        with torch.device("meta"):
+            model = LlamaForCausalLM(self.spec)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        inv_freq, rope_scaling = rope_inv_freq(hf_config, self.spec.head_dim)
+        model.set_rope(inv_freq, rope_scaling, self.max_model_len)
+        expected = {n for n, _ in model.named_parameters()}
+        loaded = 0
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt", device=str(self.device)) as f:
+                loaded += model.load_weights((k, f.get_tensor(k)) for k in f.keys() if k in expected)
+        if loaded != len(expected):
+            raise ElasticDecodeError(f"checkpoint {path} holds {loaded} of the model's {len(expected)} weights")
+        self.model = model.eval()
+
+        block_size = config.block_size
+        num_blocks = self._num_kv_blocks(block_size)
+        shape = (num_blocks, block_size, self.spec.num_kv_heads, self.spec.head_dim)
+        kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(self.spec.num_layers)
+        ]
+        self.kv_capacity_tokens = num_blocks * block_size
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
+        )
+        self.runner = ModelRunner(self.model, kv_caches, self.ops, block_size)
+        self.requests: dict[int, Request] = {}
+        self._ids = itertools.count()
+        self._seq_ids = itertools.count()
+        self._rng = random.Random(config.seed)
+
+    def _num_kv_blocks(self, block_size: int) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        per_block = 2 * self.spec.num_layers * block_size * self.spec.num_kv_heads * self.spec.head_dim
+        per_block *= torch.empty((), dtype=self.dtype).element_size()
+        if self.config.kv_cache_memory_gb is not None:
+            budget = self.config.kv_cache_memory_gb * 2**30
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = 0.9 * free - 2**30  # leave room for activations and logits
+        else:
+            budget = 2**30
+        # No need for more than every sequence at full length.
+        most = self.config.max_num_seqs * ((self.max_model_len + block_size - 1) // block_size)
+        return max(1, min(int(budget // per_block), most))
+
+    # -- requests ---------------------------------------------------------------------
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> tuple[tuple[int, ...], int]:
+        """Validate a request without queueing it; returns (marker ids, max new tokens)."""
+        if not prompt_ids:
+            raise InvalidRequestError("prompt is empty")
+        vocab = self.spec.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        window = min(self.max_model_len, self.kv_capacity_tokens)
+        room = window - len(prompt_ids)
+        if room < 1:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt_ids)} tokens but the context window is {window} tokens "
+                "(prompt + completion)"
+            )
+        marker = self.tokenizer.marker(params.end_think)
+        if any(t >= vocab for t in marker):
+            raise InvalidRequestError(f"end_think token ids must be below the vocabulary size {vocab}")
+        return marker, room if params.max_tokens is None else min(params.max_tokens, room)
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None) -> int:
+        marker, max_new = self.check_request(prompt_ids, params)
+        stop_ids = tuple(dict.fromkeys((() if params.ignore_eos else self.tokenizer.eos_ids) + params.stop_token_ids))
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+
+        request = Request(next(self._ids), prompt, list(prompt_ids), params)
+        for i in range(params.n):
+            seq = Sequence(
+                seq_id=next(self._seq_ids),
+                request_id=request.request_id,
+                sample_index=i,
+                token_ids=list(prompt_ids),
+                num_prompt_tokens=len(prompt_ids),
+                params=params,
+                seed=_sample_seed(seed, i),
+                marker=marker,
+                stop_ids=stop_ids,
+                max_new_tokens=max_new,
+            )
+            request.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request.request_id] = request
+        return request.request_id
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns the requests that finished with it."""
+        batch = self.scheduler.schedule()
+        result = self.runner.run(batch)
+        finished = self.scheduler.postprocess(batch, result)
+        outputs = []
+        for request_id in dict.fromkeys(s.request_id for s in finished):
+            request = self.requests[request_id]
+            if request.finished:
+                del self.requests[request_id]
+                outputs.append(self._request_output(request))
+        return outputs
+
+    # -- outputs ----------------------------------------------------------------------
+
+    def _completion(self, seq: Sequence) -> CompletionOutput:
+        out = seq.output_ids
+        decode = self.tokenizer.decode
+        if seq.params.think_budget is None:
+            thinking, solution = [], out
+        else:
+            # Thinking tokens come first, then the k marker tokens, then the solution.
+            thinking = out[: seq.think_count]
+            solution = out[seq.think_count + len(seq.marker) :]
+        return CompletionOutput(
+            index=seq.sample_index,
+            text=decode(out),
+            thinking_text=decode(thinking),
+            solution_text=decode(solution),
+            token_ids=list(out),
+            logprobs=list(seq.logprobs),
+            forced_mask=list(seq.forced_mask),
+            think_tokens=seq.think_count if seq.params.think_budget is not None else 0,
+            solution_tokens=seq.solution_count,
+            forced_end=bool(seq.forced_end),
+            finish_reason="stop" if seq.finish == FINISH_STOP else "length",
+        )
+
+    def _request_output(self, request: Request) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_ids,
+            outputs=[self._completion(s) for s in request.seqs],
+        )
+
+    # -- weights ----------------------------------------------------------------------
+
+    def load_weights(self, named_tensors) -> int:
+        """Update weights in place (HF names); cached prefix K/V are dropped as stale."""
+        count = self.model.load_weights(named_tensors)
+        self.block_manager.reset_prefix_cache()
+        return count

@@ -1,0 +1,16 @@
+"""Errors caused by what a user asked for. The CLI prints these as one line, no traceback.
+
+They subclass ValueError so that code written against plain ValueError still catches them.
+"""
+
+
+class ElasticDecodeError(ValueError):
+    """Base class for user-facing errors (bad input, bad model path, bad settings)."""
+
+
+class ModelLoadError(ElasticDecodeError):
+    """The model path is missing, unreadable or not a supported checkpoint."""
+
+
+class InvalidRequestError(ElasticDecodeError):
+    """A prompt or sampling setting that cannot be served (empty, too long, out of range)."""

@@ -1,0 +1,202 @@
+"""The public API: `LLM(...).generate / chat / generate_tensors / load_weights`."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import EngineConfig
+from .engine import LLMEngine
+from .errors import InvalidRequestError
+from .outputs import GenerationStats, RequestOutput
+from .sampling_params import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class RolloutBatch:
+    """Padded tensors of a batch of completions, for trainers.
+
+    Rows are grouped by prompt: row `i * n + j` is sample j of prompt i. Padding is on the
+    right; `completion_mask` marks real tokens.
+    """
+
+    prompt_ids: list[list[int]]  # one entry per row (the row's prompt)
+    completion_ids: torch.Tensor  # int64 [rows, max_len]; pad_token_id past the end
+    logprobs: torch.Tensor  # float32 [rows, max_len]; 0 past the end
+    completion_mask: torch.Tensor  # int32 [rows, max_len]; 1 for real tokens
+    forced_mask: torch.Tensor  # int32 [rows, max_len]; 1 for tokens the engine forced
+    think_tokens: torch.Tensor  # int64 [rows]
+    solution_tokens: torch.Tensor  # int64 [rows]
+    forced_end: torch.Tensor  # bool [rows]
+    truncated: torch.Tensor  # bool [rows]; finish_reason == "length"
+    prompt_index: torch.Tensor  # int64 [rows]; which prompt the row belongs to
+
+
+class LLM:
+    """Offline budgeted generation.
+
+    >>> llm = LLM()  # the embedded SmolLM2-135M-Instruct
+    >>> out = llm.chat([{"role": "user", "content": "2+2?"}],
+    ...                SamplingParams(think_budget=64, solution_budget=32))
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str = "auto",
+        device: str | None = None,
+        *,
+        backend: str | None = None,
+        seed: int | None = None,
+        block_size: int = 16,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory_gb: float | None = None,
+    ):
+        self.engine = LLMEngine(
+            EngineConfig(
+                model=model,
+                dtype=dtype,
+                device=device,
+                backend=backend,
+                seed=seed,
+                block_size=block_size,
+                max_model_len=max_model_len,
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                num_kv_blocks=num_kv_blocks,
+                kv_cache_memory_gb=kv_cache_memory_gb,
+            )
+        )
+        self.last_stats: GenerationStats | None = None
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer.hf
+
+    # -- entry points -----------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Raw text prompts (tokenized with the model's special tokens) or token-id lists."""
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        encoded = []
+        for p in prompts:
+            if isinstance(p, str):
+                encoded.append((p, self.engine.tokenizer.encode(p) if p else []))
+            else:
+                encoded.append((None, list(p)))
+        return self._run(encoded, params, use_tqdm)
+
+    def chat(
+        self,
+        conversations: list[dict] | Sequence[list[dict]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Conversations (lists of {"role", "content"}) through the model's chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        encoded = []
+        for messages in conversations:
+            if not messages or any(not str(m.get("content", "")).strip() for m in messages):
+                raise InvalidRequestError("a conversation has an empty message")
+            encoded.append((None, self.engine.tokenizer.encode_chat(list(messages))))
+        return self._run(encoded, params, use_tqdm)
+
+    def generate_tensors(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        params: SamplingParams,
+        use_tqdm: bool = False,
+    ) -> RolloutBatch:
+        """Token ids in, padded tensors out (rows grouped by prompt, `params.n` per prompt)."""
+        outputs = self._run([(None, list(p)) for p in prompt_token_ids], params, use_tqdm)
+        rows = [(i, o, c) for i, o in enumerate(outputs) for c in o.outputs]
+        width = max(1, max(len(c.token_ids) for _, _, c in rows))
+        n = len(rows)
+        pad = self.engine.tokenizer.pad_id
+        ids = torch.full((n, width), pad, dtype=torch.long)
+        logprobs = torch.zeros(n, width, dtype=torch.float32)
+        mask = torch.zeros(n, width, dtype=torch.int32)
+        forced = torch.zeros(n, width, dtype=torch.int32)
+        for r, (_, _, c) in enumerate(rows):
+            length = len(c.token_ids)
+            ids[r, :length] = torch.tensor(c.token_ids, dtype=torch.long)
+            logprobs[r, :length] = torch.tensor(c.logprobs, dtype=torch.float32)
+            mask[r, :length] = 1
+            forced[r, :length] = torch.tensor(c.forced_mask, dtype=torch.int32)
+        return RolloutBatch(
+            prompt_ids=[o.prompt_token_ids for _, o, _ in rows],
+            completion_ids=ids,
+            logprobs=logprobs,
+            completion_mask=mask,
+            forced_mask=forced,
+            think_tokens=torch.tensor([c.think_tokens for _, _, c in rows], dtype=torch.long),
+            solution_tokens=torch.tensor([c.solution_tokens for _, _, c in rows], dtype=torch.long),
+            forced_end=torch.tensor([c.forced_end for _, _, c in rows], dtype=torch.bool),
+            truncated=torch.tensor([c.finish_reason == "length" for _, _, c in rows], dtype=torch.bool),
+            prompt_index=torch.tensor([i for i, _, _ in rows], dtype=torch.long),
+        )
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy HF-named weights (e.g. a trainer model's `named_parameters()`) in place."""
+        return self.engine.load_weights(named_tensors)
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def _run(self, encoded: list[tuple[str | None, list[int]]], params, use_tqdm: bool) -> list[RequestOutput]:
+        if not encoded:
+            raise InvalidRequestError("no prompts given")
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(encoded)
+        elif len(params) != len(encoded):
+            raise InvalidRequestError(f"{len(params)} SamplingParams for {len(encoded)} prompts")
+        engine = self.engine
+        # Validate every prompt before any is queued, so one bad prompt wastes no work.
+        for i, ((_, ids), p) in enumerate(zip(encoded, params)):
+            try:
+                engine.check_request(ids, p)
+            except InvalidRequestError as e:
+                raise InvalidRequestError(f"prompt {i}: {e}") from None
+        start = time.perf_counter()
+        preempted_before = engine.scheduler.num_preemptions
+        order = [engine.add_request(ids, p, prompt=text) for (text, ids), p in zip(encoded, params)]
+        done: dict[int, RequestOutput] = {}
+        tokens = 0
+        with tqdm(total=len(order), desc="generating", unit="req", disable=not use_tqdm, leave=False) as bar:
+            while engine.has_unfinished():
+                for out in engine.step():
+                    done[out.request_id] = out
+                    tokens += sum(len(c.token_ids) for c in out.outputs)
+                    bar.update(1)
+                    bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+        results = [done[i] for i in order]
+        completions = [c for r in results for c in r.outputs]
+        self.last_stats = GenerationStats(
+            requests=len(results),
+            completions=len(completions),
+            prompt_tokens=sum(len(r.prompt_token_ids) for r in results),
+            output_tokens=sum(len(c.token_ids) for c in completions),
+            think_tokens=sum(c.think_tokens for c in completions),
+            solution_tokens=sum(c.solution_tokens for c in completions),
+            forced_tokens=sum(sum(c.forced_mask) for c in completions),
+            forced_ends=sum(c.forced_end for c in completions),
+            preemptions=engine.scheduler.num_preemptions - preempted_before,
+            seconds=time.perf_counter() - start,
+        )
+        return results

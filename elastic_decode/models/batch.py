@@ -1,0 +1,31 @@
+"""What a model forward receives besides token ids: the attention metadata and the ops.
+
+Passed down as arguments (no global context object): the runner builds one AttentionBatch
+per step and never mutates it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # int64 [num_tokens]; cache slot of each new token
+    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks_per_seq]
+    context_lens: torch.Tensor  # int32 [num_seqs]; tokens in context incl. the new ones
+    cu_seqlens_q: torch.Tensor | None  # int32 [num_seqs + 1]; prefill only
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """One implementation of each kernel contract (Triton or the torch reference)."""
+
+    name: str
+    write_kv: Callable
+    paged_decode_attention: Callable
+    paged_prefill_attention: Callable
+    sample_with_budget: Callable

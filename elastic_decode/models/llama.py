@@ -1,0 +1,249 @@
+"""Llama-family decoder on the paged KV cache: Llama, Qwen2 (qkv bias), Qwen3 (q/k norm).
+
+Module and parameter names follow HF transformers exactly, so a HF state dict (a checkpoint,
+or a trainer's live model) loads by name with no mapping. Attention goes through the kernel
+contracts (write_kv, paged_prefill_attention, paged_decode_attention) passed in as `ops`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import ModelLoadError
+from .batch import AttentionBatch, KernelOps
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The architecture facts the engine needs, read from a HF config."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    qkv_bias: bool  # Qwen2 always, Llama when attention_bias
+    o_bias: bool  # Llama attention_bias also biases o_proj
+    mlp_bias: bool
+    qk_norm: bool  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+
+    @staticmethod
+    def from_hf_config(config) -> "ModelSpec":
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelLoadError(
+                f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+            raise ModelLoadError("sliding-window attention is not supported")
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        return ModelSpec(
+            model_type=model_type,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_q_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type in ("llama", "mistral") and attention_bias,
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            max_position_embeddings=config.max_position_embeddings,
+        )
+
+
+def rope_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and cos/sin scaling from the checkpoint's rope settings.
+
+    The default rope is computed here; scaled variants (linear, llama3, yarn, longrope) reuse
+    transformers' own initialisers so they match the checkpoint's semantics exactly.
+    """
+    params = getattr(config, "rope_parameters", None)
+    if params is None:  # transformers 4.x configs
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        base = params["rope_theta"]
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        return inv_freq, 1.0
+    if rope_type == "dynamic":
+        raise ModelLoadError("dynamic NTK rope scaling is not supported (it depends on the sequence length)")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ModelLoadError(f"unsupported rope_type {rope_type!r}")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    return inv_freq.float(), float(scaling)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics, cast back before the weight, as HF's LlamaRMSNorm does
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [num_tokens, heads, head_dim]; cos/sin [num_tokens, head_dim] (rotate-half layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        d, hq, hkv = spec.head_dim, spec.num_q_heads, spec.num_kv_heads
+        self.q_proj = nn.Linear(spec.hidden_size, hq * d, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(spec.hidden_size, hkv * d, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(spec.hidden_size, hkv * d, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(hq * d, spec.hidden_size, bias=spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(d, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(d, spec.rms_norm_eps)
+        self.scale = d**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [num_tokens, hidden]
+        cos: torch.Tensor,  # [num_tokens, head_dim]
+        sin: torch.Tensor,  # [num_tokens, head_dim]
+        kv: tuple[torch.Tensor, torch.Tensor],  # this layer's (k_cache, v_cache)
+        batch: AttentionBatch,
+        ops: KernelOps,
+    ) -> torch.Tensor:
+        n, d = x.shape[0], self.spec.head_dim
+        q = self.q_proj(x).view(n, self.spec.num_q_heads, d)  # [num_tokens, num_q_heads, head_dim]
+        k = self.k_proj(x).view(n, self.spec.num_kv_heads, d)  # [num_tokens, num_kv_heads, head_dim]
+        v = self.v_proj(x).view(n, self.spec.num_kv_heads, d)
+        if self.spec.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_cache, v_cache = kv
+        ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        if batch.is_prefill:
+            o = ops.paged_prefill_attention(
+                q, k_cache, v_cache, batch.block_tables, batch.cu_seqlens_q, batch.context_lens, self.scale
+            )
+        else:
+            o = ops.paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale)
+        return self.o_proj(o.reshape(n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.self_attn = Attention(spec)
+        self.mlp = MLP(spec)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    def forward(self, x, cos, sin, kv, batch, ops):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, batch, ops)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The whole decoder; `forward` returns hidden states, `compute_logits` the chosen rows."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.model = Backbone(spec)
+        if not spec.tie_word_embeddings:
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    def set_rope(self, inv_freq: torch.Tensor, scaling: float, max_positions: int) -> None:
+        """cos/sin for every position, in fp32 as HF computes them, rotate-half layout."""
+        device = self.model.embed_tokens.weight.device
+        positions = torch.arange(max_positions, dtype=torch.float32, device=device)
+        freqs = positions[:, None] * inv_freq.to(device)[None, :]  # [max_positions, head_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
+        self.rope_cos = emb.cos() * scaling
+        self.rope_sin = emb.sin() * scaling
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors) -> int:
+        """Copy HF-named tensors into the parameters in place; returns how many were copied.
+
+        Unknown names raise ModelLoadError; a tied lm_head.weight and rotary buffers of old
+        checkpoints are skipped.
+        """
+        params = dict(self.named_parameters())
+        count = 0
+        for name, tensor in named_tensors:
+            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.spec.tie_word_embeddings):
+                continue
+            target = params.get(name)
+            if target is None:
+                raise ModelLoadError(f"unexpected weight {name!r} for a {self.spec.model_type} model")
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ModelLoadError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+            target.copy_(tensor)
+            count += 1
+        return count
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # int64 [num_tokens]
+        positions: torch.Tensor,  # int64 [num_tokens]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        batch: AttentionBatch,
+        ops: KernelOps,
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        x = self.model.embed_tokens(input_ids)
+        cos = self.rope_cos[positions].to(x.dtype)  # [num_tokens, head_dim]
+        sin = self.rope_sin[positions].to(x.dtype)
+        for layer, kv in zip(self.model.layers, kv_caches):
+            x = layer(x, cos, sin, kv, batch, ops)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [rows, vocab]
+        weight = self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, weight)

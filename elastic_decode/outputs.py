@@ -1,0 +1,56 @@
+"""What generation returns: one RequestOutput per prompt, holding its n CompletionOutputs."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class CompletionOutput:
+    index: int  # which of the request's n samples
+    text: str  # the whole completion (special tokens dropped)
+    thinking_text: str  # before the end-of-thinking marker
+    solution_text: str  # after the marker
+    token_ids: list[int]  # thinking tokens + marker + solution tokens
+    logprobs: list[float]  # of each emitted token, forced ones included (honest, not distorted)
+    forced_mask: list[int]  # 1 where the engine forced the token instead of sampling it
+    think_tokens: int
+    solution_tokens: int
+    forced_end: bool  # the marker was forced (budget spent, or the model tried to stop)
+    finish_reason: str  # "stop" (EOS / stop id) or "length" (a budget or cap was reached)
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """What one generate call cost; the CLI prints it as its summary line."""
+
+    requests: int
+    completions: int
+    prompt_tokens: int
+    output_tokens: int
+    think_tokens: int
+    solution_tokens: int
+    forced_tokens: int
+    forced_ends: int
+    preemptions: int
+    seconds: float
+
+    def summary(self) -> str:
+        rate = self.output_tokens / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"{self.requests} requests, {self.completions} completions: {self.prompt_tokens} prompt + "
+            f"{self.output_tokens} output tokens ({self.think_tokens} thinking, {self.forced_tokens} forced, "
+            f"{self.solution_tokens} solution; {self.forced_ends} forced ends) in {self.seconds:.2f} s, "
+            f"{rate:.1f} output tokens/s"
+            + (f", {self.preemptions} preemptions" if self.preemptions else "")
+        )

@@ -1,0 +1,96 @@
+"""Per-request sampling and budget settings (the vLLM `SamplingParams` shape, plus budgets)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import InvalidRequestError
+
+
+def _check_int(name: str, value, minimum: int, allow_none: bool) -> None:
+    if value is None:
+        if allow_none:
+            return
+        raise InvalidRequestError(f"{name} must be an integer >= {minimum}, got None")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise InvalidRequestError(f"{name} must be an integer >= {minimum}, got {value}")
+
+
+def _check_float(name: str, value, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise InvalidRequestError(f"{name} must be a number in {interval}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one prompt is sampled and how its thinking is budgeted (DESIGN.md, "Budget semantics")."""
+
+    # Number of completions for the prompt; they share the prompt's KV blocks.
+    n: int = 1
+    # Softmax temperature; 0 means greedy (argmax).
+    temperature: float = 1.0
+    # Keep the top_p most likely probability mass; 1 disables.
+    top_p: float = 1.0
+    # Keep the k most likely tokens; 0 (or -1, as in vLLM) disables.
+    top_k: int = 0
+    # Drop tokens below min_p times the most likely token's probability; 0 disables.
+    min_p: float = 0.0
+    # RNG key: the same seed gives the same tokens whatever else is in the batch. None = random.
+    seed: int | None = None
+    # Cap on all generated tokens (thinking + marker + solution). None = the context window.
+    max_tokens: int | None = None
+    # Keep going past EOS (stop_token_ids still stop).
+    ignore_eos: bool = False
+    # Extra token ids that end the solution like EOS.
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # t: thinking tokens allowed before the end-of-thinking marker is forced. None = no
+    # thinking phase (plain decoding).
+    think_budget: int | None = None
+    # s: solution tokens allowed after the marker (EOS counts). None = until EOS / max_tokens.
+    solution_budget: int | None = None
+    # End-of-thinking marker override: a string (tokenized without special tokens) or token
+    # ids. None = the model's `</think>` token, else the tokens of "\n</think>\n\n".
+    end_think: str | tuple[int, ...] | None = None
+    # m: the model may not close its thinking before m thinking tokens (s1-style minimum).
+    min_think: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("n", self.n, 1, allow_none=False)
+        _check_float("temperature", self.temperature, 0.0, float("inf"), lo_open=False, hi_open=True)
+        _check_float("top_p", self.top_p, 0.0, 1.0, lo_open=True, hi_open=False)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            raise InvalidRequestError(f"top_k must be an integer >= 0 (or -1 to disable), got {self.top_k!r}")
+        _check_float("min_p", self.min_p, 0.0, 1.0, lo_open=False, hi_open=False)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, allow_none=False)
+        _check_int("max_tokens", self.max_tokens, 1, allow_none=True)
+        _check_int("think_budget", self.think_budget, 0, allow_none=True)
+        # With a thinking phase, s = 0 means "stop right after the marker"; without one it
+        # would mean an empty completion, which is a mistake rather than a request.
+        _check_int("solution_budget", self.solution_budget, 0 if self.think_budget is not None else 1, allow_none=True)
+        _check_int("min_think", self.min_think, 0, allow_none=False)
+        if self.min_think and self.think_budget is None:
+            raise InvalidRequestError("min_think needs a think_budget (it bounds the thinking phase)")
+        if self.think_budget is not None and self.min_think > self.think_budget:
+            raise InvalidRequestError(
+                f"min_think ({self.min_think}) must not exceed think_budget ({self.think_budget})"
+            )
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        for tok in self.stop_token_ids:
+            _check_int("stop_token_ids[i]", tok, 0, allow_none=False)
+        if self.end_think is not None:
+            if isinstance(self.end_think, str):
+                if not self.end_think:
+                    raise InvalidRequestError("end_think must not be empty")
+            else:
+                ids = tuple(self.end_think)
+                if not ids:
+                    raise InvalidRequestError("end_think must not be empty")
+                for tok in ids:
+                    _check_int("end_think[i]", tok, 0, allow_none=False)
+                object.__setattr__(self, "end_think", ids)

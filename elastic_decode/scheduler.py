@@ -1,0 +1,121 @@
+"""Continuous batching: admit waiting sequences, decode running ones, preempt on KV pressure.
+
+`schedule()` picks the next step's batch (a prefill of newly admitted sequences, or one
+decode token for every running sequence); `postprocess()` applies the step's result. New
+sequences join between any two steps. When the cache runs out of blocks a running sequence
+is preempted by recompute: its blocks are freed and it goes back to the front of the queue
+with its tokens and budget state intact, to be prefilled again later (nano-vllm's split).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from elastic_decode.kernels import DONE, PAD_TOKEN
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    seqs: tuple[Sequence, ...]
+    is_prefill: bool
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the runner returns for a batch: one entry per sequence, in batch order."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    forced: list[int]
+    phase: list[int]
+    think_count: list[int]
+    solution_count: list[int]
+    force_pos: list[int]
+    recent: list[list[int]]  # right-aligned, width = the batch's longest marker
+    forced_end: list[int]
+    finish: list[int]
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        admitted: list[Sequence] = []
+        num_tokens = 0
+        while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if admitted and num_tokens + len(seq) > self.max_num_batched_tokens:
+                break
+            if not self.block_manager.can_allocate(seq):
+                break
+            self.block_manager.allocate(seq)
+            num_tokens += len(seq) - seq.num_cached_tokens
+            seq.status = SequenceStatus.RUNNING
+            admitted.append(self.waiting.popleft())
+        if admitted:
+            self.running.extend(admitted)
+            return ScheduledBatch(tuple(admitted), is_prefill=True)
+
+        decoding: list[Sequence] = []
+        queue = deque(self.running)
+        while queue:
+            seq = queue.popleft()
+            while not self.block_manager.can_append(seq):
+                # Preempt the most recently admitted sequence, which has done the least work.
+                self._preempt(queue.pop() if queue else seq)
+                if seq.status is SequenceStatus.WAITING:
+                    break
+            else:
+                self.block_manager.append_slot(seq)
+                decoding.append(seq)
+        self.running = decoding
+        if not decoding and self.has_unfinished():
+            # Every sequence is capped to fit the cache alone, so this cannot happen.
+            raise RuntimeError("scheduler could not make progress (KV cache smaller than one sequence)")
+        return ScheduledBatch(tuple(decoding), is_prefill=False)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def postprocess(self, batch: ScheduledBatch, result: StepResult) -> list[Sequence]:
+        """Apply a step result; returns the sequences that finished with it."""
+        finished = []
+        for i, seq in enumerate(batch.seqs):
+            token = result.tokens[i]
+            if token != PAD_TOKEN:
+                seq.token_ids.append(token)
+                seq.logprobs.append(result.logprobs[i])
+                seq.forced_mask.append(result.forced[i])
+            seq.phase = result.phase[i]
+            seq.think_count = result.think_count[i]
+            seq.solution_count = result.solution_count[i]
+            seq.force_pos = result.force_pos[i]
+            seq.recent = result.recent[i][len(result.recent[i]) - len(seq.marker) :]
+            seq.forced_end = result.forced_end[i]
+            seq.finish = result.finish[i]
+            if seq.phase == DONE:
+                seq.status = SequenceStatus.FINISHED
+                self.block_manager.free(seq)
+                finished.append(seq)
+        if finished:
+            done = {id(s) for s in finished}
+            self.running = [s for s in self.running if id(s) not in done]
+        return finished

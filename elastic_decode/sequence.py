@@ -1,0 +1,66 @@
+"""One completion being generated: its tokens, its KV blocks and its budget-machine state.
+
+Only the scheduler changes a Sequence (STYLE rule 7); the runner reads a batch of them and
+returns a StepResult that the scheduler applies.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from elastic_decode.kernels import FINISH_NONE, SOLVING, THINKING
+
+from .sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: int
+    sample_index: int  # which of the request's n completions
+    token_ids: list[int]  # prompt followed by the output so far
+    num_prompt_tokens: int
+    params: SamplingParams
+    seed: int
+    marker: tuple[int, ...]  # end-of-thinking marker E
+    stop_ids: tuple[int, ...]  # EOS (unless ignore_eos) + stop_token_ids
+    max_new_tokens: int
+
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0  # leading tokens whose K/V a prefix-cache hit provides
+
+    # budget machine state: one row of kernels.BudgetState, kept here between steps
+    phase: int = THINKING
+    think_count: int = 0
+    solution_count: int = 0
+    force_pos: int = 0
+    recent: list[int] = field(default_factory=list)  # last len(marker) thinking tokens
+    forced_end: int = 0
+    finish: int = FINISH_NONE
+
+    logprobs: list[float] = field(default_factory=list)
+    forced_mask: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.params.think_budget is None:
+            self.phase = SOLVING
+        if not self.recent:
+            self.recent = [-1] * len(self.marker)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens

@@ -1,0 +1,70 @@
+"""Tensor containers for `sample_with_budget`: per-row sampling parameters and budget state.
+
+Every field is a device tensor with one row per sequence in the batch, so one kernel launch
+advances the whole batch's Elastic Reasoning budget machine (DESIGN.md, "Budget semantics"):
+
+    THINKING -> FORCING -> SOLVING -> DONE
+
+The end-of-thinking marker E of each row is stored right-aligned in a `[num_seqs, max_marker]`
+tensor: the last `marker_len[i]` entries of row i are E, earlier entries are padding. The
+same alignment is used for `recent`, the last sampled thinking tokens, so "the thinking text
+now ends with E" is one elementwise compare of two rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+# Phases of the budget machine (int32 codes shared by every backend).
+THINKING = 0
+FORCING = 1
+SOLVING = 2
+DONE = 3
+
+# finish codes written to BudgetState.finish
+FINISH_NONE = 0
+FINISH_STOP = 1  # EOS or a stop id sampled while solving
+FINISH_LENGTH = 2  # solution budget, max_tokens or the context window reached
+
+PAD_TOKEN = -1  # emitted by rows that are already DONE
+NO_LIMIT = 2**31 - 1  # int32 stand-in for "no budget"
+
+
+@dataclass
+class SamplerParams:
+    """Per-row sampling settings; read-only for the kernel."""
+
+    temperature: torch.Tensor  # float32 [num_seqs]; 0 = greedy
+    top_k: torch.Tensor  # int32 [num_seqs]; 0 = off
+    top_p: torch.Tensor  # float32 [num_seqs]; 1 = off
+    min_p: torch.Tensor  # float32 [num_seqs]; 0 = off
+    seed: torch.Tensor  # int64 [num_seqs]; RNG key, with the step counter `generated`
+    think_budget: torch.Tensor  # int32 [num_seqs]; t (unused by rows that start in SOLVING)
+    solution_budget: torch.Tensor  # int32 [num_seqs]; s, NO_LIMIT if none
+    max_new_tokens: torch.Tensor  # int32 [num_seqs]; cap on all generated tokens
+    min_think: torch.Tensor  # int32 [num_seqs]; m, 0 = off
+    marker: torch.Tensor  # int32 [num_seqs, max_marker]; E right-aligned
+    marker_len: torch.Tensor  # int32 [num_seqs]; k >= 1
+    stop_ids: torch.Tensor  # int32 [num_seqs, max_stop]; EOS + stop ids, -1 padded
+
+    def to(self, device: torch.device) -> "SamplerParams":
+        return SamplerParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+@dataclass
+class BudgetState:
+    """Per-row budget machine state; the kernel updates every field in place."""
+
+    phase: torch.Tensor  # int32 [num_seqs]; THINKING / FORCING / SOLVING / DONE
+    think_count: torch.Tensor  # int32 [num_seqs]; thinking tokens so far
+    solution_count: torch.Tensor  # int32 [num_seqs]; solution tokens so far (EOS counts)
+    generated: torch.Tensor  # int32 [num_seqs]; tokens emitted so far; also the RNG step
+    force_pos: torch.Tensor  # int32 [num_seqs]; next marker index to force while FORCING
+    recent: torch.Tensor  # int32 [num_seqs, max_marker]; last thinking tokens, right-aligned
+    forced_end: torch.Tensor  # int32 [num_seqs]; 1 once the marker was forced
+    forced: torch.Tensor  # int32 [num_seqs]; 1 if this step's token was forced
+    finish: torch.Tensor  # int32 [num_seqs]; FINISH_* code once DONE
+
+    def to(self, device: torch.device) -> "BudgetState":
+        return BudgetState(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})

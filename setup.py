@@ -1,0 +1,29 @@
+"""Build: the C++ extension elastic_decode._C and the package mapping of DESIGN.md.
+
+kernels/ is installed as elastic_decode.kernels and train/ as elastic_decode.train: a
+top-level package named `kernels` would collide with the one transformers probes for.
+"""
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+setup(
+    packages=[
+        "elastic_decode",
+        "elastic_decode.models",
+        "elastic_decode.kernels",
+        "elastic_decode.train",
+    ],
+    package_dir={
+        "elastic_decode": "elastic_decode",
+        "elastic_decode.kernels": "kernels",
+        "elastic_decode.train": "train",
+    },
+    ext_modules=[
+        CppExtension(
+            name="elastic_decode._C",
+            sources=["csrc/bindings.cpp", "csrc/block_allocator.cpp"],
+            extra_compile_args=["-O2", "-std=c++17"],
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension},
+)
