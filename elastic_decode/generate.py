@@ -1,0 +1,185 @@
+"""Offline budgeted generation from the command line.
+
+    python -m elastic_decode.generate --prompt "What is 17 * 23?"
+    python -m elastic_decode.generate --prompts-file in.jsonl --output out.jsonl -n 4 --think-budget 256
+
+Each completion thinks for at most --think-budget tokens; if it has not closed its thinking
+by then, the end-of-thinking marker is forced and it writes its solution in at most
+--solution-budget tokens. Errors in the input are reported as one line (exit status 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import ElasticDecodeError
+
+# Shown when the CLI is run with a prompt and nothing else: small enough for the embedded
+# 135M model to hit the budget, so the forced marker is visible.
+DEFAULT_THINK_BUDGET = 48
+DEFAULT_SOLUTION_BUDGET = 96
+
+
+def _budget(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer or 'none', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer or 'none', got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m elastic_decode.generate",
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_argument_group("input and output")
+    src.add_argument("--model", default=None,
+                     help="HF checkpoint directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    src.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    src.add_argument("--prompts-file", type=Path,
+                     help='JSONL file, one object per line with "prompt" (text) or "messages" (chat)')
+    src.add_argument("--output", type=Path,
+                     help="write one JSONL row per prompt with all its completions (default: print them)")
+    src.add_argument("--no-chat-template", action="store_true",
+                     help="send text prompts as raw text instead of through the chat template")
+    b = p.add_argument_group("budgets (Elastic Reasoning)")
+    b.add_argument("--think-budget", type=_budget, default=DEFAULT_THINK_BUDGET,
+                   help=f"thinking tokens before the marker is forced; 'none' = plain decoding "
+                        f"(default {DEFAULT_THINK_BUDGET})")
+    b.add_argument("--solution-budget", type=_budget, default=DEFAULT_SOLUTION_BUDGET,
+                   help=f"solution tokens after the marker; 'none' = until EOS (default {DEFAULT_SOLUTION_BUDGET})")
+    b.add_argument("--end-think", default=None,
+                   help="end-of-thinking marker text (default: the model's </think>, else '\\n</think>\\n\\n')")
+    b.add_argument("--min-think", type=_budget, default=0,
+                   help="the model may not close its thinking before this many tokens (default 0)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
+    s.add_argument("--top-p", type=float, default=0.95, help="nucleus mass in (0, 1] (default 0.95)")
+    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
+    s.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    s.add_argument("--max-tokens", type=_budget, default=None, help="cap on all generated tokens")
+    s.add_argument("-n", type=int, default=1, help="completions per prompt (they share the prompt's KV)")
+    s.add_argument("--seed", type=int, default=None, help="RNG seed (same seed, same tokens)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    e.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    e.add_argument("--backend", default=None, help="auto | triton | reference")
+    e.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    return p
+
+
+def read_prompts(args) -> list[dict]:
+    """Every prompt as {"prompt": str} or {"messages": [...]}, validated before the model loads."""
+    rows = [{"prompt": text} for text in args.prompt]
+    if args.prompts_file is not None:
+        try:
+            lines = args.prompts_file.read_text().splitlines()
+        except OSError as e:
+            raise ElasticDecodeError(f"cannot read --prompts-file {args.prompts_file}: {e.strerror}") from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{args.prompts_file} line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ElasticDecodeError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not ({"prompt", "messages"} & row.keys()):
+                raise ElasticDecodeError(f'{where}: needs a "prompt" or "messages" field')
+            if "messages" in row and not (isinstance(row["messages"], list) and row["messages"]
+                                          and all(isinstance(m, dict) for m in row["messages"])):
+                raise ElasticDecodeError(f'{where}: "messages" must be a non-empty list of objects')
+            if "prompt" in row and "messages" not in row and not isinstance(row["prompt"], str):
+                raise ElasticDecodeError(f'{where}: "prompt" must be a string')
+            rows.append(row)
+    if not rows:
+        raise ElasticDecodeError("no prompts: give --prompt TEXT or --prompts-file FILE")
+    for i, row in enumerate(rows):
+        if "messages" not in row and not row["prompt"].strip():
+            raise ElasticDecodeError(f"prompt {i} is empty")
+    return rows
+
+
+def _show(index: int, total: int, row: dict, out) -> None:
+    label = row.get("prompt") or row["messages"][-1].get("content", "")
+    print(f"=== prompt {index + 1}/{total}: {label}")
+    for c in out.outputs:
+        if len(out.outputs) > 1:
+            print(f"--- completion {c.index + 1}/{len(out.outputs)}")
+        if c.think_tokens or c.forced_end or c.thinking_text:
+            print(f"[thinking: {c.think_tokens} tokens]")
+            print(c.thinking_text.strip())
+            how = "forced by the budget" if c.forced_end else "closed by the model"
+            print(f"[end of thinking {how}]" if (c.solution_tokens or c.forced_end) else "[still thinking]")
+        print(f"[solution: {c.solution_tokens} tokens, finish: {c.finish_reason}]")
+        print(c.solution_text.strip())
+    print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from .sampling_params import SamplingParams
+
+        params = SamplingParams(
+            n=args.n,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            seed=args.seed,
+            max_tokens=args.max_tokens,
+            think_budget=args.think_budget,
+            solution_budget=args.solution_budget,
+            end_think=args.end_think,
+            min_think=args.min_think,
+        )
+        rows = read_prompts(args)
+        if args.output is not None and not args.output.parent.exists():
+            raise ElasticDecodeError(f"--output folder {args.output.parent} does not exist")
+
+        from .llm import LLM
+
+        llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
+                  max_model_len=args.max_model_len)
+        tok = llm.engine.tokenizer
+        encoded = []
+        for i, row in enumerate(rows):
+            if "messages" in row:
+                encoded.append(tok.encode_chat(row["messages"]))
+            elif args.no_chat_template:
+                encoded.append(tok.encode(row["prompt"]))
+            else:
+                encoded.append(tok.encode_chat([{"role": "user", "content": row["prompt"]}]))
+        outputs = llm.generate(encoded, params, use_tqdm=len(rows) > 1)
+    except ElasticDecodeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+    if args.output is not None:
+        with open(args.output, "w") as f:
+            for row, out in zip(rows, outputs):
+                record = {**row, **out.to_dict()}
+                record["completions"] = record.pop("outputs")
+                f.write(json.dumps(record) + "\n")
+        print(f"wrote {len(outputs)} rows to {args.output}")
+    else:
+        for i, (row, out) in enumerate(zip(rows, outputs)):
+            _show(i, len(rows), row, out)
+    print(llm.last_stats.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

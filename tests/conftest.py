@@ -1,0 +1,76 @@
+"""Shared fixtures: the embedded model's checkpoint and tiny random HF checkpoints.
+
+The tiny models are built with transformers (`save_pretrained` into a temp dir) and reuse
+the embedded model's tokenizer, so text prompts and chat templates work on them.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from elastic_decode.loader import resolve_checkpoint
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def embedded_path():
+    return resolve_checkpoint(None)
+
+
+def _tiny_config(kind: str, vocab: int):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        # Larger than the usual 0.02 so the random model's logits are peaked enough that
+        # greedy decoding is not decided by float rounding.
+        initializer_range=0.2,
+        eos_token_id=2,
+        bos_token_id=1,
+        pad_token_id=2,
+    )
+    if kind == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=True, head_dim=16)
+    if kind == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=False)
+    if kind == "qwen3":
+        return Qwen3Config(**common, tie_word_embeddings=False, head_dim=32)
+    raise ValueError(kind)
+
+
+def make_tiny_checkpoint(kind: str, folder, tokenizer_path, seed: int = 0):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_tiny_config(kind, len(tokenizer)), dtype=torch.float32)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, embedded_path):
+    """{"llama": path, "qwen2": path, "qwen3": path} of tiny random checkpoints."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {k: make_tiny_checkpoint(k, root / k, embedded_path) for k in ("llama", "qwen2", "qwen3")}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models):
+    return tiny_models["llama"]
