@@ -34,8 +34,14 @@ def _budget(text: str) -> int | None:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line for a bad argument (argparse's default also prints the whole usage)."""
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m elastic_decode.generate",
         description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -108,17 +114,24 @@ def read_prompts(args) -> list[dict]:
     return rows
 
 
-def _show(index: int, total: int, row: dict, out) -> None:
+def _show(index: int, total: int, row: dict, out, decode, think_budget: int | None) -> None:
     label = row.get("prompt") or row["messages"][-1].get("content", "")
     print(f"=== prompt {index + 1}/{total}: {label}")
     for c in out.outputs:
         if len(out.outputs) > 1:
             print(f"--- completion {c.index + 1}/{len(out.outputs)}")
-        if c.think_tokens or c.forced_end or c.thinking_text:
+        if think_budget is not None:
             print(f"[thinking: {c.think_tokens} tokens]")
             print(c.thinking_text.strip())
-            how = "forced by the budget" if c.forced_end else "closed by the model"
-            print(f"[end of thinking {how}]" if (c.solution_tokens or c.forced_end) else "[still thinking]")
+            marker = decode(c.token_ids[c.think_tokens : len(c.token_ids) - c.solution_tokens])
+            if not c.forced_end and not c.solution_tokens and marker == "":
+                print("[still thinking when the completion ended]")
+            elif not c.forced_end:
+                print(f"[end of thinking: closed by the model] {marker!r}")
+            elif c.think_tokens >= think_budget:
+                print(f"[end of thinking forced: budget spent] {marker!r}")
+            else:
+                print(f"[end of thinking forced: the model tried to stop] {marker!r}")
         print(f"[solution: {c.solution_tokens} tokens, finish: {c.finish_reason}]")
         print(c.solution_text.strip())
     print()
@@ -170,13 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.output is not None:
         with open(args.output, "w") as f:
             for row, out in zip(rows, outputs):
-                record = {**row, **out.to_dict()}
-                record["completions"] = record.pop("outputs")
+                # The input row (prompt or messages, and any extra fields) plus the results.
+                result = out.to_dict()
+                record = {**row, "prompt_token_ids": result["prompt_token_ids"], "completions": result["outputs"]}
                 f.write(json.dumps(record) + "\n")
         print(f"wrote {len(outputs)} rows to {args.output}")
     else:
         for i, (row, out) in enumerate(zip(rows, outputs)):
-            _show(i, len(rows), row, out)
+            _show(i, len(rows), row, out, llm.engine.tokenizer.decode, args.think_budget)
     print(llm.last_stats.summary())
     return 0
 
