@@ -1,0 +1,95 @@
+"""End-to-end decode throughput: this engine vs HF transformers `generate`, same prompts, same tokens.
+
+CPU, the embedded SmolLM2-135M-Instruct in fp32, greedy, every sequence generating exactly
+--new-tokens tokens (EOS ignored on both sides), batch sizes from --batch-sizes. Each
+provider runs once untimed (warm-up), then --repeats timed runs; the best is reported.
+Prints a markdown table for benchmarks/RESULTS.md.
+
+    .venv/bin/python benchmarks/bench_e2e.py --batch-sizes 1,16 --new-tokens 64
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+QUESTIONS = [
+    "What is 17 * 23?",
+    "Name three prime numbers larger than 50.",
+    "Why is the sky blue? Answer in one paragraph.",
+    "Write a haiku about autumn.",
+    "Explain what a hash table is.",
+    "If a train leaves at 3pm and travels 120 km at 80 km/h, when does it arrive?",
+    "Translate 'good morning' into French and Spanish.",
+    "What is the derivative of x^3 + 2x?",
+]
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per provider (best kept)")
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    from elastic_decode import LLM, SamplingParams
+    from elastic_decode.loader import resolve_checkpoint
+
+    torch.manual_seed(0)
+    path = resolve_checkpoint(None)
+    llm = LLM(dtype="float32", device="cpu")
+    tok = llm.engine.tokenizer
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf_tok = llm.tokenizer
+    hf_tok.padding_side = "left"
+    n_new = args.new_tokens
+
+    rows = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        prompts = [tok.encode_chat([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]) for i in range(batch)]
+        params = SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True)
+
+        def ours():
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            assert all(len(o.outputs[0].token_ids) == n_new for o in outs)
+
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[hf_tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+        def theirs():
+            with torch.no_grad():
+                out = hf.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
+                                  do_sample=False, pad_token_id=hf_tok.pad_token_id)
+            assert out.shape[1] == width + n_new
+
+        t_ours = best_of(ours, args.repeats)
+        t_hf = best_of(theirs, args.repeats)
+        tokens = batch * n_new
+        rows.append((batch, tokens, t_ours, t_hf))
+
+    print(f"\nCPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; SmolLM2-135M fp32, greedy, {n_new} new tokens per sequence\n")
+    print("| batch | tokens | elastic_decode s | tok/s | HF generate s | tok/s | ratio (ours / HF) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for batch, tokens, t_ours, t_hf in rows:
+        print(f"| {batch} | {tokens} | {t_ours:.2f} | {tokens / t_ours:.1f} | {t_hf:.2f} | {tokens / t_hf:.1f} | "
+              f"{t_hf / t_ours:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
