@@ -27,11 +27,12 @@ def reference_ops() -> KernelOps:
     )
 
 
-def triton_ops() -> KernelOps:
+def triton_ops() -> KernelOps | None:
+    """The Triton launchers, or None where they cannot be imported (no triton, or not built yet)."""
     try:
         from elastic_decode.kernels import triton_ops as ops
-    except ImportError as e:
-        raise ElasticDecodeError(f"the triton backend is not available: {e}") from None
+    except ImportError:
+        return None
     return ops.kernel_ops()
 
 
@@ -39,8 +40,15 @@ def select_ops(device: torch.device, backend: str | None = None) -> KernelOps:
     choice = backend or os.environ.get("ELASTIC_DECODE_BACKEND", "auto")
     if choice not in BACKENDS:
         raise ElasticDecodeError(f"backend must be one of {', '.join(BACKENDS)}, got {choice!r}")
+    if choice == "reference":
+        return reference_ops()
     if choice == "auto":
-        choice = "triton" if device.type == "cuda" else "reference"
-    if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton on CUDA tensors when its launchers import; the reference everywhere else.
+        ops = triton_ops() if device.type == "cuda" else None
+        return ops or reference_ops()
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ElasticDecodeError("the triton backend on CPU needs TRITON_INTERPRET=1 (tests only)")
-    return triton_ops() if choice == "triton" else reference_ops()
+    ops = triton_ops()
+    if ops is None:
+        raise ElasticDecodeError("the triton backend is not available in this build (no Triton kernels)")
+    return ops
