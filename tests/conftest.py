@@ -5,10 +5,17 @@ the embedded model's tokenizer, so text prompts and chat templates work on them.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from elastic_decode.loader import resolve_checkpoint
+# Without a GPU the Triton kernels run in Triton's interpreter; it is chosen when a kernel
+# is decorated, so this must happen before anything imports elastic_decode.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from elastic_decode.loader import resolve_checkpoint  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

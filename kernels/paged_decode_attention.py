@@ -1,0 +1,185 @@
+"""paged_decode_attention: one query token per sequence over its paged K/V context.
+
+GQA-aware: one program handles all the query heads that share a KV head, so each K/V tile is
+read from memory once for the whole group (the query group is padded to 16 rows, the minimum
+tl.dot tile, as vLLM's unified attention does). Long contexts with few sequences are split
+along the context (flash-decoding): each split writes a partial output with its running max
+and sum, and a second kernel merges the splits by their log-sum-exp. Softmax statistics and
+accumulation are fp32 whatever the input dtype.
+
+Layout: q [num_seqs, num_q_heads, head_dim]; k_cache/v_cache [num_blocks, block_size,
+num_kv_heads, head_dim]; block_tables int32 [num_seqs, max_blocks]; context_lens int32 [num_seqs].
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Tokens per K/V tile: one cache block at a time keeps the block-table lookup per tile.
+# A split covers whole blocks; below this many tokens per split, splitting does not pay.
+MIN_TOKENS_PER_SPLIT = 256
+MAX_SPLITS = 32
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,  # [num_seqs, num_q_heads, HEAD_DIM]
+    k_cache_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM]
+    v_cache_ptr,
+    block_tables_ptr,  # int32 [num_seqs, max_blocks]
+    context_lens_ptr,  # int32 [num_seqs]
+    out_ptr,  # [num_seqs, num_q_heads, HEAD_DIM] (one split) or partials [num_seqs, num_q_heads, NUM_SPLITS, HEAD_DIM]
+    m_ptr,  # fp32 [num_seqs, num_q_heads, NUM_SPLITS]: running max (split mode only)
+    l_ptr,  # fp32 [num_seqs, num_q_heads, NUM_SPLITS]: running sum (split mode only)
+    scale,
+    max_blocks,  # block_tables row stride
+    num_kv_heads,
+    blocks_per_split,
+    GROUP: tl.constexpr,  # query heads per KV head
+    GROUP_PAD: tl.constexpr,  # GROUP padded to >= 16 and a power of two
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    NUM_SPLITS: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dot instead of tf32
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_q_heads = num_kv_heads * GROUP
+    ctx = tl.load(context_lens_ptr + seq)
+    n_blocks = tl.cdiv(ctx, BLOCK_SIZE)
+    first = split * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, n_blocks)
+
+    g = tl.arange(0, GROUP_PAD)  # [GROUP_PAD] query rows of this group
+    d = tl.arange(0, HEAD_DIM)  # [HEAD_DIM]
+    t = tl.arange(0, BLOCK_SIZE)  # [BLOCK_SIZE] tokens of a block
+    head = kv_head * GROUP + g  # [GROUP_PAD]
+    g_mask = g < GROUP
+    q = tl.load(q_ptr + (seq.to(tl.int64) * num_q_heads + head[:, None]) * HEAD_DIM + d[None, :],
+                mask=g_mask[:, None], other=0.0)  # [GROUP_PAD, HEAD_DIM]
+
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    row_stride = num_kv_heads * HEAD_DIM  # elements between tokens in the cache
+    for b in range(first, last):
+        block = tl.load(block_tables_ptr + seq.to(tl.int64) * max_blocks + b).to(tl.int64)
+        pos = b * BLOCK_SIZE + t  # [BLOCK_SIZE]
+        offs = (block * BLOCK_SIZE + t[:, None]) * row_stride + kv_head * HEAD_DIM + d[None, :]  # [BLOCK_SIZE, HEAD_DIM]
+        valid = pos < ctx
+        k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0)  # [BLOCK_SIZE, HEAD_DIM]
+        v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [GROUP_PAD, BLOCK_SIZE]
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(valid[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])  # [GROUP_PAD, BLOCK_SIZE]
+        l = l * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+
+    if NUM_SPLITS == 1:
+        o = acc / l[:, None]
+        tl.store(out_ptr + (seq.to(tl.int64) * num_q_heads + head[:, None]) * HEAD_DIM + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    else:
+        stat = (seq.to(tl.int64) * num_q_heads + head) * NUM_SPLITS + split  # [GROUP_PAD]
+        tl.store(out_ptr + stat[:, None] * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None])
+        tl.store(m_ptr + stat, m, mask=g_mask)
+        tl.store(l_ptr + stat, l, mask=g_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    partial_ptr,  # fp32 [num_seqs * num_q_heads, NUM_SPLITS, HEAD_DIM]: unnormalised sums
+    m_ptr,  # fp32 [num_seqs * num_q_heads, NUM_SPLITS]
+    l_ptr,  # fp32 [num_seqs * num_q_heads, NUM_SPLITS]
+    out_ptr,  # [num_seqs * num_q_heads, HEAD_DIM]
+    NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # one (sequence, query head)
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    m = tl.load(m_ptr + row * NUM_SPLITS + s)  # [NUM_SPLITS]; -inf for empty splits
+    l = tl.load(l_ptr + row * NUM_SPLITS + s)
+    m_all = tl.max(m, axis=0)
+    w = tl.where(m > float("-inf"), tl.exp(m - m_all), 0.0)  # [NUM_SPLITS]
+    acc = tl.load(partial_ptr + (row * NUM_SPLITS + s[:, None]) * HEAD_DIM + d[None, :])  # [NUM_SPLITS, HEAD_DIM]
+    o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(out_ptr + row * HEAD_DIM + d, o.to(out_ptr.dtype.element_ty))
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, block_size: int,
+                      num_sms: int) -> int:
+    """Split the context only when there are too few (sequence, KV head) programs to fill the GPU."""
+    programs = num_seqs * num_kv_heads
+    if programs >= num_sms:
+        return 1
+    by_length = max(1, max_context_len // MIN_TOKENS_PER_SPLIT)
+    wanted = triton.cdiv(2 * num_sms, programs)  # about two waves of programs
+    splits = min(MAX_SPLITS, by_length, triton.next_power_of_2(wanted))
+    return 1 << (splits.bit_length() - 1)  # a power of two (the merge kernel's tile)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [num_seqs, num_q_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # int32 [num_seqs, max_blocks]
+    context_lens: torch.Tensor,  # int32 [num_seqs]
+    scale: float,
+    out: torch.Tensor | None = None,  # [num_seqs, num_q_heads, head_dim]
+    *,
+    max_context_len: int | None = None,  # known on the host: avoids a device sync
+    num_splits: int | None = None,  # None: chosen from the shapes
+) -> torch.Tensor:
+    num_seqs, num_q_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    if cache_head_dim != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError(f"cache shape {tuple(k_cache.shape)} does not fit q {tuple(q.shape)}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if head_dim & (head_dim - 1) or block_size & (block_size - 1):
+        raise ValueError("head_dim and block_size must be powers of two")
+    if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
+        raise ValueError("block_tables and context_lens must be int32")
+    q = q.contiguous()
+    block_tables = block_tables.contiguous()
+    if out is None:
+        out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    group = num_q_heads // num_kv_heads
+    if num_splits is None:
+        if max_context_len is None:
+            max_context_len = int(context_lens.max().item())
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context_len, block_size, sms)
+    if num_splits < 1 or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits must be a power of two, got {num_splits}")
+    max_blocks = block_tables.shape[1]
+    blocks_per_split = triton.cdiv(max_blocks, num_splits)
+    meta = dict(
+        scale=scale, max_blocks=max_blocks, num_kv_heads=num_kv_heads, blocks_per_split=blocks_per_split,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, IEEE=q.dtype == torch.float32,
+    )
+    grid = (num_seqs, num_kv_heads, num_splits)
+    if num_splits == 1:
+        _decode_kernel[grid](q, k_cache, v_cache, block_tables, context_lens, out, out, out, **meta)
+        return out
+    partial = torch.empty(num_seqs, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    m = torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    _decode_kernel[grid](q, k_cache, v_cache, block_tables, context_lens, partial, m, l, **meta)
+    _merge_splits_kernel[(num_seqs * num_q_heads,)](partial, m, l, out, NUM_SPLITS=num_splits, HEAD_DIM=head_dim)
+    return out
