@@ -1,0 +1,291 @@
+"""sample_with_budget: fused sampling + Elastic Reasoning budget machine, one program per row.
+
+Per row, in one launch: suppression for min_think, greedy / temperature sampling with top-k,
+top-p and min-p, the logprob of the emitted token, and the phase machine of DESIGN.md
+(THINKING -> FORCING -> SOLVING -> DONE) updated in place. DONE rows return at once and emit
+PAD_TOKEN; FORCING rows skip the sampling passes.
+
+No sort of the vocabulary: the top-k and top-p thresholds are found by bisection over the
+bit patterns of float32 values (monotone for the order-preserving integer key), the idea of
+FlashInfer's sorting-free samplers. Because the threshold is searched exactly, the kept set
+is the one the reference's threshold definition gives (ties kept together). The draw is an
+inverse-CDF scan in vocabulary order with u = tl.rand(seed, step) (Philox), which
+reference.philox_uniform reproduces bit for bit, so a row samples what the reference samples
+up to float summation order.
+
+Cost: two passes over the row for max/argmax and the softmax sum, about 32 more for each of
+top-k and top-p when they are on, and two for the draw. Correct, not yet tuned: a GPU session
+should replace the bisection with fewer passes (e.g. FlashInfer's rejection sampling).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .budget_state import (
+    DONE,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    FORCING,
+    PAD_TOKEN,
+    SOLVING,
+    THINKING,
+    BudgetState,
+    SamplerParams,
+)
+
+BLOCK_V = 1024  # vocabulary tile
+BISECT_STEPS = 32  # enough to pin any 32-bit key exactly
+
+
+@triton.jit
+def _order_key(x):
+    """int32 key with the order of the float32 values x (negative floats flipped)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _masked_logits(logits_ptr, row_off, idx, vocab, sup_tok, sup_stop, stop_ptr, MAX_STOP: tl.constexpr):
+    """A tile of fp32 logits with min_think suppression applied (-inf) and -inf past the vocab."""
+    x = tl.load(logits_ptr + row_off + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+    x = tl.where(idx == sup_tok, float("-inf"), x)
+    if sup_stop:
+        s = tl.arange(0, MAX_STOP)
+        stops = tl.load(stop_ptr + s)  # [MAX_STOP], -1 padded
+        hit = tl.sum(((idx[:, None] == stops[None, :]) & (stops[None, :] >= 0)).to(tl.int32), axis=1) > 0
+        x = tl.where(hit, float("-inf"), x)
+    return x
+
+
+@triton.jit
+def _sample_with_budget_kernel(
+    logits_ptr,  # [num_seqs, vocab], any float dtype
+    logits_stride,
+    vocab,
+    tokens_ptr,  # int64 [num_seqs] out
+    logprobs_ptr,  # fp32 [num_seqs] out
+    temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr,  # [num_seqs]
+    think_budget_ptr, solution_budget_ptr, max_new_ptr, min_think_ptr,  # int32 [num_seqs]
+    marker_ptr,  # int32 [num_seqs, MAX_MARKER], right-aligned
+    marker_len_ptr,  # int32 [num_seqs]
+    stop_ids_ptr,  # int32 [num_seqs, MAX_STOP], -1 padded
+    phase_ptr, think_ptr, solution_ptr, generated_ptr, force_pos_ptr,  # int32 [num_seqs], in place
+    recent_ptr,  # int32 [num_seqs, MAX_MARKER], in place
+    forced_end_ptr, forced_ptr, finish_ptr,  # int32 [num_seqs], in place
+    MAX_MARKER: tl.constexpr,
+    MAX_STOP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BISECT_STEPS: tl.constexpr,
+):
+    row = tl.program_id(0)
+    phase = tl.load(phase_ptr + row)
+    if phase == DONE:
+        tl.store(tokens_ptr + row, PAD_TOKEN)
+        tl.store(logprobs_ptr + row, 0.0)
+        tl.store(forced_ptr + row, 0)
+        return
+
+    think = tl.load(think_ptr + row)
+    k_len = tl.load(marker_len_ptr + row)
+    min_think = tl.load(min_think_ptr + row)
+    spent = (phase == THINKING) & (think >= tl.load(think_budget_ptr + row))
+    phase = tl.where(spent, FORCING, phase)
+    force_pos = tl.where(spent, 0, tl.load(force_pos_ptr + row))
+
+    j = tl.arange(0, MAX_MARKER)
+    marker = tl.load(marker_ptr + row * MAX_MARKER + j)  # [MAX_MARKER]
+    pad = j < MAX_MARKER - k_len  # [MAX_MARKER] columns before E[0]
+    recent = tl.load(recent_ptr + row * MAX_MARKER + j)
+    shifted = tl.load(recent_ptr + row * MAX_MARKER + j + 1, mask=j < MAX_MARKER - 1, other=-1)  # recent[j + 1]
+    stop_row = stop_ids_ptr + row * MAX_STOP
+
+    # min_think: no closing token and no stop token while thinking would end too short.
+    thinking = phase == THINKING
+    prefix_ok = tl.sum(tl.where(j < MAX_MARKER - 1, ((shifted == marker) | pad).to(tl.int32), 1), axis=0) == MAX_MARKER
+    last_marker = tl.sum(tl.where(j == MAX_MARKER - 1, marker, 0), axis=0)
+    sup_tok = tl.where(thinking & prefix_ok & (think - (k_len - 1) < min_think), last_marker, -1)
+    sup_stop = thinking & (think < min_think)
+
+    temperature = tl.load(temperature_ptr + row)
+    greedy = temperature <= 0.0
+    t_eff = tl.where(greedy, 1.0, temperature)
+    row_off = row.to(tl.int64) * logits_stride
+    offs = tl.arange(0, BLOCK_V)
+
+    # Pass 1: max and first argmax of the masked logits.
+    best = float("-inf")
+    best_idx = 0
+    for start in range(0, vocab, BLOCK_V):
+        x = _masked_logits(logits_ptr, row_off, start + offs, vocab, sup_tok, sup_stop, stop_row, MAX_STOP)
+        tile_max = tl.max(x, axis=0)
+        tile_idx = tl.min(tl.where(x == tile_max, start + offs, 2147483647), axis=0)
+        if tile_max > best:
+            best = tile_max
+            best_idx = tile_idx
+    # Pass 2: softmax normaliser at temperature t_eff (for the logprob).
+    z = 0.0
+    for start in range(0, vocab, BLOCK_V):
+        x = _masked_logits(logits_ptr, row_off, start + offs, vocab, sup_tok, sup_stop, stop_row, MAX_STOP)
+        z += tl.sum(tl.exp((x - best) / t_eff), axis=0)
+
+    sampled = best_idx
+    if (phase != FORCING) & (temperature > 0.0):
+        s_max = best / temperature
+        # top-k: the largest key K with count(key(s) >= K) >= k, by bisection.
+        # Invariant: count(key >= lo) >= k; when lo == hi, mid == lo and nothing moves.
+        top_k = tl.load(top_k_ptr + row)
+        k_lo = tl.full([], -2147483647, tl.int32)  # below every key, -inf included: keep all
+        if (top_k > 0) & (top_k < vocab):
+            lo = tl.full([], -2147483647, tl.int64)
+            hi = _order_key(s_max).to(tl.int64)
+            for _ in range(BISECT_STEPS):
+                mid = lo + (hi - lo + 1) // 2
+                count = 0
+                for start in range(0, vocab, BLOCK_V):
+                    x = _masked_logits(logits_ptr, row_off, start + offs, vocab, sup_tok, sup_stop, stop_row, MAX_STOP)
+                    count += tl.sum((_order_key(x / temperature).to(tl.int64) >= mid).to(tl.int32), axis=0)
+                ok = count >= top_k
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid - 1)
+            k_lo = lo.to(tl.int32)
+        # Softmax mass of the top-k survivors (unnormalised: e = exp(s - s_max) <= 1).
+        mass = 0.0
+        for start in range(0, vocab, BLOCK_V):
+            x = _masked_logits(logits_ptr, row_off, start + offs, vocab, sup_tok, sup_stop, stop_row, MAX_STOP)
+            s = x / temperature
+            mass += tl.sum(tl.where(_order_key(s) >= k_lo, tl.exp(s - s_max), 0.0), axis=0)
+        # top-p: the largest probability key P with mass(e >= P) >= top_p * mass.
+        top_p = tl.load(top_p_ptr + row)
+        p_lo = tl.full([], 0, tl.int32)
+        if top_p < 1.0:
+            lo = tl.zeros([], tl.int64)
+            hi = tl.full([], 0x3F800000, tl.int64)  # the bits of 1.0, the largest e
+            goal = top_p * mass
+            for _ in range(BISECT_STEPS):
+                mid = lo + (hi - lo + 1) // 2
+                part = 0.0
+                for start in range(0, vocab, BLOCK_V):
+                    x = _masked_logits(logits_ptr, row_off, start + offs, vocab, sup_tok, sup_stop, stop_row, MAX_STOP)
+                    s = x / temperature
+                    e = tl.where(_order_key(s) >= k_lo, tl.exp(s - s_max), 0.0)
+                    part += tl.sum(tl.where(e.to(tl.int32, bitcast=True).to(tl.int64) >= mid, e, 0.0), axis=0)
+                ok = part >= goal
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid - 1)
+            p_lo = lo.to(tl.int32)
+        min_e = tl.load(min_p_ptr + row)  # min_p * max e, and max e = 1
+        # Kept mass, then the inverse-CDF draw in vocabulary order.
+        kept = 0.0
+        for start in range(0, vocab, BLOCK_V):
+            x = _masked_logits(logits_ptr, row_off, start + offs, vocab, sup_tok, sup_stop, stop_row, MAX_STOP)
+            s = x / temperature
+            e = tl.where(_order_key(s) >= k_lo, tl.exp(s - s_max), 0.0)
+            e = tl.where((e.to(tl.int32, bitcast=True) >= p_lo) & (e >= min_e), e, 0.0)
+            kept += tl.sum(e, axis=0)
+        seed = tl.load(seed_ptr + row)
+        step = tl.load(generated_ptr + row)
+        u = tl.max(tl.rand(seed, tl.full([1], 0, tl.int32) + step), axis=0)
+        target = u * kept
+        running = 0.0
+        found = -1
+        last_kept = best_idx
+        for start in range(0, vocab, BLOCK_V):
+            x = _masked_logits(logits_ptr, row_off, start + offs, vocab, sup_tok, sup_stop, stop_row, MAX_STOP)
+            s = x / temperature
+            e = tl.where(_order_key(s) >= k_lo, tl.exp(s - s_max), 0.0)
+            e = tl.where((e.to(tl.int32, bitcast=True) >= p_lo) & (e >= min_e), e, 0.0)
+            cdf = running + tl.cumsum(e, axis=0)
+            first = tl.min(tl.where(cdf > target, start + offs, 2147483647), axis=0)
+            if (found < 0) & (first < 2147483647):
+                found = first
+            last_kept = tl.maximum(last_kept, tl.max(tl.where(e > 0, start + offs, -1), axis=0))
+            running += tl.sum(e, axis=0)
+        sampled = tl.where(found >= 0, found, last_kept)
+
+    # -- the budget machine (DESIGN.md), scalar per row ------------------------------
+    is_stop = tl.sum(((tl.load(stop_row + tl.arange(0, MAX_STOP)) == sampled)).to(tl.int32), axis=0) > 0
+    stop_in_thought = thinking & is_stop
+    forcing = (phase == FORCING) | stop_in_thought
+    force_pos = tl.where(stop_in_thought, 0, force_pos)
+    think_tok = thinking & (is_stop == 0)
+    solve_tok = phase == SOLVING
+    marker_tok = tl.sum(tl.where(j == MAX_MARKER - k_len + force_pos, marker, 0), axis=0)
+    token = tl.where(forcing, marker_tok, sampled)
+    tl.store(force_pos_ptr + row, tl.where(forcing, force_pos + 1, force_pos))
+    tl.store(forced_end_ptr + row, tl.where(forcing, 1, tl.load(forced_end_ptr + row)))
+    tl.store(forced_ptr + row, forcing.to(tl.int32))
+    # Sampled thinking tokens slide into the window; a window ending in E closes the thought.
+    window = tl.where(j == MAX_MARKER - 1, sampled.to(tl.int32), shifted)
+    completed = think_tok & (tl.sum(((window == marker) | pad).to(tl.int32), axis=0) == MAX_MARKER)
+    tl.store(recent_ptr + row * MAX_MARKER + j, tl.where(think_tok, window, recent))
+    tl.store(think_ptr + row, think + think_tok.to(tl.int32) - tl.where(completed, k_len, 0))
+    marker_out = (forcing & (force_pos + 1 >= k_len)) | completed
+    new_phase = tl.where(forcing, FORCING, phase)
+    new_phase = tl.where(marker_out, SOLVING, new_phase)
+    solution = tl.load(solution_ptr + row) + solve_tok.to(tl.int32)
+    tl.store(solution_ptr + row, solution)
+    s_budget = tl.load(solution_budget_ptr + row)
+    finish_stop = solve_tok & is_stop
+    finish_len = (marker_out & (s_budget <= 0)) | (solve_tok & (is_stop == 0) & (solution >= s_budget))
+    generated = tl.load(generated_ptr + row) + 1
+    tl.store(generated_ptr + row, generated)
+    finish_len = finish_len | ((finish_stop == 0) & (generated >= tl.load(max_new_ptr + row)))
+    finish = tl.where(finish_stop, FINISH_STOP, tl.where(finish_len, FINISH_LENGTH, tl.load(finish_ptr + row)))
+    tl.store(finish_ptr + row, finish)
+    tl.store(phase_ptr + row, tl.where(finish_stop | finish_len, DONE, new_phase))
+    tl.store(tokens_ptr + row, token.to(tl.int64))
+    # Honest logprob of the emitted token (forced ones too) under softmax(masked / t_eff).
+    x_tok = tl.load(logits_ptr + row_off + token).to(tl.float32)
+    x_tok = tl.where(token == sup_tok, float("-inf"), x_tok)
+    tl.store(logprobs_ptr + row, (x_tok - best) / t_eff - tl.log(z))
+
+
+def _pad_left(t: torch.Tensor, width: int, fill: int) -> torch.Tensor:
+    if t.shape[1] == width:
+        return t
+    return torch.cat([torch.full((t.shape[0], width - t.shape[1]), fill, dtype=t.dtype, device=t.device), t], dim=1)
+
+
+def sample_with_budget(
+    logits: torch.Tensor,  # [num_seqs, vocab]
+    params: SamplerParams,
+    state: BudgetState,  # updated in place
+) -> tuple[torch.Tensor, torch.Tensor]:
+    num_seqs, vocab = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    for name, t in [("marker", params.marker), ("stop_ids", params.stop_ids), ("recent", state.recent)]:
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32")
+    width = params.marker.shape[1]
+    if state.recent.shape[1] != width:
+        raise ValueError("state.recent and params.marker must have the same width")
+    # Tiles must be powers of two: pad the right-aligned marker/window on the left (columns
+    # before E[0] are ignored) and the stop list on the right.
+    marker_width = triton.next_power_of_2(width)
+    marker = _pad_left(params.marker, marker_width, -2).contiguous()
+    recent = _pad_left(state.recent, marker_width, -1).contiguous()
+    stop_width = triton.next_power_of_2(max(1, params.stop_ids.shape[1]))
+    stop_ids = params.stop_ids
+    if stop_ids.shape[1] != stop_width:
+        stop_ids = torch.cat([stop_ids, torch.full((num_seqs, stop_width - stop_ids.shape[1]), -1,
+                                                   dtype=torch.int32, device=stop_ids.device)], dim=1)
+    stop_ids = stop_ids.contiguous()
+    tokens = torch.empty(num_seqs, dtype=torch.long, device=logits.device)
+    logprobs = torch.empty(num_seqs, dtype=torch.float32, device=logits.device)
+    if num_seqs == 0:
+        return tokens, logprobs
+    _sample_with_budget_kernel[(num_seqs,)](
+        logits, logits.stride(0), vocab, tokens, logprobs,
+        params.temperature, params.top_k, params.top_p, params.min_p, params.seed,
+        params.think_budget, params.solution_budget, params.max_new_tokens, params.min_think,
+        marker, params.marker_len, stop_ids,
+        state.phase, state.think_count, state.solution_count, state.generated, state.force_pos,
+        recent, state.forced_end, state.forced, state.finish,
+        MAX_MARKER=marker_width, MAX_STOP=stop_width, BLOCK_V=BLOCK_V, BISECT_STEPS=BISECT_STEPS,
+    )
+    if recent.data_ptr() != state.recent.data_ptr():
+        state.recent.copy_(recent[:, marker_width - width :])
+    return tokens, logprobs

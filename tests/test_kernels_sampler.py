@@ -1,0 +1,137 @@
+"""The Triton `sample_with_budget` kernel: budget contract, filters, distribution, seeding.
+
+Runs in Triton's interpreter on CPU. Tokens, forced flags, counts and phases must equal the
+contract exactly; logprobs equal the reference's up to float summation order.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from budget_harness import EOS, FALLBACK, drive
+from budget_model import run_contract
+from elastic_decode.kernels import reference
+from elastic_decode.kernels.sample_with_budget import sample_with_budget
+from test_budget_contract import budget_rows, check_invariants
+from test_sampling import allowed_set, plain_batch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def on_device(params, state):
+    return params.to(DEVICE), state.to(DEVICE)
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(budget_rows(), min_size=1, max_size=4))
+def test_kernel_follows_the_contract(batch):
+    rows = [r for r, _ in batch]
+    wishes = [w for _, w in batch]
+    got = drive(sample_with_budget, rows, wishes, device=DEVICE)
+    ref = drive(reference.sample_with_budget, rows, wishes)
+    for row, w, g, r in zip(rows, wishes, got, ref):
+        exp = run_contract(w, row["t"], row["s"], row["marker"], row["m"], {EOS}, row["max_new"], FALLBACK)
+        assert (g["tokens"], g["forced"]) == (exp.tokens, exp.forced), (row, w)
+        assert (g["think_tokens"], g["solution_tokens"], g["forced_end"], g["finish"]) == (
+            exp.think_tokens, exp.solution_tokens, exp.forced_end, exp.finish)
+        assert torch.allclose(torch.tensor(g["logprobs"]), torch.tensor(r["logprobs"]), atol=1e-5, rtol=1e-5)
+        check_invariants(row, g)
+
+
+def test_marker_wider_than_a_power_of_two():
+    """Marker width 5 (SmolLM2's "\\n</think>\\n\\n") is padded by the launcher, state kept."""
+    rows = [dict(t=3, s=2, marker=[4, 5, 6, 7, 8], m=0, max_new=20), dict(t=9, s=2, marker=[1, 2], m=0, max_new=20)]
+    wishes = [[9] * 20, [3, 1, 2, 9, 9, 9, 9]]
+    got = drive(sample_with_budget, rows, wishes, device=DEVICE)
+    assert got[0]["tokens"] == [9, 9, 9, 4, 5, 6, 7, 8, 9, 9] and got[0]["forced_end"]
+    assert got[1]["tokens"] == [3, 1, 2, 9, 9] and got[1]["think_tokens"] == 1 and not got[1]["forced_end"]
+
+
+def test_greedy_is_argmax_and_logprob_is_log_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(13, 3001)  # three vocabulary tiles, the last one partial
+    params, state = on_device(*plain_batch(13, 3001, temperature=0.0))
+    tokens, logprobs = sample_with_budget(logits.to(DEVICE), params, state)
+    assert torch.equal(tokens.cpu(), logits.argmax(-1))
+    assert torch.allclose(logprobs.cpu(), torch.log_softmax(logits, -1).max(-1).values, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [
+    (1.0, 5, 1.0, 0.0), (0.7, 0, 0.8, 0.0), (1.3, 0, 1.0, 0.1), (1.0, 10, 0.5, 0.05), (0.5, 3, 0.9, 0.2),
+])
+def test_filters_never_emit_outside_the_allowed_set(temperature, top_k, top_p, min_p):
+    torch.manual_seed(1)
+    vocab = 50
+    logits = torch.randn(32, vocab) * 2
+    for step in range(3):
+        params, state = on_device(*plain_batch(32, vocab, temperature, top_k, top_p, min_p, generated=step))
+        tokens, _ = sample_with_budget(logits.to(DEVICE), params, state)
+        for row, tok in enumerate(tokens.tolist()):
+            assert tok in allowed_set(logits[row], temperature, top_k, top_p, min_p)
+
+
+def test_draws_equal_the_reference_draws():
+    """Same Philox uniform, same kept set, same inverse-CDF scan: the same tokens."""
+    torch.manual_seed(4)
+    vocab, n = 2500, 24
+    logits = torch.randn(n, vocab) * 3
+    for temperature, top_k, top_p, min_p in [(1.0, 0, 1.0, 0.0), (0.8, 40, 0.9, 0.0), (1.1, 0, 0.95, 0.02)]:
+        p1, s1 = plain_batch(n, vocab, temperature, top_k, top_p, min_p, seeds=range(50, 50 + n), generated=3)
+        p2, s2 = on_device(*plain_batch(n, vocab, temperature, top_k, top_p, min_p, seeds=range(50, 50 + n), generated=3))
+        expected, _ = reference.sample_with_budget(logits, p1, s1)
+        got, _ = sample_with_budget(logits.to(DEVICE), p2, s2)
+        assert got.cpu().tolist() == expected.tolist()
+
+
+def test_distribution_matches_the_renormalised_target():
+    """Chi-square over 3000 fixed seeds (a fixed set, so the test is deterministic).
+
+    Temperature + min-p here: the top-k/top-p paths are pinned by test_draws_equal_the_reference_draws
+    (token-for-token equality with the reference, whose distribution test_sampling checks with
+    top-p over 20000 draws), and their bisection is slow in the interpreter.
+    """
+    vocab, n = 8, 3000
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+    temperature, min_p = 0.9, 0.05  # min-p drops -1 and -3: exp(-3 / 0.9) = 0.036 < 0.05
+    params, state = on_device(*plain_batch(n, vocab, temperature=temperature, min_p=min_p, seeds=range(7, 7 + n)))
+    tokens, _ = sample_with_budget(logits.expand(n, vocab).contiguous().to(DEVICE), params, state)
+    counts = torch.bincount(tokens.cpu(), minlength=vocab).double()
+    keep = sorted(allowed_set(logits, temperature, 0, 1.0, min_p))
+    assert len(keep) == 6
+    p = torch.softmax(logits.double() / temperature, -1)[keep]
+    expected = p / p.sum() * n
+    assert counts[[i for i in range(vocab) if i not in keep]].sum() == 0
+    chi2 = float(((counts[keep] - expected) ** 2 / expected).sum())
+    assert chi2 < 24.3, (chi2, counts[keep].tolist(), expected.tolist())  # 99.9% quantile, <= 7 dof
+
+
+def test_same_seed_and_step_same_token_whatever_the_batch():
+    torch.manual_seed(2)
+    vocab = 300
+    row = torch.randn(vocab)
+    pa, sa = on_device(*plain_batch(1, vocab, seeds=[1234], generated=7))
+    alone, _ = sample_with_budget(row[None].clone().to(DEVICE), pa, sa)
+    batch = torch.cat([torch.randn(4, vocab), row[None], torch.randn(5, vocab)])
+    pb, sb = on_device(*plain_batch(10, vocab, seeds=[5, 6, 7, 8, 1234, 9, 10, 11, 12, 13], generated=7))
+    tokens, _ = sample_with_budget(batch.to(DEVICE), pb, sb)
+    assert int(tokens[4]) == int(alone[0])
+
+
+@triton.jit
+def _rand_kernel(seed_ptr, offset_ptr, out_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    seed = tl.load(seed_ptr)
+    tl.store(out_ptr + i, tl.rand(seed, tl.load(offset_ptr + i)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 123456789, 2**40 + 17, 2**63 - 1])
+def test_reference_philox_is_bit_identical_to_tl_rand(seed):
+    offsets = torch.tensor(list(range(60)) + [2**31 - 1, 2**20, 999999, 7], dtype=torch.int32)
+    out = torch.empty(64, dtype=torch.float32, device=DEVICE)
+    _rand_kernel[(1,)](torch.tensor([seed], dtype=torch.long, device=DEVICE), offsets.to(DEVICE), out, N=64)
+    expected = reference.philox_uniform(torch.full((64,), seed, dtype=torch.long), offsets)
+    assert torch.equal(out.cpu(), expected)
