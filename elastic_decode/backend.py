@@ -28,12 +28,18 @@ def reference_ops() -> KernelOps:
 
 
 def triton_ops() -> KernelOps | None:
-    """The Triton launchers, or None where they cannot be imported (no triton, or not built yet)."""
-    try:
-        from elastic_decode.kernels import triton_ops as ops
-    except ImportError:
+    """The Triton launchers, or None where triton is not installed."""
+    from elastic_decode import kernels
+
+    if not kernels.HAVE_TRITON:
         return None
-    return ops.kernel_ops()
+    return KernelOps(
+        name="triton",
+        write_kv=kernels.write_kv,
+        paged_decode_attention=kernels.paged_decode_attention,
+        paged_prefill_attention=kernels.paged_prefill_attention,
+        sample_with_budget=kernels.sample_with_budget,
+    )
 
 
 def select_ops(device: torch.device, backend: str | None = None) -> KernelOps:
@@ -50,5 +56,5 @@ def select_ops(device: torch.device, backend: str | None = None) -> KernelOps:
         raise ElasticDecodeError("the triton backend on CPU needs TRITON_INTERPRET=1 (tests only)")
     ops = triton_ops()
     if ops is None:
-        raise ElasticDecodeError("the triton backend is not available in this build (no Triton kernels)")
+        raise ElasticDecodeError("the triton backend needs the triton package, which is not installed")
     return ops

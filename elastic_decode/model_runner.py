@@ -72,6 +72,8 @@ class ModelRunner:
             block_tables=block_tables,
             context_lens=self._tensor([len(s) for s in seqs], torch.int32),
             cu_seqlens_q=cu_seqlens_q,
+            max_context_len=max(len(s) for s in seqs),
+            max_new_tokens=max(len(s) - s.num_cached_tokens for s in seqs) if batch.is_prefill else 1,
         )
         return input_ids, pos, attn, logits_rows
 

@@ -1,7 +1,9 @@
 """Kernel ops of elastic_decode (installed as `elastic_decode.kernels`).
 
-`reference` holds the pure-torch reference of every op; the Triton launchers with the same
-signatures live one per file beside it. This package imports nothing from the engine.
+`elastic_decode.kernels.<op>` is the Triton launcher of each op (one file per op);
+`reference` holds the pure-torch reference of every op with the same signature. This package
+imports nothing from the engine; choosing between the two is the engine's job. Where Triton
+is not installed, only the references are here.
 """
 from . import reference
 from .budget_state import (
@@ -18,8 +20,19 @@ from .budget_state import (
     SamplerParams,
 )
 
+try:
+    from .paged_decode_attention import paged_decode_attention
+    from .paged_prefill_attention import paged_prefill_attention
+    from .sample_with_budget import sample_with_budget
+    from .write_kv import write_kv
+
+    HAVE_TRITON = True
+except ImportError:  # no triton on this platform: the engine uses the references
+    HAVE_TRITON = False
+
 __all__ = [
     "reference",
+    "HAVE_TRITON",
     "BudgetState",
     "SamplerParams",
     "THINKING",

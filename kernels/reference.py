@@ -64,11 +64,17 @@ def paged_decode_attention(
     context_lens: torch.Tensor,  # int32 [num_seqs]; the query sits at position len - 1
     scale: float,
     out: torch.Tensor | None = None,  # [num_seqs, num_q_heads, head_dim]
+    *,
+    max_context_len: int | None = None,  # known on the host: avoids a device sync
+    num_splits: int | None = None,  # accepted for signature parity; the reference never splits
 ) -> torch.Tensor:
     num_seqs, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
-    max_len = int(context_lens.max().item()) if num_seqs else 0
+    if max_context_len is not None:
+        max_len = max_context_len
+    else:
+        max_len = int(context_lens.max().item()) if num_seqs else 0
     k = _gather_context(k_cache, block_tables, max_len).float()  # [num_seqs, max_len, num_kv_heads, head_dim]
     v = _gather_context(v_cache, block_tables, max_len).float()
     qg = q.float().view(num_seqs, num_kv_heads, group, head_dim)
@@ -92,6 +98,8 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,  # int32 [num_seqs]; new tokens are the last rows of the context
     scale: float,
     out: torch.Tensor | None = None,  # [num_tokens, num_q_heads, head_dim]
+    *,
+    max_new_tokens: int | None = None,  # accepted for signature parity with the Triton launcher
 ) -> torch.Tensor:
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]

@@ -148,10 +148,14 @@ class Attention(nn.Module):
         ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         if batch.is_prefill:
             o = ops.paged_prefill_attention(
-                q, k_cache, v_cache, batch.block_tables, batch.cu_seqlens_q, batch.context_lens, self.scale
+                q, k_cache, v_cache, batch.block_tables, batch.cu_seqlens_q, batch.context_lens, self.scale,
+                max_new_tokens=batch.max_new_tokens,
             )
         else:
-            o = ops.paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale)
+            o = ops.paged_decode_attention(
+                q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale,
+                max_context_len=batch.max_context_len,
+            )
         return self.o_proj(o.reshape(n, -1))
 
 
