@@ -18,6 +18,7 @@ from .budget_state import (
     THINKING,
     BudgetState,
     SamplerParams,
+    sampling_batch,
 )
 
 try:
@@ -35,6 +36,7 @@ __all__ = [
     "HAVE_TRITON",
     "BudgetState",
     "SamplerParams",
+    "sampling_batch",
     "THINKING",
     "FORCING",
     "SOLVING",

@@ -68,3 +68,43 @@ class BudgetState:
 
     def to(self, device: torch.device) -> "BudgetState":
         return BudgetState(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def sampling_batch(
+    n: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    seeds=None,
+    generated: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[SamplerParams, BudgetState]:
+    """n rows in SOLVING with no budgets and no stop ids: plain sampling (tests, benchmarks)."""
+    i32 = torch.int32
+    params = SamplerParams(
+        temperature=torch.full((n,), float(temperature)),
+        top_k=torch.full((n,), top_k, dtype=i32),
+        top_p=torch.full((n,), float(top_p)),
+        min_p=torch.full((n,), float(min_p)),
+        seed=torch.arange(n, dtype=torch.long) if seeds is None else torch.as_tensor(list(seeds), dtype=torch.long),
+        think_budget=torch.full((n,), NO_LIMIT, dtype=i32),
+        solution_budget=torch.full((n,), NO_LIMIT, dtype=i32),
+        max_new_tokens=torch.full((n,), NO_LIMIT, dtype=i32),
+        min_think=torch.zeros(n, dtype=i32),
+        marker=torch.zeros(n, 1, dtype=i32),
+        marker_len=torch.ones(n, dtype=i32),
+        stop_ids=torch.full((n, 1), -1, dtype=i32),
+    )
+    state = BudgetState(
+        phase=torch.full((n,), SOLVING, dtype=i32),
+        think_count=torch.zeros(n, dtype=i32),
+        solution_count=torch.zeros(n, dtype=i32),
+        generated=torch.full((n,), generated, dtype=i32),
+        force_pos=torch.zeros(n, dtype=i32),
+        recent=torch.full((n, 1), -1, dtype=i32),
+        forced_end=torch.zeros(n, dtype=i32),
+        forced=torch.zeros(n, dtype=i32),
+        finish=torch.zeros(n, dtype=i32),
+    )
+    return params.to(device), state.to(device)

@@ -3,38 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from elastic_decode.kernels import NO_LIMIT, SOLVING, BudgetState, SamplerParams, reference
+from elastic_decode.kernels import reference, sampling_batch
 
 
 def plain_batch(n, vocab, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None, generated=0):
-    """n rows in SOLVING with no budgets: pure sampling."""
-    i32 = torch.int32
-    params = SamplerParams(
-        temperature=torch.full((n,), float(temperature)),
-        top_k=torch.full((n,), top_k, dtype=i32),
-        top_p=torch.full((n,), float(top_p)),
-        min_p=torch.full((n,), float(min_p)),
-        seed=torch.arange(n, dtype=torch.long) if seeds is None else torch.as_tensor(seeds, dtype=torch.long),
-        think_budget=torch.full((n,), NO_LIMIT, dtype=i32),
-        solution_budget=torch.full((n,), NO_LIMIT, dtype=i32),
-        max_new_tokens=torch.full((n,), NO_LIMIT, dtype=i32),
-        min_think=torch.zeros(n, dtype=i32),
-        marker=torch.full((n, 1), vocab - 1, dtype=i32),
-        marker_len=torch.ones(n, dtype=i32),
-        stop_ids=torch.full((n, 1), -1, dtype=i32),
-    )
-    state = BudgetState(
-        phase=torch.full((n,), SOLVING, dtype=i32),
-        think_count=torch.zeros(n, dtype=i32),
-        solution_count=torch.zeros(n, dtype=i32),
-        generated=torch.full((n,), generated, dtype=i32),
-        force_pos=torch.zeros(n, dtype=i32),
-        recent=torch.full((n, 1), -1, dtype=i32),
-        forced_end=torch.zeros(n, dtype=i32),
-        forced=torch.zeros(n, dtype=i32),
-        finish=torch.zeros(n, dtype=i32),
-    )
-    return params, state
+    """n rows of plain sampling (vocab is unused: the rows do not depend on it)."""
+    return sampling_batch(n, temperature, top_k, top_p, min_p, seeds, generated)
 
 
 def allowed_set(logits_row: torch.Tensor, temperature, top_k, top_p, min_p) -> set[int]:
