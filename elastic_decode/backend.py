@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from elastic_decode import kernels
 from elastic_decode.kernels import reference
 
 from .errors import ElasticDecodeError
@@ -17,29 +18,24 @@ from .models.batch import KernelOps
 BACKENDS = ("auto", "triton", "reference")
 
 
-def reference_ops() -> KernelOps:
+def _ops_from(name: str, namespace) -> KernelOps:
+    """KernelOps from a module that defines every op of the contract under its own name."""
     return KernelOps(
-        name="reference",
-        write_kv=reference.write_kv,
-        paged_decode_attention=reference.paged_decode_attention,
-        paged_prefill_attention=reference.paged_prefill_attention,
-        sample_with_budget=reference.sample_with_budget,
+        name=name,
+        write_kv=namespace.write_kv,
+        paged_decode_attention=namespace.paged_decode_attention,
+        paged_prefill_attention=namespace.paged_prefill_attention,
+        sample_with_budget=namespace.sample_with_budget,
     )
+
+
+def reference_ops() -> KernelOps:
+    return _ops_from("reference", reference)
 
 
 def triton_ops() -> KernelOps | None:
     """The Triton launchers, or None where triton is not installed."""
-    from elastic_decode import kernels
-
-    if not kernels.HAVE_TRITON:
-        return None
-    return KernelOps(
-        name="triton",
-        write_kv=kernels.write_kv,
-        paged_decode_attention=kernels.paged_decode_attention,
-        paged_prefill_attention=kernels.paged_prefill_attention,
-        sample_with_budget=kernels.sample_with_budget,
-    )
+    return _ops_from("triton", kernels) if kernels.HAVE_TRITON else None
 
 
 def select_ops(device: torch.device, backend: str | None = None) -> KernelOps:

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .paged_checks import check_paged_attention_inputs
+
 # Tokens per K/V tile: one cache block at a time keeps the block-table lookup per tile.
 # A split covers whole blocks; below this many tokens per split, splitting does not pay.
 MIN_TOKENS_PER_SPLIT = 256
@@ -143,15 +145,8 @@ def paged_decode_attention(
     num_splits: int | None = None,  # None: chosen from the shapes
 ) -> torch.Tensor:
     num_seqs, num_q_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
-    if cache_head_dim != head_dim or v_cache.shape != k_cache.shape:
-        raise ValueError(f"cache shape {tuple(k_cache.shape)} does not fit q {tuple(q.shape)}")
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if head_dim & (head_dim - 1) or block_size & (block_size - 1):
-        raise ValueError("head_dim and block_size must be powers of two")
-    if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
-        raise ValueError("block_tables and context_lens must be int32")
+    block_size, num_kv_heads = check_paged_attention_inputs(
+        q, k_cache, v_cache, block_tables=block_tables, context_lens=context_lens)
     q = q.contiguous()
     block_tables = block_tables.contiguous()
     if out is None:

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .paged_checks import check_paged_attention_inputs
+
 BLOCK_M = 16  # new tokens per program
 BLOCK_N = 32  # context tokens per inner step
 
@@ -105,15 +107,8 @@ def paged_prefill_attention(
     max_new_tokens: int | None = None,  # longest new-token run, if known on the host
 ) -> torch.Tensor:
     num_tokens, num_q_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
-    if cache_head_dim != head_dim or v_cache.shape != k_cache.shape:
-        raise ValueError(f"cache shape {tuple(k_cache.shape)} does not fit q {tuple(q.shape)}")
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if head_dim & (head_dim - 1) or block_size & (block_size - 1):
-        raise ValueError("head_dim and block_size must be powers of two")
-    if any(t.dtype != torch.int32 for t in (block_tables, cu_seqlens_q, context_lens)):
-        raise ValueError("block_tables, cu_seqlens_q and context_lens must be int32")
+    block_size, num_kv_heads = check_paged_attention_inputs(
+        q, k_cache, v_cache, block_tables=block_tables, cu_seqlens_q=cu_seqlens_q, context_lens=context_lens)
     q = q.contiguous()
     block_tables = block_tables.contiguous()
     if out is None:
