@@ -14,16 +14,12 @@ from hypothesis import strategies as st
 
 from budget_harness import EOS, FALLBACK, drive
 from budget_model import run_contract
-from elastic_decode.kernels import reference
+from elastic_decode.kernels import reference, sampling_batch
 from elastic_decode.kernels.sample_with_budget import sample_with_budget
 from test_budget_contract import budget_rows, check_invariants
-from test_sampling import allowed_set, plain_batch
+from test_sampling import allowed_set
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def on_device(params, state):
-    return params.to(DEVICE), state.to(DEVICE)
 
 
 @settings(max_examples=120, deadline=None)
@@ -54,7 +50,7 @@ def test_marker_wider_than_a_power_of_two():
 def test_greedy_is_argmax_and_logprob_is_log_softmax():
     torch.manual_seed(0)
     logits = torch.randn(13, 3001)  # three vocabulary tiles, the last one partial
-    params, state = on_device(*plain_batch(13, 3001, temperature=0.0))
+    params, state = sampling_batch(13, temperature=0.0, device=DEVICE)
     tokens, logprobs = sample_with_budget(logits.to(DEVICE), params, state)
     assert torch.equal(tokens.cpu(), logits.argmax(-1))
     assert torch.allclose(logprobs.cpu(), torch.log_softmax(logits, -1).max(-1).values, atol=1e-5)
@@ -68,7 +64,7 @@ def test_filters_never_emit_outside_the_allowed_set(temperature, top_k, top_p, m
     vocab = 50
     logits = torch.randn(32, vocab) * 2
     for step in range(3):
-        params, state = on_device(*plain_batch(32, vocab, temperature, top_k, top_p, min_p, generated=step))
+        params, state = sampling_batch(32, temperature, top_k, top_p, min_p, generated=step, device=DEVICE)
         tokens, _ = sample_with_budget(logits.to(DEVICE), params, state)
         for row, tok in enumerate(tokens.tolist()):
             assert tok in allowed_set(logits[row], temperature, top_k, top_p, min_p)
@@ -80,8 +76,8 @@ def test_draws_equal_the_reference_draws():
     vocab, n = 2500, 24
     logits = torch.randn(n, vocab) * 3
     for temperature, top_k, top_p, min_p in [(1.0, 0, 1.0, 0.0), (0.8, 40, 0.9, 0.0), (1.1, 0, 0.95, 0.02)]:
-        p1, s1 = plain_batch(n, vocab, temperature, top_k, top_p, min_p, seeds=range(50, 50 + n), generated=3)
-        p2, s2 = on_device(*plain_batch(n, vocab, temperature, top_k, top_p, min_p, seeds=range(50, 50 + n), generated=3))
+        p1, s1 = sampling_batch(n, temperature, top_k, top_p, min_p, seeds=range(50, 50 + n), generated=3)
+        p2, s2 = sampling_batch(n, temperature, top_k, top_p, min_p, seeds=range(50, 50 + n), generated=3, device=DEVICE)
         expected, _ = reference.sample_with_budget(logits, p1, s1)
         got, _ = sample_with_budget(logits.to(DEVICE), p2, s2)
         assert got.cpu().tolist() == expected.tolist()
@@ -97,7 +93,7 @@ def test_distribution_matches_the_renormalised_target():
     vocab, n = 8, 3000
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
     temperature, min_p = 0.9, 0.05  # min-p drops -1 and -3: exp(-3 / 0.9) = 0.036 < 0.05
-    params, state = on_device(*plain_batch(n, vocab, temperature=temperature, min_p=min_p, seeds=range(7, 7 + n)))
+    params, state = sampling_batch(n, temperature=temperature, min_p=min_p, seeds=range(7, 7 + n), device=DEVICE)
     tokens, _ = sample_with_budget(logits.expand(n, vocab).contiguous().to(DEVICE), params, state)
     counts = torch.bincount(tokens.cpu(), minlength=vocab).double()
     keep = sorted(allowed_set(logits, temperature, 0, 1.0, min_p))
@@ -113,10 +109,10 @@ def test_same_seed_and_step_same_token_whatever_the_batch():
     torch.manual_seed(2)
     vocab = 300
     row = torch.randn(vocab)
-    pa, sa = on_device(*plain_batch(1, vocab, seeds=[1234], generated=7))
+    pa, sa = sampling_batch(1, seeds=[1234], generated=7, device=DEVICE)
     alone, _ = sample_with_budget(row[None].clone().to(DEVICE), pa, sa)
     batch = torch.cat([torch.randn(4, vocab), row[None], torch.randn(5, vocab)])
-    pb, sb = on_device(*plain_batch(10, vocab, seeds=[5, 6, 7, 8, 1234, 9, 10, 11, 12, 13], generated=7))
+    pb, sb = sampling_batch(10, seeds=[5, 6, 7, 8, 1234, 9, 10, 11, 12, 13], generated=7, device=DEVICE)
     tokens, _ = sample_with_budget(batch.to(DEVICE), pb, sb)
     assert int(tokens[4]) == int(alone[0])
 

@@ -6,11 +6,6 @@ import torch
 from elastic_decode.kernels import reference, sampling_batch
 
 
-def plain_batch(n, vocab, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None, generated=0):
-    """n rows of plain sampling (vocab is unused: the rows do not depend on it)."""
-    return sampling_batch(n, temperature, top_k, top_p, min_p, seeds, generated)
-
-
 def allowed_set(logits_row: torch.Tensor, temperature, top_k, top_p, min_p) -> set[int]:
     """The tokens a filter may emit, computed independently with float64 and Python loops."""
     x = logits_row.double() / temperature
@@ -38,7 +33,7 @@ def allowed_set(logits_row: torch.Tensor, temperature, top_k, top_p, min_p) -> s
 def test_greedy_is_argmax():
     torch.manual_seed(0)
     logits = torch.randn(37, 1001)
-    params, state = plain_batch(37, 1001, temperature=0.0)
+    params, state = sampling_batch(37, temperature=0.0)
     tokens, logprobs = reference.sample_with_budget(logits, params, state)
     assert torch.equal(tokens, logits.argmax(-1))
     assert torch.allclose(logprobs, torch.log_softmax(logits, -1).max(-1).values)
@@ -51,7 +46,7 @@ def test_filters_never_emit_outside_the_allowed_set():
                                                (1.0, 10, 0.5, 0.05), (0.5, 3, 0.9, 0.2)]:
         logits = torch.randn(64, vocab) * 2
         for step in range(5):
-            params, state = plain_batch(64, vocab, temperature, top_k, top_p, min_p, generated=step)
+            params, state = sampling_batch(64, temperature, top_k, top_p, min_p, generated=step)
             tokens, _ = reference.sample_with_budget(logits, params, state)
             for row, tok in enumerate(tokens.tolist()):
                 assert tok in allowed_set(logits[row], temperature, top_k, top_p, min_p)
@@ -62,7 +57,7 @@ def test_distribution_matches_the_renormalised_target():
     vocab, n = 8, 20000
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
     temperature, top_p = 0.9, 0.9
-    params, state = plain_batch(n, vocab, temperature=temperature, top_p=top_p, seeds=range(1000, 1000 + n))
+    params, state = sampling_batch(n, temperature=temperature, top_p=top_p, seeds=range(1000, 1000 + n))
     tokens, _ = reference.sample_with_budget(logits.expand(n, vocab).clone(), params, state)
     counts = torch.bincount(tokens, minlength=vocab).double()
     keep = sorted(allowed_set(logits, temperature, 0, top_p, 0.0))
@@ -78,12 +73,12 @@ def test_same_seed_and_step_same_token_whatever_the_batch():
     torch.manual_seed(2)
     vocab = 300
     row = torch.randn(vocab)
-    alone_params, alone_state = plain_batch(1, vocab, seeds=[1234], generated=7)
+    alone_params, alone_state = sampling_batch(1, seeds=[1234], generated=7)
     alone, _ = reference.sample_with_budget(row[None].clone(), alone_params, alone_state)
     others = torch.randn(9, vocab)
     batch = torch.cat([others[:4], row[None], others[4:]])
     seeds = [5, 6, 7, 8, 1234, 9, 10, 11, 12, 13]
-    params, state = plain_batch(10, vocab, seeds=seeds, generated=7)
+    params, state = sampling_batch(10, seeds=seeds, generated=7)
     tokens, _ = reference.sample_with_budget(batch, params, state)
     assert int(tokens[4]) == int(alone[0])
 
