@@ -35,6 +35,8 @@ class RolloutBatch:
     forced_end: torch.Tensor  # bool [rows]
     truncated: torch.Tensor  # bool [rows]; finish_reason == "length"
     prompt_index: torch.Tensor  # int64 [rows]; which prompt the row belongs to
+    thinking_texts: list[str]  # one per row: the text before the end-of-thinking marker
+    solution_texts: list[str]  # one per row: the text after it (where answers are graded)
 
 
 class LLM:
@@ -109,11 +111,7 @@ class LLM:
         """Conversations (lists of {"role", "content"}) through the model's chat template."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        encoded = []
-        for messages in conversations:
-            if not messages or any(not str(m.get("content", "")).strip() for m in messages):
-                raise InvalidRequestError("a conversation has an empty message")
-            encoded.append((None, self.engine.tokenizer.encode_chat(list(messages))))
+        encoded = [(None, self.encode_chat(messages)) for messages in conversations]
         return self._run(encoded, params, use_tqdm)
 
     def generate_tensors(
@@ -149,7 +147,15 @@ class LLM:
             forced_end=torch.tensor([c.forced_end for _, _, c in rows], dtype=torch.bool),
             truncated=torch.tensor([c.finish_reason == "length" for _, _, c in rows], dtype=torch.bool),
             prompt_index=torch.tensor([i for i, _, _ in rows], dtype=torch.long),
+            thinking_texts=[c.thinking_text for _, _, c in rows],
+            solution_texts=[c.solution_text for _, _, c in rows],
         )
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """A conversation's prompt token ids through the chat template (for `generate_tensors`)."""
+        if not messages or any(not str(m.get("content", "")).strip() for m in messages):
+            raise InvalidRequestError("a conversation has an empty message")
+        return self.engine.tokenizer.encode_chat(list(messages))
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Copy HF-named weights (e.g. a trainer model's `named_parameters()`) in place."""

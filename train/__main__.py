@@ -1,0 +1,80 @@
+"""GRPO training with budget-constrained rollouts (Elastic Reasoning) from the command line.
+
+    python -m elastic_decode.train --task arithmetic:1 --steps 30 --think-budget 32 --solution-budget 32
+    python -m elastic_decode.train --config run.json --learning-rate 2e-6
+    python -m elastic_decode.train --config run.json --resume runs/grpo/checkpoint-10
+
+Every rollout thinks for at most --think-budget tokens (the end-of-thinking marker is forced
+there) and answers in at most --solution-budget tokens; the reward is 1 for a correct answer in
+\\boxed{} after the marker plus --format-reward-weight for any boxed answer. Per step one JSONL
+row of metrics goes to OUTPUT_DIR/metrics.jsonl; checkpoints (HF format, loadable by the engine)
+go to OUTPUT_DIR/checkpoint-STEP; OUTPUT_DIR/training.png plots the run at the end.
+Flags override --config; errors in the input are reported as one line (exit status 2).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from elastic_decode.errors import ElasticDecodeError
+
+from .config import GRPOConfig
+
+_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "float | None": float}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m elastic_decode.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run = p.add_argument_group("run")
+    run.add_argument("--config", help="JSON file of GRPOConfig fields (flags given here override it)")
+    run.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from one of its checkpoint directories")
+    run.add_argument("--overwrite", action="store_true", help="start over in an output dir that holds a run")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fields = p.add_argument_group("GRPOConfig fields (defaults in brackets)")
+    for f in dataclasses.fields(GRPOConfig):
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{f.metadata['help']} [{f.default}]".replace("%", "%%")
+        if f.type == "bool":
+            fields.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=text)
+        else:
+            fields.add_argument(flag, dest=f.name, type=_TYPES[f.type], default=argparse.SUPPRESS,
+                                metavar=f.name.upper(), help=text)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(GRPOConfig) if hasattr(args, f.name)}
+    try:
+        base = GRPOConfig.from_json(args.config).to_dict() if args.config else {}
+        config = GRPOConfig.from_dict({**base, **overrides})
+        from .trainer import GRPOTrainer  # after validation: importing transformers takes seconds
+
+        trainer = GRPOTrainer(config, resume_from=args.resume, overwrite=args.overwrite,
+                              use_tqdm=not args.no_progress)
+    except ValueError as e:  # settings, task, dataset, model path: the user's to fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        trainer.train()
+    except ElasticDecodeError as e:  # e.g. a dataset prompt longer than the model's context
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

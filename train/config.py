@@ -1,0 +1,151 @@
+"""`GRPOConfig`: every knob of a GRPO run, validated where it is built.
+
+Each field carries its help text in `metadata["help"]`; the CLI (`python -m elastic_decode.train`)
+turns the fields into flags, so this file is also the flag reference.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean", "dr-grpo")
+ADVANTAGE_SCALINGS = ("group", "batch", "none")
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    # -- what to train on ----------------------------------------------------------------
+    model: str | None = _help("HF checkpoint directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)", None)
+    task: str = _help(
+        "synthetic task (arithmetic, arithmetic:D for D-digit operands, countdown, countdown:N for N numbers) "
+        'or a JSONL file with {"prompt"|"messages", "answer"} rows',
+        "arithmetic:1",
+    )
+    output_dir: str = _help("where metrics.jsonl, checkpoints and the plot are written", "runs/grpo")
+
+    # -- rollouts (the Elastic Reasoning budget-constrained rollout) ----------------------
+    steps: int = _help("rollout batches (each followed by num_iterations optimizer steps)", 20)
+    prompts_per_step: int = _help("prompts per rollout batch", 4)
+    group_size: int = _help("G: completions per prompt; they share the prompt's KV in the engine", 8)
+    think_budget: int = _help("t*: thinking tokens before the end-of-thinking marker is forced", 64)
+    solution_budget: int = _help("s*: solution tokens after the marker", 64)
+    temperature: float = _help("rollout temperature (logprobs are taken under softmax(logits / T))", 1.0)
+    top_p: float = _help("rollout nucleus mass; 1 keeps the full distribution (on-policy)", 1.0)
+
+    # -- the objective ---------------------------------------------------------------------
+    learning_rate: float = _help("AdamW learning rate", 1e-6)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    num_iterations: int = _help(
+        "optimizer steps per rollout batch; > 1 keeps the rollout policy's logprobs as the old policy", 1
+    )
+    epsilon_low: float = _help("clip the ratio below at 1 - epsilon_low", 0.2)
+    epsilon_high: float = _help("clip the ratio above at 1 + epsilon_high (> epsilon_low: DAPO clip-higher)", 0.2)
+    kl_coef: float = _help("weight of the k3 KL estimate against the frozen initial model; 0 loads no reference", 0.0)
+    entropy_coef: float = _help("entropy bonus weight (subtracted from the loss)", 0.0)
+    loss_aggregation: str = _help(
+        "token-mean (DAPO: mean over all loss tokens), seq-mean (original GRPO: mean per completion, "
+        "then over completions), dr-grpo (sum over tokens / (completions x max completion length))",
+        "token-mean",
+    )
+    advantage_scaling: str = _help(
+        "divide group-centred rewards by the group's std (group), the batch's std (batch) or not at all (none, Dr. GRPO)",
+        "group",
+    )
+    mask_forced_tokens: bool = _help("keep tokens the engine forced (the end-of-thinking marker) out of the loss", True)
+    mask_truncated: bool = _help("give no gradient to completions cut by the solution budget", False)
+    format_reward_weight: float = _help(
+        "reward = correct + this x formatted (a \\boxed{} answer after the marker)", 0.1
+    )
+    micro_batch_size: int = _help(
+        "gradient accumulation: rows per forward/backward; gradients accumulate over the whole rollout batch", 8
+    )
+    max_grad_norm: float = _help("clip the gradient norm; 0 disables", 1.0)
+    gradient_checkpointing: bool = _help("recompute activations in the backward pass to save memory", True)
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    seed: int = _help("seeds prompts, rollouts and torch", 0)
+    checkpoint_interval: int = _help("save a checkpoint every this many steps (0: only at the end)", 0)
+    device: str | None = _help("cpu | cuda (default: cuda when available)", None)
+    dtype: str = _help("auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16", "auto")
+    kv_cache_memory_gb: float | None = _help("KV cache size of the rollout engine (default: the engine's choice)", None)
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "prompts_per_step", "num_iterations", "micro_batch_size")
+        for name in positive:
+            _int_at_least(name, getattr(self, name), 1)
+        _int_at_least("group_size", self.group_size, 2, why=" (GRPO compares completions within a group)")
+        _int_at_least("think_budget", self.think_budget, 0)
+        _int_at_least("solution_budget", self.solution_budget, 1)
+        _int_at_least("seed", self.seed, 0)
+        _int_at_least("checkpoint_interval", self.checkpoint_interval, 0)
+        _number_in("temperature", self.temperature, 0.0, None, low_open=True)
+        _number_in("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _number_in("learning_rate", self.learning_rate, 0.0, None)
+        for name in ("weight_decay", "kl_coef", "entropy_coef", "max_grad_norm", "format_reward_weight"):
+            _number_in(name, getattr(self, name), 0.0, None)
+        _number_in("epsilon_low", self.epsilon_low, 0.0, 1.0, high_open=True)
+        _number_in("epsilon_high", self.epsilon_high, 0.0, None)
+        _choice("loss_aggregation", self.loss_aggregation, LOSS_AGGREGATIONS)
+        _choice("advantage_scaling", self.advantage_scaling, ADVANTAGE_SCALINGS)
+        _choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.kv_cache_memory_gb is not None:
+            _number_in("kv_cache_memory_gb", self.kv_cache_memory_gb, 0.0, None, low_open=True)
+
+    @property
+    def max_completion_length(self) -> int:
+        """An upper bound on completion tokens (the dr-grpo normaliser): t* + marker + s*.
+
+        The marker is at most a handful of tokens; 8 covers "\\n</think>\\n\\n" in every
+        tokenizer we know of, and a constant is all dr-grpo asks for.
+        """
+        return self.think_budget + 8 + self.solution_budget
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> GRPOConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown GRPOConfig field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> GRPOConfig:
+        try:
+            values = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise ValueError(f"cannot read config file {path}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a JSON object")
+        return cls.from_dict(values)
+
+
+def _int_at_least(name: str, value, minimum: int, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{why}, got {value!r}")
+
+
+def _number_in(name, value, low, high, low_open=False, high_open=False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (
+            high is None or (value < high if high_open else value <= high)
+        )
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else str(high) + (')' if high_open else ']')}"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+
+
+def _choice(name: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

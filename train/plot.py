@@ -1,0 +1,41 @@
+"""The end-of-run picture: reward and accuracy, and thinking / solution lengths, over steps."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
+    """Write a PNG of a run's metrics.jsonl; returns its path, or None without matplotlib/rows."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('matplotlib is not installed: no plot (pip install "elastic_decode[train]")', file=sys.stderr)
+        return None
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    mean = [r["reward_mean"] for r in rows]
+    std = [r["reward_std"] for r in rows]
+    top.plot(steps, mean, label="reward (mean)")
+    top.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+    top.plot(steps, [r["accuracy"] for r in rows], label="accuracy")
+    top.plot(steps, [r["format_rate"] for r in rows], label="boxed answer rate", linestyle="--")
+    top.set_ylabel("per completion")
+    top.legend(loc="best")
+    bottom.plot(steps, [r["think_tokens"] for r in rows], label="thinking tokens")
+    bottom.plot(steps, [r["solution_tokens"] for r in rows], label="solution tokens")
+    bottom.plot(steps, [100 * r["forced_end_rate"] for r in rows], label="forced end (%)", linestyle=":")
+    bottom.set_xlabel("step")
+    bottom.set_ylabel("mean per completion")
+    bottom.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return Path(png_path)

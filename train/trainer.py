@@ -1,0 +1,376 @@
+"""The GRPO loop: rollouts through the engine -> rewards -> advantages -> clipped objective -> step
+-> weights copied into the engine in place.
+
+One rollout batch per step: `prompts_per_step` prompts, `group_size` completions each, decoded
+by the engine with the Elastic Reasoning budget (think up to t*, the marker forced, solve up to
+s*) in one pass. The trainable model is a transformers model (fp32 master weights; bf16 autocast
+on CUDA) that recomputes the completions' logprobs with gradient. Only the engine's public API
+is used: `generate_tensors`, `encode_chat`, `load_weights`.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from elastic_decode import LLM, SamplingParams
+from elastic_decode.loader import resolve_checkpoint
+
+from .config import GRPOConfig
+from .loss import grpo_loss, group_advantages, loss_mask, token_entropy, token_logprobs
+from .tasks import make_task
+
+STATE_FILE = "trainer_state.pt"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "training.png"
+
+
+@dataclass
+class Rollout:
+    """One step's completions, their scores and which rows train."""
+
+    prompt_ids: list[list[int]]  # [rows] each row's prompt
+    completion_ids: torch.Tensor  # int64 [rows, T]
+    completion_mask: torch.Tensor  # int32 [rows, T]
+    engine_logprobs: torch.Tensor  # float32 [rows, T] (what the sampler saw)
+    loss_mask: torch.Tensor  # float32 [rows, T]
+    rewards: torch.Tensor  # float32 [rows]
+    advantages: torch.Tensor  # float32 [rows]
+    metrics: dict[str, float]
+
+
+def sequence_logprobs(
+    model,
+    prompt_ids: list[list[int]],  # [B] token ids of each row's prompt
+    completion_ids: torch.Tensor,  # int64 [B, T]
+    completion_mask: torch.Tensor,  # {0,1} [B, T]
+    pad_id: int,
+    temperature: float,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # float32 [B, T], float32 [B, T] or None
+    """Logprobs (and entropies) of the completion tokens under `model`, prompts left-padded.
+
+    Left-padding the prompts puts every completion at the same columns, so one slice of the
+    logits serves the whole batch; positions come from the attention mask, so padding does not
+    shift RoPE.
+    """
+    device = completion_ids.device
+    width = max(len(p) for p in prompt_ids)
+    rows, length = completion_ids.shape
+    prompts = torch.full((rows, width), pad_id, dtype=torch.long, device=device)  # [B, P]
+    prompt_mask = torch.zeros(rows, width, dtype=torch.long, device=device)
+    for r, ids in enumerate(prompt_ids):
+        prompts[r, width - len(ids):] = torch.tensor(ids, dtype=torch.long, device=device)
+        prompt_mask[r, width - len(ids):] = 1
+    input_ids = torch.cat([prompts, completion_ids], dim=1)  # [B, P + T]
+    attention_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        logits_to_keep=length + 1,
+    )
+    logits = out.logits[:, :-1]  # [B, T, V]: position P - 1 + i predicts completion token i
+    logprobs = token_logprobs(logits, completion_ids, temperature)
+    entropy = None
+    if with_entropy:
+        entropy = token_entropy(logits, temperature)
+    return logprobs, entropy
+
+
+def _rollout_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + 1) % (2**31 - 1)
+
+
+class GRPOTrainer:
+    """`GRPOTrainer(config).train()`; `resume_from` continues a run from one of its checkpoints."""
+
+    def __init__(self, config: GRPOConfig, *, resume_from: str | Path | None = None, overwrite: bool = False,
+                 use_tqdm: bool = True):
+        self.config = config
+        self.use_tqdm = use_tqdm
+        self.task = make_task(config.task)
+        self.output_dir = Path(config.output_dir)
+        metrics_path = self.output_dir / METRICS_FILE
+        if resume_from is None and metrics_path.exists() and not overwrite:
+            raise ValueError(
+                f"{self.output_dir} already holds a run ({METRICS_FILE}); resume it with --resume "
+                "CHECKPOINT, pick another --output-dir, or pass --overwrite"
+            )
+        self.base_path = resolve_checkpoint(config.model)
+        start_path = Path(resume_from) if resume_from is not None else self.base_path
+        state = None
+        if resume_from is not None:
+            if not (start_path / STATE_FILE).is_file():
+                raise ValueError(f"{start_path} is not a checkpoint of this trainer (no {STATE_FILE})")
+            state = torch.load(start_path / STATE_FILE, map_location="cpu", weights_only=False)
+
+        torch.manual_seed(config.seed)
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        engine_dtype = config.dtype
+        if engine_dtype == "auto":
+            engine_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        # Master weights stay fp32 (AdamW on bf16 weights loses small updates); on a GPU the
+        # forward runs under bf16 autocast and the engine holds a bf16 copy.
+        self.autocast_dtype = getattr(torch, engine_dtype) if engine_dtype != "float32" else None
+        self.policy = self._load_hf_model(start_path, trainable=True)
+        self.reference = self._load_hf_model(self.base_path, trainable=False) if config.kl_coef > 0 else None
+        self.engine = LLM(
+            model=str(start_path),
+            dtype=engine_dtype,
+            device=str(self.device),
+            seed=config.seed,
+            kv_cache_memory_gb=config.kv_cache_memory_gb,
+        )
+        # Left padding of prompts is masked out, so any valid id serves.
+        self.pad_id = 0
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.policy.parameters() if p.requires_grad],
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
+        )
+        self.step = 0
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step = int(state["step"])
+            torch.set_rng_state(state["torch_rng"])
+            _truncate_metrics(metrics_path, self.step)
+        elif metrics_path.exists():
+            metrics_path.unlink()  # --overwrite
+
+    def _load_hf_model(self, path: Path, trainable: bool):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device)
+        if trainable:
+            if self.config.gradient_checkpointing:
+                # transformers 5.2x renamed it; the GPU machines' 5.17 has only the old name.
+                enable = getattr(model, "activation_checkpointing_enable", None)
+                if enable is not None:
+                    enable({"use_reentrant": False})
+                else:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+            model.train()
+        else:
+            model.requires_grad_(False)
+            model.eval()
+        return model
+
+    # -- one step ------------------------------------------------------------------------
+
+    def rollout(self, step: int) -> Rollout:
+        cfg = self.config
+        rng = random.Random(f"{cfg.seed}-{step}")
+        examples = self.task.sample(rng, cfg.prompts_per_step)
+        prompt_ids = [self.engine.encode_chat(list(ex.messages)) for ex in examples]
+        params = SamplingParams(
+            n=cfg.group_size,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            think_budget=cfg.think_budget,
+            solution_budget=cfg.solution_budget,
+            seed=_rollout_seed(cfg.seed, step),
+        )
+        batch = self.engine.generate_tensors(prompt_ids, params)
+        scores = [
+            self.task.score(text, examples[int(i)], cfg.format_reward_weight)
+            for text, i in zip(batch.solution_texts, batch.prompt_index)
+        ]
+        rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
+        advantages = group_advantages(rewards, cfg.group_size, cfg.advantage_scaling)
+        mask = loss_mask(batch.completion_mask, batch.forced_mask, batch.truncated,
+                         cfg.mask_forced_tokens, cfg.mask_truncated)
+        stats = self.engine.last_stats
+        metrics = {
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item(),
+            "accuracy": sum(s.correct for s in scores) / len(scores),
+            "format_rate": sum(s.formatted for s in scores) / len(scores),
+            "think_tokens": batch.think_tokens.float().mean().item(),
+            "solution_tokens": batch.solution_tokens.float().mean().item(),
+            "forced_tokens": batch.forced_mask.sum(1).float().mean().item(),
+            "forced_end_rate": batch.forced_end.float().mean().item(),
+            "truncated_rate": batch.truncated.float().mean().item(),
+            "rollout_tokens": stats.output_tokens,
+            "rollout_tokens_per_s": stats.output_tokens / max(stats.seconds, 1e-9),
+        }
+        return Rollout(
+            prompt_ids=batch.prompt_ids,
+            completion_ids=batch.completion_ids,
+            completion_mask=batch.completion_mask,
+            engine_logprobs=batch.logprobs,
+            loss_mask=mask,
+            rewards=rewards,
+            advantages=advantages,
+            metrics=metrics,
+        )
+
+    def _logprobs(self, model, rollout: Rollout, rows: slice, with_entropy: bool):
+        ids = rollout.completion_ids[rows].to(self.device)
+        mask = rollout.completion_mask[rows].to(self.device)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return sequence_logprobs(
+                model, rollout.prompt_ids[rows], ids, mask, self.pad_id, self.config.temperature, with_entropy
+            )
+
+    def optimize(self, rollout: Rollout) -> dict[str, float]:
+        """num_iterations optimizer steps on one rollout batch; returns the loss metrics."""
+        cfg = self.config
+        num_rows = rollout.completion_ids.shape[0]
+        slices = [slice(i, min(i + cfg.micro_batch_size, num_rows)) for i in range(0, num_rows, cfg.micro_batch_size)]
+        total_tokens = rollout.loss_mask.sum().item()
+        old = ref = None
+        with torch.no_grad():
+            if cfg.num_iterations > 1:  # ratios of later iterations are against the rollout policy
+                old = [self._logprobs(self.policy, rollout, s, False)[0] for s in slices]
+            if self.reference is not None:
+                ref = [self._logprobs(self.reference, rollout, s, False)[0] for s in slices]
+        sums: dict[str, float] = {}
+        gap_sum = gap_tokens = 0.0
+        for iteration in range(cfg.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_total = 0.0
+            for k, rows in enumerate(slices):
+                logprobs, entropy = self._logprobs(self.policy, rollout, rows, with_entropy=True)
+                mask = rollout.loss_mask[rows].to(self.device)
+                if iteration == 0:  # how far the engine's logprobs are from the trainer's
+                    engine_lp = rollout.engine_logprobs[rows].to(self.device)
+                    gap_sum += ((logprobs.detach() - engine_lp).abs() * mask).sum().item()
+                    gap_tokens += mask.sum().item()
+                if cfg.entropy_coef == 0:
+                    entropy = entropy.detach()
+                loss, metrics = grpo_loss(
+                    logprobs,
+                    old[k] if old is not None else logprobs.detach(),
+                    rollout.advantages[rows].to(self.device),
+                    mask,
+                    epsilon_low=cfg.epsilon_low,
+                    epsilon_high=cfg.epsilon_high,
+                    aggregation=cfg.loss_aggregation,
+                    ref_logprobs=ref[k] if ref is not None else None,
+                    kl_coef=cfg.kl_coef,
+                    entropy=entropy,
+                    entropy_coef=cfg.entropy_coef,
+                    max_completion_length=cfg.max_completion_length,
+                    total_tokens=total_tokens,
+                    total_rows=num_rows,
+                )
+                loss.backward()
+                loss_total += loss.item()
+                tokens = metrics.pop("loss_tokens").item()
+                for name, value in metrics.items():  # token-weighted means over the batch
+                    sums[name] = sums.get(name, 0.0) + value.item() * tokens
+            limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), limit).item()
+            self.optimizer.step()
+        weight = max(total_tokens * cfg.num_iterations, 1.0)
+        out = {name: value / weight for name, value in sums.items()}
+        out.update(loss=loss_total, grad_norm=grad_norm, loss_tokens=total_tokens,
+                   logprob_gap=gap_sum / max(gap_tokens, 1.0))
+        return out
+
+    def sync_weights(self) -> float:
+        """Copy the policy's weights into the engine in place; returns the seconds it took."""
+        start = time.perf_counter()
+        with torch.no_grad():
+            self.engine.load_weights(self.policy.named_parameters())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+    def train_step(self) -> dict[str, float]:
+        step = self.step + 1
+        t0 = time.perf_counter()
+        rollout = self.rollout(step)
+        t1 = time.perf_counter()
+        loss_metrics = self.optimize(rollout)
+        t2 = time.perf_counter()
+        sync = self.sync_weights()
+        self.step = step
+        row = {"step": step, **rollout.metrics, **loss_metrics,
+               "rollout_seconds": t1 - t0, "train_seconds": t2 - t1, "weight_sync_seconds": sync}
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    # -- the run -------------------------------------------------------------------------
+
+    def train(self) -> Path:
+        """Run up to config.steps; returns the final checkpoint's directory."""
+        cfg = self.config
+        start = time.perf_counter()
+        rows = []
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="grpo", unit="step", disable=not self.use_tqdm)
+        try:
+            while self.step < cfg.steps:
+                row = self.train_step()
+                rows.append(row)
+                bar.update(1)
+                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}",
+                                think=f"{row['think_tokens']:.0f}")
+                if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            bar.close()
+            if self.step:
+                path = self.save_checkpoint()
+                print(f"interrupted: saved step {self.step} to {path} (continue with --resume {path})")
+            raise
+        bar.close()
+        path = self.save_checkpoint()
+        plot = self.write_plot()
+        print(self.summary(rows, time.perf_counter() - start, path, plot))
+        return path
+
+    def save_checkpoint(self) -> Path:
+        """HF format (loadable by the engine and transformers) plus the optimizer state."""
+        final = self.output_dir / f"checkpoint-{self.step}"
+        tmp = self.output_dir / f".checkpoint-{self.step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.policy.save_pretrained(tmp, safe_serialization=True)
+        self.engine.tokenizer.save_pretrained(tmp)
+        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "config": self.config.to_dict()}, tmp / STATE_FILE)
+        (tmp / "grpo_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        return final
+
+    def write_plot(self) -> Path | None:
+        from .plot import plot_metrics
+
+        return plot_metrics(self.output_dir / METRICS_FILE, self.output_dir / PLOT_FILE)
+
+    @staticmethod
+    def summary(rows: list[dict], seconds: float, checkpoint: Path, plot: Path | None) -> str:
+        if not rows:
+            return f"nothing to do: the run already reached its last step; checkpoint {checkpoint}"
+        total = lambda key: sum(r[key] for r in rows)  # noqa: E731
+        head, tail = rows[: max(1, len(rows) // 4)], rows[-max(1, len(rows) // 4):]
+        mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+        return (
+            f"{len(rows)} steps in {seconds:.0f} s (rollouts {total('rollout_seconds'):.0f} s, "
+            f"{total('rollout_tokens')} tokens; training {total('train_seconds'):.0f} s; "
+            f"weight sync {total('weight_sync_seconds'):.2f} s); reward {mean(head, 'reward_mean'):.3f} -> "
+            f"{mean(tail, 'reward_mean'):.3f} (first vs last quarter), accuracy {mean(head, 'accuracy'):.2f} -> "
+            f"{mean(tail, 'accuracy'):.2f}; checkpoint {checkpoint}" + (f"; plot {plot}" if plot else "")
+        )
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop rows of steps after the checkpoint: resuming redoes them."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
