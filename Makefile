@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 PROMPT ?= A farmer has 17 sheep and buys 3 more pens of 4 sheep each. How many sheep does he have?
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench train-demo clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,15 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The GRPO demonstration of benchmarks/RESULTS.md: the embedded model learns to answer
+# one-digit additions in \boxed{} after a forced end of thinking (about 20 minutes on 2 cores).
+TRAIN_DEMO_ARGS ?= --task arithmetic:1:+ --steps 40 --group-size 8 --prompts-per-step 4 \
+	--think-budget 16 --solution-budget 16 --temperature 0.7 --learning-rate 5e-5 \
+	--format-reward-weight 0.5 --no-gradient-checkpointing --output-dir runs/grpo-demo
+
+train-demo: setup
+	$(PY) -m elastic_decode.train $(TRAIN_DEMO_ARGS)
 
 bench: setup
 	$(PY) benchmarks/bench_e2e.py

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .errors import ElasticDecodeError
+from .jsonl import check_messages, read_jsonl
 
 # Shown when the CLI is run with a prompt and nothing else: small enough for the embedded
 # 135M model to hit the budget, so the forced marker is visible.
@@ -34,14 +35,14 @@ def _budget(text: str) -> int | None:
     return value
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str):
         """One line for a bad argument (argparse's default also prints the whole usage)."""
         self.exit(2, f"error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineErrorParser(
         prog="python -m elastic_decode.generate",
         description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -86,23 +87,10 @@ def read_prompts(args) -> list[dict]:
     """Every prompt as {"prompt": str} or {"messages": [...]}, validated before the model loads."""
     rows = [{"prompt": text} for text in args.prompt]
     if args.prompts_file is not None:
-        try:
-            lines = args.prompts_file.read_text().splitlines()
-        except OSError as e:
-            raise ElasticDecodeError(f"cannot read --prompts-file {args.prompts_file}: {e.strerror}") from None
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{args.prompts_file} line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ElasticDecodeError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not ({"prompt", "messages"} & row.keys()):
+        for where, row in read_jsonl(args.prompts_file, "--prompts-file"):
+            if not ({"prompt", "messages"} & row.keys()):
                 raise ElasticDecodeError(f'{where}: needs a "prompt" or "messages" field')
-            if "messages" in row and not (isinstance(row["messages"], list) and row["messages"]
-                                          and all(isinstance(m, dict) for m in row["messages"])):
-                raise ElasticDecodeError(f'{where}: "messages" must be a non-empty list of objects')
+            check_messages(row, where)
             if "prompt" in row and "messages" not in row and not isinstance(row["prompt"], str):
                 raise ElasticDecodeError(f'{where}: "prompt" must be a string')
             rows.append(row)

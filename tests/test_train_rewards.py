@@ -129,7 +129,13 @@ def test_bad_datasets_name_the_line(tmp_path, rows, message):
         make_task(path)
 
 
-@pytest.mark.parametrize("spec", ["nope", "arithmetic:x", "arithmetic:0", "countdown:9", "missing.jsonl"])
+def test_arithmetic_operator_choice():
+    task = make_task("arithmetic:3:+")
+    assert all(" + " in ex.messages[0]["content"] for ex in task.sample(random.Random(1), 20))
+
+
+@pytest.mark.parametrize(
+    "spec", ["nope", "arithmetic:x", "arithmetic:0", "arithmetic:1:/", "countdown:9", "countdown:3:+", "missing.jsonl"])
 def test_bad_task_specs(spec):
     with pytest.raises(ValueError):
         make_task(spec)

@@ -18,19 +18,15 @@ import dataclasses
 import sys
 
 from elastic_decode.errors import ElasticDecodeError
+from elastic_decode.generate import OneLineErrorParser
 
 from .config import GRPOConfig
 
 _TYPES = {"int": int, "float": float, "str": str, "str | None": str, "float | None": float}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineErrorParser(
         prog="python -m elastic_decode.train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -23,7 +23,8 @@ class GRPOConfig:
     # -- what to train on ----------------------------------------------------------------
     model: str | None = _help("HF checkpoint directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)", None)
     task: str = _help(
-        "synthetic task (arithmetic, arithmetic:D for D-digit operands, countdown, countdown:N for N numbers) "
+        "synthetic task (arithmetic, arithmetic:D for D-digit operands, arithmetic:D:OPS with OPS from +-*, "
+        "countdown, countdown:N for N numbers) "
         'or a JSONL file with {"prompt"|"messages", "answer"} rows',
         "arithmetic:1",
     )
@@ -73,7 +74,7 @@ class GRPOConfig:
     checkpoint_interval: int = _help("save a checkpoint every this many steps (0: only at the end)", 0)
     device: str | None = _help("cpu | cuda (default: cuda when available)", None)
     dtype: str = _help("auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16", "auto")
-    kv_cache_memory_gb: float | None = _help("KV cache size of the rollout engine (default: the engine's choice)", None)
+    kv_cache_memory_gb: float | None = _help("KV cache of the rollout engine in GiB (default: 1 on CPU, 30% of free memory on a GPU)", None)
 
     def __post_init__(self) -> None:
         positive = ("steps", "prompts_per_step", "num_iterations", "micro_batch_size")

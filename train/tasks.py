@@ -1,7 +1,8 @@
 """Tasks: where prompts and their verifiable answers come from.
 
 Synthetic tasks are generated on the fly from a seeded RNG, so training needs no download:
-- `arithmetic[:D]`: a + b, a - b or a * b with D-digit operands (default 1);
+- `arithmetic[:D[:OPS]]`: a + b, a - b or a * b with D-digit operands (default 1), the
+  operators drawn from OPS (default `+-*`; `arithmetic:1:+` is one-digit addition);
 - `countdown[:N]`: reach a target with N given numbers (default 3), each used at most once,
   with + - * /; any correct expression earns the reward.
 A JSONL file with one `{"prompt": str | "messages": [...], "answer": ...}` object per line
@@ -10,12 +11,13 @@ supplies a real dataset (MATH, GSM8K, ...), sampled without replacement epoch by
 from __future__ import annotations
 
 import ast
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+
+from elastic_decode.jsonl import check_messages, read_jsonl
 
 from .rewards import Score, extract_boxed, score_math
 
@@ -34,18 +36,21 @@ def _user(text: str) -> tuple[dict, ...]:
 
 
 class ArithmeticTask:
-    def __init__(self, digits: int = 1):
+    def __init__(self, digits: int = 1, ops: str = "+-*"):
         if not 1 <= digits <= 9:
             raise ValueError(f"arithmetic digits must be in [1, 9], got {digits}")
+        if not ops or set(ops) - set("+-*"):
+            raise ValueError(f"arithmetic operators must be some of + - *, got {ops!r}")
         self.digits = digits
-        self.name = f"arithmetic:{digits}"
+        self.ops = ops
+        self.name = f"arithmetic:{digits}:{ops}"
 
     def sample(self, rng: random.Random, k: int) -> list[Example]:
         lo, hi = (0 if self.digits == 1 else 10 ** (self.digits - 1)), 10**self.digits - 1
         out = []
         for _ in range(k):
             a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-            op = rng.choice("+-*")
+            op = rng.choice(self.ops)
             value = a + b if op == "+" else a - b if op == "-" else a * b
             out.append(Example(_user(f"What is {a} {op} {b}? {INSTRUCTION}"), str(value)))
         return out
@@ -143,27 +148,13 @@ class JsonlTask:
 
 
 def load_jsonl_examples(path: Path) -> list[Example]:
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise ValueError(f"cannot read dataset {path}: {e.strerror}") from None
     examples = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: each line must be a JSON object")
+    for where, row in read_jsonl(path, "dataset"):
         if row.get("answer") is None or str(row["answer"]).strip() == "":
             raise ValueError(f'{where}: the row has no "answer"')
-        if isinstance(row.get("messages"), list) and row["messages"]:
+        check_messages(row, where)
+        if "messages" in row:
             messages = tuple(row["messages"])
-            if any(not isinstance(m, dict) or "content" not in m or "role" not in m for m in messages):
-                raise ValueError(f'{where}: "messages" must be a list of {{"role", "content"}} objects')
         elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
             messages = _user(row["prompt"])
         else:
@@ -175,19 +166,22 @@ def load_jsonl_examples(path: Path) -> list[Example]:
 
 
 def make_task(spec: str):
-    """`arithmetic[:D]`, `countdown[:N]`, or a path to a JSONL file."""
-    name, _, arg = spec.partition(":")
+    """`arithmetic[:D[:OPS]]`, `countdown[:N]`, or a path to a JSONL file."""
+    name, _, rest = spec.partition(":")
     if name in ("arithmetic", "countdown"):
+        arg, _, ops = rest.partition(":")
         try:
             size = int(arg) if arg else None
         except ValueError:
             raise ValueError(f"task {spec!r}: the part after ':' must be an integer") from None
         if name == "arithmetic":
-            return ArithmeticTask() if size is None else ArithmeticTask(size)
+            return ArithmeticTask(1 if size is None else size, ops or "+-*")
+        if ops:
+            raise ValueError(f"task {spec!r}: countdown takes only a count of numbers")
         return CountdownTask() if size is None else CountdownTask(size)
     path = Path(spec).expanduser()
     if path.suffix == ".jsonl" or path.exists():
         if not path.is_file():
             raise ValueError(f"dataset file not found: {spec}")
         return JsonlTask(path)
-    raise ValueError(f"unknown task {spec!r}: use arithmetic, arithmetic:D, countdown, countdown:N or a .jsonl file")
+    raise ValueError(f"unknown task {spec!r}: use arithmetic, arithmetic:D, arithmetic:D:OPS, countdown, countdown:N or a .jsonl file")

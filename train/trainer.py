@@ -29,6 +29,9 @@ from .tasks import make_task
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training.png"
+# On a GPU the rollout engine's KV cache takes this share of the memory left after the policy
+# (and reference) are loaded, unless kv_cache_memory_gb says otherwise.
+KV_SHARE_OF_FREE_GPU_MEMORY = 0.3
 
 
 @dataclass
@@ -123,12 +126,17 @@ class GRPOTrainer:
         self.autocast_dtype = getattr(torch, engine_dtype) if engine_dtype != "float32" else None
         self.policy = self._load_hf_model(start_path, trainable=True)
         self.reference = self._load_hf_model(self.base_path, trainable=False) if config.kl_coef > 0 else None
+        kv_gb = config.kv_cache_memory_gb
+        if kv_gb is None and self.device.type == "cuda":
+            # The engine alone would take 90% of free memory; the backward pass needs most of it.
+            kv_gb = KV_SHARE_OF_FREE_GPU_MEMORY * torch.cuda.mem_get_info(self.device)[0] / 2**30
         self.engine = LLM(
             model=str(start_path),
             dtype=engine_dtype,
             device=str(self.device),
             seed=config.seed,
-            kv_cache_memory_gb=config.kv_cache_memory_gb,
+            max_num_seqs=config.prompts_per_step * config.group_size,
+            kv_cache_memory_gb=kv_gb,
         )
         # Left padding of prompts is masked out, so any valid id serves.
         self.pad_id = 0
