@@ -364,15 +364,22 @@ class GRPOTrainer:
     def summary(rows: list[dict], seconds: float, checkpoint: Path, plot: Path | None) -> str:
         if not rows:
             return f"nothing to do: the run already reached its last step; checkpoint {checkpoint}"
-        total = lambda key: sum(r[key] for r in rows)  # noqa: E731
-        head, tail = rows[: max(1, len(rows) // 4)], rows[-max(1, len(rows) // 4):]
-        mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+        quarter = max(1, len(rows) // 4)
+        head, tail = rows[:quarter], rows[-quarter:]
+
+        def total(key: str) -> float:
+            return sum(r[key] for r in rows)
+
+        def change(key: str, digits: int) -> str:
+            first, last = (sum(r[key] for r in rs) / len(rs) for rs in (head, tail))
+            return f"{first:.{digits}f} -> {last:.{digits}f}"
+
         return (
             f"{len(rows)} steps in {seconds:.0f} s (rollouts {total('rollout_seconds'):.0f} s, "
-            f"{total('rollout_tokens')} tokens; training {total('train_seconds'):.0f} s; "
-            f"weight sync {total('weight_sync_seconds'):.2f} s); reward {mean(head, 'reward_mean'):.3f} -> "
-            f"{mean(tail, 'reward_mean'):.3f} (first vs last quarter), accuracy {mean(head, 'accuracy'):.2f} -> "
-            f"{mean(tail, 'accuracy'):.2f}; checkpoint {checkpoint}" + (f"; plot {plot}" if plot else "")
+            f"{total('rollout_tokens'):.0f} tokens; training {total('train_seconds'):.0f} s; "
+            f"weight sync {total('weight_sync_seconds'):.2f} s); reward {change('reward_mean', 3)} "
+            f"(first vs last quarter), accuracy {change('accuracy', 2)}; checkpoint {checkpoint}"
+            + (f"; plot {plot}" if plot else "")
         )
 
 
