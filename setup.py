@@ -10,6 +10,7 @@ setup(
     packages=[
         "elastic_decode",
         "elastic_decode.models",
+        "elastic_decode.integrations",
         "elastic_decode.kernels",
         "elastic_decode.train",
     ],

@@ -106,11 +106,8 @@ class LLMEngine:
         block_size = config.block_size
         num_blocks = self._num_kv_blocks(block_size)
         shape = (num_blocks, block_size, self.spec.num_kv_heads, self.spec.head_dim)
-        kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(self.spec.num_layers)
-        ]
+        self._kv_shape = shape
+        kv_caches = self._allocate_kv_caches()
         self.kv_capacity_tokens = num_blocks * block_size
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(
@@ -123,6 +120,31 @@ class LLMEngine:
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
+
+    def _allocate_kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            (torch.zeros(self._kv_shape, dtype=self.dtype, device=self.device),
+             torch.zeros(self._kv_shape, dtype=self.dtype, device=self.device))
+            for _ in range(self.spec.num_layers)
+        ]
+
+    @property
+    def sleeping(self) -> bool:
+        return not self.runner.kv_caches
+
+    def sleep(self) -> None:
+        """Free the KV cache (e.g. while a trainer runs its backward pass); weights stay."""
+        if self.has_unfinished():
+            raise ElasticDecodeError("cannot sleep with requests in flight")
+        self.runner.kv_caches = []
+        self.block_manager.reset_prefix_cache()  # its cached K/V are gone with the memory
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def wake_up(self) -> None:
+        """Allocate the KV cache again after `sleep`."""
+        if self.sleeping:
+            self.runner.kv_caches = self._allocate_kv_caches()
 
     def _num_kv_blocks(self, block_size: int) -> int:
         if self.config.num_kv_blocks is not None:
@@ -163,6 +185,7 @@ class LLMEngine:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None) -> int:
         marker, max_new = self.check_request(prompt_ids, params)
+        self.wake_up()  # a sleeping engine comes back on its own when given work
         stop_ids = tuple(dict.fromkeys((() if params.ignore_eos else self.tokenizer.eos_ids) + params.stop_token_ids))
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
 

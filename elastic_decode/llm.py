@@ -151,6 +151,12 @@ class LLM:
             solution_texts=[c.solution_text for _, _, c in rows],
         )
 
+    def encode(self, text: str) -> list[int]:
+        """A raw text prompt's token ids (with the model's special tokens, as `generate` does)."""
+        if not text:
+            raise InvalidRequestError("empty prompt")
+        return self.engine.tokenizer.encode(text)
+
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """A conversation's prompt token ids through the chat template (for `generate_tensors`)."""
         if not messages or any(not str(m.get("content", "")).strip() for m in messages):
@@ -160,6 +166,14 @@ class LLM:
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Copy HF-named weights (e.g. a trainer model's `named_parameters()`) in place."""
         return self.engine.load_weights(named_tensors)
+
+    def sleep(self) -> None:
+        """Free the KV cache while something else needs the memory (e.g. a trainer's backward
+        pass); the weights stay. The next generate call (or `wake_up`) allocates it again."""
+        self.engine.sleep()
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()
 
     # -- the loop ---------------------------------------------------------------------
 

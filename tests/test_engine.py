@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from elastic_decode import LLM, InvalidRequestError, SamplingParams
+from elastic_decode import LLM, ElasticDecodeError, InvalidRequestError, SamplingParams
 
 PROMPTS = ["Hello there, how are", "The quick brown fox", "In 1905, Albert Einstein published", "a b c d e f g"]
 
@@ -126,3 +126,18 @@ def test_bad_requests_raise_clear_errors_before_any_work(llm):
 def test_sampling_params_validation(kwargs, message):
     with pytest.raises(InvalidRequestError, match=re.escape(message)):
         SamplingParams(**kwargs)
+
+
+def test_sleep_frees_the_kv_cache_and_generation_wakes_it(tiny_llama):
+    llm = LLM(str(tiny_llama), dtype="float32", device="cpu", block_size=4, seed=0)
+    params = SamplingParams(temperature=0.9, seed=5, max_tokens=10, ignore_eos=True)
+    before = tokens(llm.generate(PROMPTS, params, use_tqdm=False))
+    llm.sleep()
+    assert llm.engine.sleeping and llm.engine.runner.kv_caches == []
+    assert tokens(llm.generate(PROMPTS, params, use_tqdm=False)) == before  # woke up by itself
+    assert not llm.engine.sleeping
+    llm.engine.add_request([1, 2, 3], params)
+    with pytest.raises(ElasticDecodeError, match="in flight"):
+        llm.sleep()
+    while llm.engine.has_unfinished():
+        llm.engine.step()

@@ -1,0 +1,1 @@
+"""Adapters that plug the engine into other training libraries (optional dependencies)."""
