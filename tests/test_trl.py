@@ -111,7 +111,7 @@ def test_one_completion_per_entry_in_prompt_order(tiny_llama):
 def test_missing_or_old_trl_is_one_clear_error(monkeypatch):
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.29.1" if name == "trl" else real(name))
-    with pytest.raises(ElasticDecodeError, match=r"trl >= 1.14, < 2 \(found 0.29.1\)"):
+    with pytest.raises(ElasticDecodeError, match=r"trl >= 1.16, < 2 \(found 0.29.1\)"):
         integration.check_trl()
 
     def missing(name):

@@ -29,8 +29,8 @@ from ..llm import LLM
 from ..sampling_params import SamplingParams
 
 # `rollout_func(prompts, trainer)` with `env_mask` and extra fields forwarded to reward functions:
-# the shape of TRL 1.x (tested with 1.16); earlier releases passed (prompts, args, processing_class).
-TRL_MIN = (1, 14)
+# the shape of TRL 1.16 (the release tested; older 1.x releases were not checked).
+TRL_MIN = (1, 16)
 TRL_BELOW = (2, 0)
 
 
@@ -40,10 +40,10 @@ def check_trl() -> str:
     try:
         version = importlib.metadata.version("trl")
     except importlib.metadata.PackageNotFoundError:
-        raise ElasticDecodeError(f"the TRL integration needs trl >= 1.14, < 2: {hint}") from None
+        raise ElasticDecodeError(f"the TRL integration needs trl >= 1.16, < 2: {hint}") from None
     parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     if not TRL_MIN <= parts < TRL_BELOW:
-        raise ElasticDecodeError(f"the TRL integration needs trl >= 1.14, < 2 (found {version}): {hint}")
+        raise ElasticDecodeError(f"the TRL integration needs trl >= 1.16, < 2 (found {version}): {hint}")
     return version
 
 
