@@ -5,6 +5,7 @@
 import torch  # noqa: F401  (the native extension links against libc10: load torch first)
 
 from . import _C  # noqa: F401
+from .answers import Vote, majority_vote
 from .errors import ElasticDecodeError, InvalidRequestError, ModelLoadError
 from .llm import LLM, RolloutBatch
 from .outputs import CompletionOutput, GenerationStats, RequestOutput
@@ -17,6 +18,8 @@ __all__ = [
     "CompletionOutput",
     "GenerationStats",
     "RolloutBatch",
+    "Vote",
+    "majority_vote",
     "ElasticDecodeError",
     "InvalidRequestError",
     "ModelLoadError",

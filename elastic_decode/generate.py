@@ -10,6 +10,7 @@ by then, the end-of-thinking marker is forced and it writes its solution in at m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=_budget, default=None, help="cap on all generated tokens")
     s.add_argument("-n", type=int, default=1, help="completions per prompt (they share the prompt's KV)")
     s.add_argument("--seed", type=int, default=None, help="RNG seed (same seed, same tokens)")
+    s.add_argument("--vote", action="store_true",
+                   help="majority vote (self-consistency) over the n completions' \\boxed{} answers; "
+                        "needs -n 2 or more")
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     e.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -100,6 +104,14 @@ def read_prompts(args) -> list[dict]:
         if "messages" not in row and not row["prompt"].strip():
             raise ElasticDecodeError(f"prompt {i} is empty")
     return rows
+
+
+def _vote_line(vote) -> str:
+    if vote.answer is None:
+        return f"[majority vote: no answer in any of the {vote.total} completions]"
+    tie = ", a tie broken by the earliest answer" if vote.tie else ""
+    return (f"[majority vote: {vote.answer} with {vote.votes} of {vote.total} completions "
+            f"({vote.answered} answered{tie})]")
 
 
 def _show(index: int, total: int, row: dict, out, decode, think_budget: int | None) -> None:
@@ -143,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             end_think=args.end_think,
             min_think=args.min_think,
         )
+        if args.vote and args.n < 2:
+            raise ElasticDecodeError("--vote needs -n 2 or more (a vote over one completion is that completion)")
         rows = read_prompts(args)
         if args.output is not None and not args.output.parent.exists():
             raise ElasticDecodeError(f"--output folder {args.output.parent} does not exist")
@@ -174,11 +188,16 @@ def main(argv: list[str] | None = None) -> int:
                 # The input row (prompt or messages, and any extra fields) plus the results.
                 result = out.to_dict()
                 record = {**row, "prompt_token_ids": result["prompt_token_ids"], "completions": result["outputs"]}
+                if args.vote:
+                    record["vote"] = dataclasses.asdict(out.vote())
                 f.write(json.dumps(record) + "\n")
         print(f"wrote {len(outputs)} rows to {args.output}")
     else:
         for i, (row, out) in enumerate(zip(rows, outputs)):
             _show(i, len(rows), row, out, llm.engine.tokenizer.decode, args.think_budget)
+            if args.vote:
+                print(_vote_line(out.vote()))
+                print()
     print(llm.last_stats.summary())
     return 0
 

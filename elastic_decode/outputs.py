@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .answers import Vote, vote_on_texts
+
 
 @dataclass
 class CompletionOutput:
@@ -28,6 +30,11 @@ class RequestOutput:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def vote(self) -> Vote:
+        """Majority vote (self-consistency) over the `\\boxed{}` answers of the n completions'
+        solutions; equivalent answers ("0.5", "\\frac{1}{2}") count as one."""
+        return vote_on_texts([c.solution_text for c in self.outputs])
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,191 @@
+"""Final answers: the last `\\boxed{}` of a text, answer equivalence, and majority voting.
+
+Answers are compared as strings after normalisation, then as values: the LaTeX subset that math
+answers use (integers, decimals, fractions, roots, powers, pi, simple symbolic expressions) is
+parsed by Python's `ast` into sympy objects, never through `eval` or `sympify` (model output is
+untrusted), and two answers match when their difference simplifies to zero. math-verify would
+cover more notation; it is one more dependency for what this subset already handles on the
+synthetic tasks and on GSM8K-style numeric answers.
+
+Majority voting (self-consistency, Wang et al., arXiv 2203.11171) groups a request's n answers
+by that equivalence and picks the largest group.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+
+import sympy
+
+# Model output is untrusted: bound the work one comparison can cost.
+MAX_ANSWER_CHARS = 200
+MAX_EXPONENT = 64
+
+
+def extract_boxed(text: str) -> str | None:
+    """The contents of the last `\\boxed{...}` (or `\\fbox{...}`), braces matched; None if absent."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j].strip()
+    return None  # unclosed: the solution budget cut it off
+
+
+def normalize_answer(text: str) -> str:
+    """Strip the notation that does not change an answer's value."""
+    s = text.strip().strip("$").strip()
+    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\\(left|right|displaystyle|!|,|;|\s)", "", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = s.replace("^\\circ", "").replace("^{\\circ}", "").replace("\\%", "").replace("%", "")
+    s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)  # thousands separators
+    s = s.rstrip(".").replace(" ", "")
+    return s
+
+
+def answers_match(predicted: str | None, gold: str) -> bool:
+    """True when `predicted` states the same answer as `gold` (string or value)."""
+    if predicted is None:
+        return False
+    p, g = normalize_answer(predicted), normalize_answer(str(gold))
+    if not p:
+        return False
+    if p == g:
+        return True
+    a, b = to_sympy(p), to_sympy(g)
+    if a is None or b is None:
+        return False
+    try:
+        return bool(sympy.simplify(a - b) == 0)
+    except (TypeError, ValueError, ArithmeticError, RecursionError):
+        return False
+
+
+def to_sympy(text: str):
+    """Parse a normalised LaTeX-ish answer into a sympy expression, or None."""
+    if len(text) > MAX_ANSWER_CHARS:
+        return None
+    s = text
+    for _ in range(8):  # nested \frac / \sqrt, innermost first
+        s2 = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", s)
+        s2 = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", s2)
+        if s2 == s:
+            break
+        s = s2
+    s = s.replace("\\cdot", "*").replace("\\times", "*").replace("\\pi", "pi").replace("^", "**")
+    s = s.replace("{", "(").replace("}", ")")
+    if "\\" in s:
+        return None
+    try:
+        tree = ast.parse(s, mode="eval")
+    except (SyntaxError, ValueError):
+        return None
+    try:
+        return _convert(tree.body)
+    except (_Unsupported, TypeError, ValueError, ArithmeticError, RecursionError):
+        return None
+
+
+class _Unsupported(Exception):
+    pass
+
+
+_BINOPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+}
+
+
+def _convert(node):
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        return sympy.Rational(repr(node.value)) if isinstance(node.value, float) else sympy.Integer(node.value)
+    if isinstance(node, ast.Name):
+        if node.id == "pi":
+            return sympy.pi
+        if len(node.id) == 1 and node.id.isalpha():
+            return sympy.Symbol(node.id)
+        raise _Unsupported(node.id)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _convert(node.operand)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp):
+        if isinstance(node.op, ast.Pow):
+            exponent = _convert(node.right)
+            if not exponent.is_number or abs(exponent) > MAX_EXPONENT:
+                raise _Unsupported("exponent")
+            return _convert(node.left) ** exponent
+        op = _BINOPS.get(type(node.op))
+        if op is None:
+            raise _Unsupported(type(node.op).__name__)
+        return op(_convert(node.left), _convert(node.right))
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "sqrt" and len(node.args) == 1:
+        return sympy.sqrt(_convert(node.args[0]))
+    raise _Unsupported(type(node).__name__)
+
+
+# -- majority voting ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Vote:
+    """The outcome of a majority vote over one request's completions."""
+
+    answer: str | None  # the winning answer as first written; None when no completion answered
+    votes: int  # completions in the winning group
+    answered: int  # completions with an extractable answer (the others do not vote)
+    total: int  # completions in all
+    index: int | None  # the completion whose answer stands for the winning group (its first)
+    tie: bool  # another group had as many votes (the earliest-answered group won)
+    answers: tuple[str | None, ...]  # every completion's extracted answer, in order
+
+    @property
+    def share(self) -> float:
+        """Fraction of all completions that voted for the winner."""
+        return self.votes / self.total if self.total else 0.0
+
+
+def majority_vote(answers: list[str | None]) -> Vote:
+    """Group equivalent answers (`answers_match`) and pick the largest group.
+
+    Missing answers (None: no box, or a box the budget cut off) do not vote. Ties go to the
+    group whose first answer came earliest, so the result does not depend on dict order.
+    """
+    groups: list[list[int]] = []  # completion indices; groups[g][0] is the representative
+    for i, answer in enumerate(answers):
+        if answer is None or not normalize_answer(answer):
+            continue
+        for group in groups:
+            if answers_match(answer, answers[group[0]]):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    if not groups:
+        return Vote(None, 0, 0, len(answers), None, False, tuple(answers))
+    best = max(len(g) for g in groups)
+    winner = next(g for g in groups if len(g) == best)  # groups are in first-answer order
+    return Vote(
+        answer=answers[winner[0]],
+        votes=best,
+        answered=sum(len(g) for g in groups),
+        total=len(answers),
+        index=winner[0],
+        tie=sum(len(g) == best for g in groups) > 1,
+        answers=tuple(answers),
+    )
+
+
+def vote_on_texts(texts: list[str]) -> Vote:
+    """Majority vote over the last `\\boxed{}` answer of each text."""
+    return majority_vote([extract_boxed(t) for t in texts])
