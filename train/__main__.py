@@ -1,6 +1,9 @@
-"""GRPO training with budget-constrained rollouts (Elastic Reasoning) from the command line.
+"""GRPO training with budget-constrained rollouts (Elastic Reasoning), SFT and distillation.
 
     python -m elastic_decode.train --task arithmetic:1 --steps 30 --think-budget 32 --solution-budget 32
+    python -m elastic_decode.train --mode sft --sft-data traces.jsonl --epochs 2 --output-dir runs/sft
+    python -m elastic_decode.train --mode distill --teacher runs/big/checkpoint-40 --task arithmetic:2 \
+        --distill-prompts 256 --group-size 4 --think-budget 256 --output-dir runs/distill
     python -m elastic_decode.train --config run.json --learning-rate 2e-6
     python -m elastic_decode.train --config run.json --resume runs/grpo/checkpoint-10
 
@@ -9,6 +12,8 @@ there) and answers in at most --solution-budget tokens; the reward is 1 for a co
 \\boxed{} after the marker plus --format-reward-weight for any boxed answer. Per step one JSONL
 row of metrics goes to OUTPUT_DIR/metrics.jsonl; checkpoints (HF format, loadable by the engine)
 go to OUTPUT_DIR/checkpoint-STEP; OUTPUT_DIR/training.png plots the run at the end.
+--mode sft trains on JSONL traces with the loss on completion tokens only; --mode distill first
+samples traces from --teacher on --task, keeps only the verified-correct ones, then does SFT.
 Flags override --config; errors in the input are reported as one line (exit status 2).
 """
 from __future__ import annotations
@@ -55,16 +60,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = GRPOConfig.from_json(args.config).to_dict() if args.config else {}
         config = GRPOConfig.from_dict({**base, **overrides})
-        from .trainer import GRPOTrainer  # after validation: importing transformers takes seconds
+        # Imported after validation: importing transformers takes seconds.
+        if config.mode == "grpo":
+            from .trainer import GRPOTrainer
 
-        trainer = GRPOTrainer(config, resume_from=args.resume, overwrite=args.overwrite,
-                              use_tqdm=not args.no_progress)
+            trainer = GRPOTrainer(config, resume_from=args.resume, overwrite=args.overwrite,
+                                  use_tqdm=not args.no_progress)
+        else:
+            if args.resume:
+                raise ValueError(f"--resume continues GRPO runs only; mode {config.mode} starts over")
+            from .sft import SFTTrainer
+
+            trainer = SFTTrainer(config, overwrite=args.overwrite, use_tqdm=not args.no_progress)
     except ValueError as e:  # settings, task, dataset, model path: the user's to fix
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         trainer.train()
-    except ElasticDecodeError as e:  # e.g. a dataset prompt longer than the model's context
+    except ElasticDecodeError as e:  # e.g. a dataset prompt longer than the model's context, nothing to distill
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

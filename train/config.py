@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+MODES = ("grpo", "sft", "distill")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean", "dr-grpo")
 ADVANTAGE_SCALINGS = ("group", "batch", "none")
 
@@ -20,7 +21,15 @@ def _help(text: str, default):
 
 @dataclass(frozen=True)
 class GRPOConfig:
+    """Every setting of a training run. Despite the name it also drives the SFT and
+    distillation modes (`mode`), so one CLI and one config file format serve all three."""
+
     # -- what to train on ----------------------------------------------------------------
+    mode: str = _help(
+        "grpo (budget-constrained RL), sft (supervised fine-tuning on --sft-data traces) or distill "
+        "(sample traces from --teacher on --task, keep the verified-correct ones, then SFT on them)",
+        "grpo",
+    )
     model: str | None = _help("HF checkpoint directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)", None)
     task: str = _help(
         "synthetic task (arithmetic, arithmetic:D for D-digit operands, arithmetic:D:OPS with OPS from +-*, "
@@ -29,6 +38,17 @@ class GRPOConfig:
         "arithmetic:1",
     )
     output_dir: str = _help("where metrics.jsonl, checkpoints and the plot are written", "runs/grpo")
+
+    # -- SFT and distillation (mode sft / distill) ----------------------------------------
+    sft_data: str | None = _help(
+        'sft: JSONL traces, one {"prompt"|"messages", "thinking", "solution"} (the end-of-thinking marker '
+        'is put between them) or {"prompt"|"messages", "completion"} object per line', None
+    )
+    epochs: int = _help("sft / distill: passes over the traces", 1)
+    batch_size: int = _help("sft / distill: traces per optimizer step (split into micro-batches)", 16)
+    teacher: str | None = _help("distill: the checkpoint that writes the traces (sampled with think/solution budget, "
+                                "temperature, top_p and group_size samples per prompt)", None)
+    distill_prompts: int = _help("distill: task prompts the teacher answers", 64)
 
     # -- rollouts (the Elastic Reasoning budget-constrained rollout) ----------------------
     steps: int = _help("rollout batches (each followed by num_iterations optimizer steps)", 20)
@@ -77,10 +97,19 @@ class GRPOConfig:
     kv_cache_memory_gb: float | None = _help("KV cache of the rollout engine in GiB (default: 1 on CPU, 30% of free memory on a GPU)", None)
 
     def __post_init__(self) -> None:
-        positive = ("steps", "prompts_per_step", "num_iterations", "micro_batch_size")
+        _choice("mode", self.mode, MODES)
+        positive = ("steps", "prompts_per_step", "num_iterations", "micro_batch_size", "epochs", "batch_size",
+                    "distill_prompts")
         for name in positive:
             _int_at_least(name, getattr(self, name), 1)
-        _int_at_least("group_size", self.group_size, 2, why=" (GRPO compares completions within a group)")
+        if self.mode == "grpo":
+            _int_at_least("group_size", self.group_size, 2, why=" (GRPO compares completions within a group)")
+        else:
+            _int_at_least("group_size", self.group_size, 1)
+        if self.mode == "sft" and not self.sft_data:
+            raise ValueError("mode sft needs sft_data (--sft-data FILE.jsonl)")
+        if self.mode == "distill" and not self.teacher:
+            raise ValueError("mode distill needs a teacher checkpoint (--teacher PATH)")
         _int_at_least("think_budget", self.think_budget, 0)
         _int_at_least("solution_budget", self.solution_budget, 1)
         _int_at_least("seed", self.seed, 0)

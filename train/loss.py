@@ -148,3 +148,20 @@ def grpo_loss(
     metrics["ratio_mean"] = masked_mean(ratio)
     metrics["loss_tokens"] = tokens.detach()
     return loss, metrics
+
+
+def sft_loss(
+    logprobs: torch.Tensor,  # float [B, T]: completion tokens under the model, with grad
+    completion_mask: torch.Tensor,  # {0,1} [B, T]: real completion tokens (prompts are not in T at all)
+    total_tokens: float | None = None,  # completion tokens in the whole batch, when split into micro-batches
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Negative log-likelihood of the completion tokens, averaged over all of them (token-mean).
+
+    Prompt tokens condition the completion but get no loss: they are never part of `logprobs`.
+    Pass the whole batch's `total_tokens` for micro-batches so their gradients sum to the batch's.
+    """
+    mask = completion_mask.to(logprobs.dtype)
+    tokens = mask.sum()
+    denom = tokens.clamp(min=1.0) if total_tokens is None else max(float(total_tokens), 1.0)
+    loss = -(logprobs * mask).sum() / denom
+    return loss, {"loss_tokens": tokens.detach()}

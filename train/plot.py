@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 
-def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
-    """Write a PNG of a run's metrics.jsonl; returns its path, or None without matplotlib/rows."""
+def pyplot():
+    """matplotlib's pyplot on the file-only backend, or None (with a note) when not installed."""
     try:
         import matplotlib
 
@@ -16,8 +16,33 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
     except ImportError:
         print('matplotlib is not installed: no plot (pip install "elastic_decode[train]")', file=sys.stderr)
         return None
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    if not rows:
+    return plt
+
+
+def _rows(metrics_path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+
+
+def plot_sft_metrics(metrics_path: Path, png_path: Path) -> Path | None:
+    """The loss curve of an SFT / distillation run."""
+    plt, rows = pyplot(), _rows(metrics_path)
+    if plt is None or not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss (completion tokens)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("negative log-likelihood per token")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return Path(png_path)
+
+
+def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
+    """Write a PNG of a GRPO run's metrics.jsonl; returns its path, or None without matplotlib/rows."""
+    plt, rows = pyplot(), _rows(metrics_path)
+    if plt is None or not rows:
         return None
     steps = [r["step"] for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)

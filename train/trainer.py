@@ -89,6 +89,44 @@ def sequence_logprobs(
     return logprobs, entropy
 
 
+def load_hf_model(path: Path, device: torch.device, trainable: bool, gradient_checkpointing: bool):
+    """A transformers model in fp32 (the master weights), ready to train or frozen."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    if trainable:
+        if gradient_checkpointing:
+            # transformers 5.2x renamed it; the GPU machines' 5.17 has only the old name.
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        model.train()
+    else:
+        model.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def write_checkpoint(output_dir: Path, step: int, model, tokenizer, config: GRPOConfig, state: dict | None) -> Path:
+    """`output_dir/checkpoint-STEP` in HF format (written to a temp dir, then renamed), with the
+    run's config and, when given, the trainer state needed to resume."""
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if state is not None:
+        torch.save(state, tmp / STATE_FILE)
+    (tmp / "grpo_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
 def _rollout_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 1) % (2**31 - 1)
 
@@ -124,8 +162,10 @@ class GRPOTrainer:
         # Master weights stay fp32 (AdamW on bf16 weights loses small updates); on a GPU the
         # forward runs under bf16 autocast and the engine holds a bf16 copy.
         self.autocast_dtype = getattr(torch, engine_dtype) if engine_dtype != "float32" else None
-        self.policy = self._load_hf_model(start_path, trainable=True)
-        self.reference = self._load_hf_model(self.base_path, trainable=False) if config.kl_coef > 0 else None
+        self.policy = load_hf_model(start_path, self.device, trainable=True,
+                                    gradient_checkpointing=config.gradient_checkpointing)
+        self.reference = (load_hf_model(self.base_path, self.device, trainable=False, gradient_checkpointing=False)
+                          if config.kl_coef > 0 else None)
         kv_gb = config.kv_cache_memory_gb
         if kv_gb is None and self.device.type == "cuda":
             # The engine alone would take 90% of free memory; the backward pass needs most of it.
@@ -153,25 +193,6 @@ class GRPOTrainer:
             _truncate_metrics(metrics_path, self.step)
         elif metrics_path.exists():
             metrics_path.unlink()  # --overwrite
-
-    def _load_hf_model(self, path: Path, trainable: bool):
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device)
-        if trainable:
-            if self.config.gradient_checkpointing:
-                # transformers 5.2x renamed it; the GPU machines' 5.17 has only the old name.
-                enable = getattr(model, "activation_checkpointing_enable", None)
-                if enable is not None:
-                    enable({"use_reentrant": False})
-                else:
-                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-            model.train()
-        else:
-            model.requires_grad_(False)
-            model.eval()
-        return model
 
     # -- one step ------------------------------------------------------------------------
 
@@ -342,18 +363,9 @@ class GRPOTrainer:
 
     def save_checkpoint(self) -> Path:
         """HF format (loadable by the engine and transformers) plus the optimizer state."""
-        final = self.output_dir / f"checkpoint-{self.step}"
-        tmp = self.output_dir / f".checkpoint-{self.step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.policy.save_pretrained(tmp, safe_serialization=True)
-        self.engine.tokenizer.save_pretrained(tmp)
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "config": self.config.to_dict()}, tmp / STATE_FILE)
-        (tmp / "grpo_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        return final
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "config": self.config.to_dict()}
+        return write_checkpoint(self.output_dir, self.step, self.policy, self.engine.tokenizer, self.config, state)
 
     def write_plot(self) -> Path | None:
         from .plot import plot_metrics
