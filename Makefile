@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 PROMPT ?= A farmer has 17 sheep and buys 3 more pens of 4 sheep each. How many sheep does he have?
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench train-demo clean
+.PHONY: setup demo test bench train-demo e1 clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,11 @@ TRAIN_DEMO_ARGS ?= --task arithmetic:1:+ --steps 40 --group-size 8 --prompts-per
 
 train-demo: setup
 	$(PY) -m elastic_decode.train $(TRAIN_DEMO_ARGS)
+
+# The Elastic Reasoning result in miniature (benchmarks/RESULTS.md): SFT on long addition traces,
+# budget-constrained GRPO, both evaluated at several thinking budgets (about 45 minutes on 2 cores).
+e1: setup
+	bash benchmarks/e1_miniature.sh
 
 bench: setup
 	$(PY) benchmarks/bench_e2e.py

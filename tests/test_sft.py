@@ -35,7 +35,10 @@ def test_addition_trace_is_right_and_carries():
     ]
     assert thinking.endswith("So 478 + 395 = 873.") and solution == "The answer is \\boxed{873}."
     assert "leading digit" in addition_trace(900, 100)[0]
-    for row in addition_rows(4, 20, seed=1):  # every trace's boxed answer is the task's gold answer
+    checked, _ = addition_trace(478, 395, check=True)
+    assert checked.startswith(thinking + "\nCheck by adding in the other order.\n")
+    assert "Units: 5 + 8 + 0 = 13, write 3, carry 1." in checked and checked.endswith("The check gives 873 too.")
+    for row in addition_rows(4, 20, seed=1, check=True):  # every trace's boxed answer is the task's gold answer
         assert make_task("arithmetic:4:+").score(row["solution"], _example(row), 0.0).correct
 
 

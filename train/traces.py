@@ -2,6 +2,8 @@
 
     python -m elastic_decode.train.traces --digits 3 --count 500 --output traces.jsonl
 
+    python -m elastic_decode.train.traces --digits 2 --check --count 400 --output traces.jsonl
+
 Each row is `{"prompt", "thinking", "solution", "answer"}` with the prompt worded exactly as the
 `arithmetic:D:+` task words it, so a model fine-tuned on these traces is evaluated and trained
 with GRPO on the same questions. The thinking is deliberately long (a line per digit, a carry on
@@ -20,12 +22,10 @@ from .tasks import INSTRUCTION
 PLACES = ("Units", "Tens", "Hundreds", "Thousands", "Ten thousands", "Hundred thousands")
 
 
-def addition_trace(a: int, b: int) -> tuple[str, str]:
-    """(thinking, solution) for a + b, both non-negative."""
-    if a < 0 or b < 0:
-        raise ValueError("addition traces are for non-negative operands")
+def _columns(a: int, b: int) -> list[str]:
+    """One line per digit of a + b, right to left, and the final carry."""
     da, db = str(a)[::-1], str(b)[::-1]
-    lines = ["Add the digits from right to left."]
+    lines = []
     carry = 0
     for i in range(max(len(da), len(db))):
         x = int(da[i]) if i < len(da) else 0
@@ -36,18 +36,32 @@ def addition_trace(a: int, b: int) -> tuple[str, str]:
         carry = total // 10
     if carry:
         lines.append(f"The last carry {carry} becomes the leading digit.")
-    lines.append(f"So {a} + {b} = {a + b}.")
+    return lines
+
+
+def addition_trace(a: int, b: int, check: bool = False) -> tuple[str, str]:
+    """(thinking, solution) for a + b, both non-negative.
+
+    With `check`, the thinking goes on after the answer is found: it adds again in the other
+    order and confirms, as reasoning models re-verify what they already know. That tail is what
+    a thinking budget can cut without losing the answer, if the model learns to answer from it.
+    """
+    if a < 0 or b < 0:
+        raise ValueError("addition traces are for non-negative operands")
+    lines = ["Add the digits from right to left.", *_columns(a, b), f"So {a} + {b} = {a + b}."]
+    if check:
+        lines += ["Check by adding in the other order.", *_columns(b, a), f"The check gives {a + b} too."]
     return "\n".join(lines), f"The answer is \\boxed{{{a + b}}}."
 
 
-def addition_rows(digits: int, count: int, seed: int) -> list[dict]:
+def addition_rows(digits: int, count: int, seed: int, check: bool = False) -> list[dict]:
     """`count` traces with D-digit operands, drawn as `arithmetic:D:+` draws them."""
     rng = random.Random(seed)
     lo, hi = (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
     rows = []
     for _ in range(count):
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-        thinking, solution = addition_trace(a, b)
+        thinking, solution = addition_trace(a, b, check)
         rows.append({"prompt": f"What is {a} + {b}? {INSTRUCTION}", "thinking": thinking, "solution": solution,
                      "answer": str(a + b)})
     return rows
@@ -61,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--digits", type=int, default=3, help="operand digits, 1 to 9 (default 3)")
     p.add_argument("--count", type=int, default=500, help="traces to write (default 500)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (default 0)")
+    p.add_argument("--check", action="store_true",
+                   help="after the answer, add again in the other order and confirm (a longer trace)")
     p.add_argument("--output", type=Path, required=True, help="the JSONL file to write")
     args = p.parse_args(argv)
     if not 1 <= args.digits <= 9:
@@ -69,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--count must be >= 1, got {args.count}")
     if not args.output.parent.exists():
         p.error(f"--output folder {args.output.parent} does not exist")
-    rows = addition_rows(args.digits, args.count, args.seed)
+    rows = addition_rows(args.digits, args.count, args.seed, args.check)
     with open(args.output, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
