@@ -68,13 +68,19 @@ class BlockManager:
             self.allocator.register_hash(table[j], parent)
         seq.block_table = table
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Whether the next decode step (which writes position len(seq) - 1) has room."""
-        return len(seq) <= len(seq.block_table) * self.block_size or self.allocator.num_free >= 1
+    def _blocks_to_append(self, seq: Sequence, steps: int) -> int:
+        # `steps` decode steps write positions len(seq) - 1 .. len(seq) + steps - 2.
+        return max(0, self._blocks_for(len(seq) + steps - 1) - len(seq.block_table))
 
-    def append_slot(self, seq: Sequence) -> None:
-        if len(seq) > len(seq.block_table) * self.block_size:
-            seq.block_table += self.allocator.allocate(1)
+    def can_append(self, seq: Sequence, steps: int = 1) -> bool:
+        """Whether the next `steps` decode steps of `seq` have room."""
+        return self._blocks_to_append(seq, steps) <= self.allocator.num_free
+
+    def append_slots(self, seq: Sequence, steps: int = 1) -> None:
+        """Reserve the KV slots of the next `steps` decode steps."""
+        need = self._blocks_to_append(seq, steps)
+        if need:
+            seq.block_table += self.allocator.allocate(need)
 
     def free(self, seq: Sequence) -> None:
         # Tail first: the LRU free list then evicts a sequence's last blocks before its

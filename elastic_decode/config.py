@@ -33,11 +33,15 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = None
     # Seeds the request seeds of requests that give none, for reproducible runs.
     seed: int | None = None
+    # Decode steps run back to back on the device between two host syncs (multi-step
+    # scheduling). Outputs are the same for any value; larger values save host round trips,
+    # but finished sequences leave and new ones join only between chunks.
+    num_scheduler_steps: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ElasticDecodeError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_scheduler_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ElasticDecodeError(f"{name} must be a positive integer, got {value!r}")

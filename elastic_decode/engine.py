@@ -114,6 +114,7 @@ class LLMEngine:
             self.block_manager,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
+            num_steps=config.num_scheduler_steps,
         )
         self.runner = ModelRunner(self.model, kv_caches, self.ops, block_size)
         self.requests: dict[int, Request] = {}

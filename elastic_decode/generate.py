@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     e.add_argument("--backend", default=None, help="auto | triton | reference")
     e.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    e.add_argument("--num-scheduler-steps", type=int, default=1,
+                   help="decode steps run on the device between host syncs; same output for any value (default 1)")
     return p
 
 
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         from .llm import LLM
 
         llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
-                  max_model_len=args.max_model_len)
+                  max_model_len=args.max_model_len, num_scheduler_steps=args.num_scheduler_steps)
         tok = llm.engine.tokenizer
         encoded = []
         for i, row in enumerate(rows):

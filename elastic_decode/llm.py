@@ -61,6 +61,7 @@ class LLM:
         max_num_batched_tokens: int = 8192,
         num_kv_blocks: int | None = None,
         kv_cache_memory_gb: float | None = None,
+        num_scheduler_steps: int = 1,
     ):
         self.engine = LLMEngine(
             EngineConfig(
@@ -75,6 +76,7 @@ class LLM:
                 max_num_batched_tokens=max_num_batched_tokens,
                 num_kv_blocks=num_kv_blocks,
                 kv_cache_memory_gb=kv_cache_memory_gb,
+                num_scheduler_steps=num_scheduler_steps,
             )
         )
         self.last_stats: GenerationStats | None = None

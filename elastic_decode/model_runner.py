@@ -1,14 +1,17 @@
 """Turns a scheduled batch into tensors, runs the model and the fused sampler, returns a StepResult.
 
 One step = one forward (packed prefill or one token per sequence) + one `sample_with_budget`
-launch over the batch's last-position logits; the budget machine advances on the device
-and the host only reads the step's outputs back.
+launch over the batch's last-position logits; the budget machine advances on the device.
+A decode chunk runs `batch.num_steps` such steps back to back: each step's tokens feed the
+next step's forward, positions and context lengths advance on the device, and the host reads
+the chunk's tokens and the final budget state back once (multi-step scheduling as in vLLM's
+`num_scheduler_steps`; here the budgets make every sequence's room known ahead).
 """
 from __future__ import annotations
 
 import torch
 
-from elastic_decode.kernels import NO_LIMIT, BudgetState, SamplerParams
+from elastic_decode.kernels import DONE, NO_LIMIT, PAD_TOKEN, BudgetState, SamplerParams
 
 from .models import AttentionBatch, KernelOps, LlamaForCausalLM
 from .scheduler import ScheduledBatch, StepResult
@@ -115,15 +118,70 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
+        if not batch.is_prefill:
+            return self._run_decode(batch)
         input_ids, positions, attn, logits_rows = self._prepare(batch)
         hidden = self.model(input_ids, positions, self.kv_caches, attn, self.ops)  # [num_tokens, hidden]
         logits = self.model.compute_logits(hidden[logits_rows])  # [num_seqs, vocab]
         params, state = self._sampler_inputs(batch.seqs)
         tokens, logprobs = self.ops.sample_with_budget(logits, params, state)
+        return self._result(tokens[None], logprobs[None], state.forced[None], state)
+
+    def _run_decode(self, batch: ScheduledBatch) -> StepResult:
+        seqs = batch.seqs
+        n, bs = len(seqs), self.block_size
+        block_tables = self._block_tables(seqs)  # int32 [num_seqs, max_blocks]: the chunk's slots are reserved
+        last_block = block_tables.shape[1] - 1
+        rows = torch.arange(n, device=self.device)
+        input_ids = self._tensor([s.token_ids[-1] for s in seqs], torch.long)  # [num_seqs]
+        positions = self._tensor([len(s) - 1 for s in seqs], torch.long)  # [num_seqs]
+        context_lens = self._tensor([len(s) for s in seqs], torch.int32)  # [num_seqs]
+        max_context = max(len(s) for s in seqs)
+        params, state = self._sampler_inputs(seqs)
+        tokens_k, logprobs_k, forced_k = [], [], []
+        for k in range(batch.num_steps):
+            # Rows DONE earlier in the chunk write nothing and stay at their last position, so
+            # every read stays inside KV that was written; their tokens are padding.
+            alive = state.phase != DONE  # bool [num_seqs]
+            block = block_tables[rows, (positions // bs).clamp(max=last_block)].long()
+            slot_mapping = torch.where(alive, block * bs + positions % bs, -1)  # int64 [num_seqs]
+            attn = AttentionBatch(
+                is_prefill=False,
+                slot_mapping=slot_mapping,
+                block_tables=block_tables,
+                context_lens=context_lens,
+                cu_seqlens_q=None,
+                max_context_len=max_context + k,  # positions advance at most one a step
+                max_new_tokens=1,
+            )
+            hidden = self.model(input_ids, positions, self.kv_caches, attn, self.ops)  # [num_seqs, hidden]
+            logits = self.model.compute_logits(hidden)  # [num_seqs, vocab]
+            tokens, logprobs = self.ops.sample_with_budget(logits, params, state)
+            tokens_k.append(tokens)
+            logprobs_k.append(logprobs)
+            forced_k.append(state.forced.clone())
+            if k + 1 < batch.num_steps:
+                live = state.phase != DONE  # bool [num_seqs]: rows that go on
+                input_ids = torch.where(live, tokens.long(), input_ids)
+                positions = positions + live.long()
+                context_lens = context_lens + live.int()
+        return self._result(torch.stack(tokens_k), torch.stack(logprobs_k), torch.stack(forced_k), state)
+
+    @staticmethod
+    def _result(
+        tokens: torch.Tensor,  # [num_steps, num_seqs]; PAD_TOKEN where a row was already DONE
+        logprobs: torch.Tensor,  # float32 [num_steps, num_seqs]
+        forced: torch.Tensor,  # int32 [num_steps, num_seqs]
+        state: BudgetState,  # after the last step
+    ) -> StepResult:
+        """The one device-to-host copy of a step or chunk."""
+        tokens_rows = tokens.t().tolist()
+        keep = [[i for i, t in enumerate(row) if t != PAD_TOKEN] for row in tokens_rows]
+        logprob_rows, forced_rows = logprobs.t().tolist(), forced.t().tolist()
         return StepResult(
-            tokens=tokens.tolist(),
-            logprobs=logprobs.tolist(),
-            forced=state.forced.tolist(),
+            tokens=[[row[i] for i in idx] for row, idx in zip(tokens_rows, keep)],
+            logprobs=[[row[i] for i in idx] for row, idx in zip(logprob_rows, keep)],
+            forced=[[row[i] for i in idx] for row, idx in zip(forced_rows, keep)],
             phase=state.phase.tolist(),
             think_count=state.think_count.tolist(),
             solution_count=state.solution_count.tolist(),

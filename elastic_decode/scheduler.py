@@ -1,8 +1,14 @@
 """Continuous batching: admit waiting sequences, decode running ones, preempt on KV pressure.
 
-`schedule()` picks the next step's batch (a prefill of newly admitted sequences, or one
-decode token for every running sequence); `postprocess()` applies the step's result. New
-sequences join between any two steps. When the cache runs out of blocks a running sequence
+`schedule()` picks the next step's batch (a prefill of newly admitted sequences, or a decode
+chunk for every running sequence); `postprocess()` applies the step's result. New sequences
+join between any two steps.
+
+A decode chunk is up to `num_steps` tokens per sequence run back to back on the device with
+no host round trip (multi-step scheduling): every sequence's KV slots for the whole chunk are
+reserved first, capped by the tokens it may still emit (its budgets bound its length), so the
+device never runs out of room mid-chunk; a sequence that finishes inside the chunk emits
+padding for the rest of it. When the cache runs out of blocks a running sequence
 is preempted by recompute: its blocks are freed and it goes back to the front of the queue
 with its tokens and budget state intact, to be prefilled again later (nano-vllm's split).
 """
@@ -11,7 +17,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from elastic_decode.kernels import DONE, PAD_TOKEN
+from elastic_decode.kernels import DONE
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
@@ -21,15 +27,20 @@ from .sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     seqs: tuple[Sequence, ...]
     is_prefill: bool
+    num_steps: int = 1  # decode steps in this chunk (prefill: 1)
 
 
 @dataclass(frozen=True)
 class StepResult:
-    """What the runner returns for a batch: one entry per sequence, in batch order."""
+    """What the runner returns for a batch: one entry per sequence, in batch order.
 
-    tokens: list[int]
-    logprobs: list[float]
-    forced: list[int]
+    tokens / logprobs / forced hold each sequence's emitted tokens of the whole chunk (padding
+    dropped); the state fields are the budget machine's state after the chunk.
+    """
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    forced: list[list[int]]
     phase: list[int]
     think_count: list[int]
     solution_count: list[int]
@@ -40,8 +51,10 @@ class StepResult:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 num_steps: int = 1):
         self.block_manager = block_manager
+        self.num_steps = num_steps
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -72,22 +85,32 @@ class Scheduler:
             return ScheduledBatch(tuple(admitted), is_prefill=True)
 
         decoding: list[Sequence] = []
+        steps, longest = self.num_steps, 1
         queue = deque(self.running)
         while queue:
             seq = queue.popleft()
-            while not self.block_manager.can_append(seq):
+            # A running sequence emits at most `left` more tokens (then it is DONE), so a
+            # reservation of `left` slots covers any chunk length.
+            left = seq.max_new_tokens - seq.num_generated
+            ahead = min(self.num_steps, left)
+            if not self.block_manager.can_append(seq, ahead):
+                ahead = 1  # short of blocks: this chunk is one step; preempt only if even that fails
+            while not self.block_manager.can_append(seq, ahead):
                 # Preempt the most recently admitted sequence, which has done the least work.
                 self._preempt(queue.pop() if queue else seq)
                 if seq.status is SequenceStatus.WAITING:
                     break
             else:
-                self.block_manager.append_slot(seq)
+                self.block_manager.append_slots(seq, ahead)
                 decoding.append(seq)
+                longest = max(longest, ahead)
+                if ahead < left:  # not sure to be done within its reservation: it bounds the chunk
+                    steps = min(steps, ahead)
         self.running = decoding
         if not decoding and self.has_unfinished():
             # Every sequence is capped to fit the cache alone, so this cannot happen.
             raise RuntimeError("scheduler could not make progress (KV cache smaller than one sequence)")
-        return ScheduledBatch(tuple(decoding), is_prefill=False)
+        return ScheduledBatch(tuple(decoding), is_prefill=False, num_steps=min(steps, longest))
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
@@ -99,11 +122,9 @@ class Scheduler:
         """Apply a step result; returns the sequences that finished with it."""
         finished = []
         for i, seq in enumerate(batch.seqs):
-            token = result.tokens[i]
-            if token != PAD_TOKEN:
-                seq.token_ids.append(token)
-                seq.logprobs.append(result.logprobs[i])
-                seq.forced_mask.append(result.forced[i])
+            seq.token_ids += result.tokens[i]
+            seq.logprobs += result.logprobs[i]
+            seq.forced_mask += result.forced[i]
             seq.phase = result.phase[i]
             seq.think_count = result.think_count[i]
             seq.solution_count = result.solution_count[i]

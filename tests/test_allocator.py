@@ -111,7 +111,7 @@ def _fake_step(batch, rng):
     n = len(batch.seqs)
     finish = [rng.random() < 0.1 or s.num_generated + 1 >= s.max_new_tokens for s in batch.seqs]
     return StepResult(
-        tokens=[rng.randrange(3, 20) for _ in range(n)], logprobs=[0.0] * n, forced=[0] * n,
+        tokens=[[rng.randrange(3, 20)] for _ in range(n)], logprobs=[[0.0]] * n, forced=[[0]] * n,
         phase=[DONE if f else s.phase for f, s in zip(finish, batch.seqs)],
         think_count=[0] * n, solution_count=[0] * n, force_pos=[0] * n, recent=[[-1]] * n,
         forced_end=[0] * n, finish=[FINISH_LENGTH if f else 0 for f in finish],
