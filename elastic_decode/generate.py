@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"solution tokens after the marker; 'none' = until EOS (default {DEFAULT_SOLUTION_BUDGET})")
     b.add_argument("--end-think", default=None,
                    help="end-of-thinking marker text (default: the model's </think>, else '\\n</think>\\n\\n')")
+    b.add_argument("--budget-mode", choices=("in-kernel", "two-call"), default="in-kernel",
+                   help="in-kernel: the sampler forces the marker on the device (default); two-call: the "
+                        "reference recipe (think, append the marker, prefill again, solve), for comparison")
     b.add_argument("--min-think", type=_budget, default=0,
                    help="the model may not close its thinking before this many tokens (default 0)")
     s = p.add_argument_group("sampling")
@@ -166,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         from .llm import LLM
 
         llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
-                  max_model_len=args.max_model_len, num_scheduler_steps=args.num_scheduler_steps)
+                  max_model_len=args.max_model_len, num_scheduler_steps=args.num_scheduler_steps,
+                  budget_mode=args.budget_mode)
         tok = llm.engine.tokenizer
         encoded = []
         for i, row in enumerate(rows):

@@ -15,6 +15,7 @@ from .outputs import GenerationStats, RequestOutput
 from .sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
+BUDGET_MODES = ("in-kernel", "two-call")
 
 
 @dataclass
@@ -62,7 +63,14 @@ class LLM:
         num_kv_blocks: int | None = None,
         kv_cache_memory_gb: float | None = None,
         num_scheduler_steps: int = 1,
+        budget_mode: str = "in-kernel",
     ):
+        if budget_mode not in BUDGET_MODES:
+            raise InvalidRequestError(f"budget_mode must be one of {', '.join(BUDGET_MODES)}, got {budget_mode!r}")
+        # "in-kernel": the sampler forces the marker on the device (this engine's point);
+        # "two-call": the reference recipe (think, append the marker, prefill again, solve), kept
+        # to measure against.
+        self.budget_mode = budget_mode
         self.engine = LLMEngine(
             EngineConfig(
                 model=model,
@@ -197,17 +205,12 @@ class LLM:
                 raise InvalidRequestError(f"prompt {i}: {e}") from None
         start = time.perf_counter()
         preempted_before = engine.scheduler.num_preemptions
-        order = [engine.add_request(ids, p, prompt=text) for (text, ids), p in zip(encoded, params)]
-        done: dict[int, RequestOutput] = {}
-        tokens = 0
-        with tqdm(total=len(order), desc="generating", unit="req", disable=not use_tqdm, leave=False) as bar:
-            while engine.has_unfinished():
-                for out in engine.step():
-                    done[out.request_id] = out
-                    tokens += sum(len(c.token_ids) for c in out.outputs)
-                    bar.update(1)
-                    bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
-        results = [done[i] for i in order]
+        if self.budget_mode == "two-call":
+            from .two_call import run_two_call
+
+            results = run_two_call(self, encoded, list(params), use_tqdm)
+        else:
+            results = self._generate_once(encoded, list(params), use_tqdm)
         completions = [c for r in results for c in r.outputs]
         self.last_stats = GenerationStats(
             requests=len(results),
@@ -222,3 +225,20 @@ class LLM:
             seconds=time.perf_counter() - start,
         )
         return results
+
+    def _generate_once(self, encoded: list[tuple[str | None, list[int]]], params: list[SamplingParams],
+                       use_tqdm: bool) -> list[RequestOutput]:
+        """Queue the (validated) requests and step the engine until all of them finish."""
+        engine = self.engine
+        start = time.perf_counter()
+        order = [engine.add_request(ids, p, prompt=text) for (text, ids), p in zip(encoded, params)]
+        done: dict[int, RequestOutput] = {}
+        tokens = 0
+        with tqdm(total=len(order), desc="generating", unit="req", disable=not use_tqdm, leave=False) as bar:
+            while engine.has_unfinished():
+                for out in engine.step():
+                    done[out.request_id] = out
+                    tokens += sum(len(c.token_ids) for c in out.outputs)
+                    bar.update(1)
+                    bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+        return [done[i] for i in order]
