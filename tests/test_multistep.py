@@ -91,3 +91,24 @@ def test_chunks_stop_at_the_longest_remaining_sequence(tiny_llama):
 def test_any_k_on_the_gpu(tiny_models):
     """The Triton kernels in fp32 on a GPU: 8-step chunks give the 1-step completions."""
     same(run(tiny_models["qwen3"], 8, device="cuda")[0], run(tiny_models["qwen3"], 1, device="cuda")[0])
+
+
+def test_shared_prefix_blocks_give_the_unshared_tokens(tiny_llama):
+    """n samples share the prompt's blocks and a repeated prompt hits the prefix cache: greedy
+    tokens equal those of a fresh engine that computed everything itself."""
+    prompt = "one two three four five six seven eight nine ten eleven twelve"
+    params = SamplingParams(temperature=0.0, think_budget=6, solution_budget=6, ignore_eos=True)
+    fresh = LLM(str(tiny_llama), dtype="float32", device="cpu", block_size=4)
+    alone = fresh.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    shared = LLM(str(tiny_llama), dtype="float32", device="cpu", block_size=4, num_scheduler_steps=3)
+    first = shared.generate(prompt, SamplingParams(**{**params.__dict__, "n": 3}), use_tqdm=False)[0]
+    assert [c.token_ids for c in first.outputs] == [alone] * 3
+    shared.engine.add_request(shared.engine.tokenizer.encode(prompt), params)
+    shared.engine.step()  # the repeated prompt's prefill
+    (seq,) = shared.engine.scheduler.running
+    assert seq.num_cached_tokens >= 8  # it reused cached blocks
+    while shared.engine.has_unfinished():
+        done = shared.engine.step()
+    assert done[0].outputs[0].token_ids == alone
+    bm = shared.engine.block_manager
+    assert bm.num_free == bm.allocator.num_blocks
