@@ -45,6 +45,7 @@ e1: setup
 
 bench: setup
 	$(PY) benchmarks/bench_e2e.py
+	$(PY) benchmarks/bench_budget.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info elastic_decode/_C*.so
