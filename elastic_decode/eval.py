@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .answers import majority_vote
 from .errors import ElasticDecodeError
-from .generate import OneLineErrorParser
+from .generate import OneLineErrorParser, parse_budget
 
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
@@ -57,19 +57,7 @@ class BudgetResult:
 
 
 def parse_budgets(text: str) -> list[int | None]:
-    budgets = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if part == "none":
-            budgets.append(None)
-            continue
-        try:
-            value = int(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"budgets are non-negative integers or 'none', got {part!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"budgets are non-negative integers or 'none', got {part!r}")
-        budgets.append(value)
+    budgets = [parse_budget(part.strip()) for part in text.split(",")]
     if len(set(budgets)) != len(budgets):
         raise argparse.ArgumentTypeError(f"a budget appears twice in {text!r}")
     return budgets
@@ -177,7 +165,7 @@ def table(results: list[BudgetResult]) -> str:
 
 def plot(results: list[BudgetResult], path: Path, title: str) -> Path | None:
     """Accuracy (solid) and majority-vote accuracy (dashed) against mean tokens, a curve per model."""
-    from .train.plot import pyplot
+    from .train.plot import pyplot, save
 
     plt = pyplot()
     if plt is None:
@@ -197,10 +185,7 @@ def plot(results: list[BudgetResult], path: Path, title: str) -> Path | None:
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(plt, fig, path)
 
 
 def write_results(results: list[BudgetResult], out_dir: Path) -> None:

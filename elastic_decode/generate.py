@@ -24,7 +24,8 @@ DEFAULT_THINK_BUDGET = 48
 DEFAULT_SOLUTION_BUDGET = 96
 
 
-def _budget(text: str) -> int | None:
+def parse_budget(text: str) -> int | None:
+    """A budget flag's value: a non-negative integer, or 'none' for no budget."""
     if text.lower() == "none":
         return None
     try:
@@ -59,24 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--no-chat-template", action="store_true",
                      help="send text prompts as raw text instead of through the chat template")
     b = p.add_argument_group("budgets (Elastic Reasoning)")
-    b.add_argument("--think-budget", type=_budget, default=DEFAULT_THINK_BUDGET,
+    b.add_argument("--think-budget", type=parse_budget, default=DEFAULT_THINK_BUDGET,
                    help=f"thinking tokens before the marker is forced; 'none' = plain decoding "
                         f"(default {DEFAULT_THINK_BUDGET})")
-    b.add_argument("--solution-budget", type=_budget, default=DEFAULT_SOLUTION_BUDGET,
+    b.add_argument("--solution-budget", type=parse_budget, default=DEFAULT_SOLUTION_BUDGET,
                    help=f"solution tokens after the marker; 'none' = until EOS (default {DEFAULT_SOLUTION_BUDGET})")
     b.add_argument("--end-think", default=None,
                    help="end-of-thinking marker text (default: the model's </think>, else '\\n</think>\\n\\n')")
     b.add_argument("--budget-mode", choices=("in-kernel", "two-call"), default="in-kernel",
                    help="in-kernel: the sampler forces the marker on the device (default); two-call: the "
                         "reference recipe (think, append the marker, prefill again, solve), for comparison")
-    b.add_argument("--min-think", type=_budget, default=0,
+    b.add_argument("--min-think", type=parse_budget, default=0,
                    help="the model may not close its thinking before this many tokens (default 0)")
     s = p.add_argument_group("sampling")
     s.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
     s.add_argument("--top-p", type=float, default=0.95, help="nucleus mass in (0, 1] (default 0.95)")
     s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
     s.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
-    s.add_argument("--max-tokens", type=_budget, default=None, help="cap on all generated tokens")
+    s.add_argument("--max-tokens", type=parse_budget, default=None, help="cap on all generated tokens")
     s.add_argument("-n", type=int, default=1, help="completions per prompt (they share the prompt's KV)")
     s.add_argument("--seed", type=int, default=None, help="RNG seed (same seed, same tokens)")
     s.add_argument("--vote", action="store_true",

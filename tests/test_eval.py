@@ -87,7 +87,7 @@ def run_eval(*args):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--think-budgets", "0,abc"], "budgets are non-negative integers or 'none'"),
+        (["--think-budgets", "0,abc"], "must be a non-negative integer or 'none', got 'abc'"),
         (["--think-budgets", "8,8"], "appears twice"),
         (["--model", "/no/such/model"], "/no/such/model"),
         (["--num-problems", "0"], "--num-problems must be >= 1"),

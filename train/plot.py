@@ -19,6 +19,13 @@ def pyplot():
     return plt
 
 
+def save(plt, fig, png_path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return Path(png_path)
+
+
 def _rows(metrics_path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
 
@@ -33,10 +40,7 @@ def plot_sft_metrics(metrics_path: Path, png_path: Path) -> Path | None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("negative log-likelihood per token")
     ax.legend(loc="best")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return Path(png_path)
+    return save(plt, fig, png_path)
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
@@ -60,7 +64,4 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
     bottom.set_xlabel("step")
     bottom.set_ylabel("mean per completion")
     bottom.legend(loc="best")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return Path(png_path)
+    return save(plt, fig, png_path)
