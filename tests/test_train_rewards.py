@@ -129,6 +129,16 @@ def test_bad_datasets_name_the_line(tmp_path, rows, message):
         make_task(path)
 
 
+def test_arithmetic_answers_must_be_numbers():
+    task = ArithmeticTask(digits=2)
+    (example,) = task.sample(random.Random(0), 1)
+    a, op, b = re.search(r"What is (\d+) (.) (\d+)\?", example.messages[0]["content"]).groups()
+    restated = task.score(f"\\boxed{{{a} {op} {b}}}", example, 0.5)  # right value, no computation
+    assert not restated.correct and restated.formatted and restated.reward == 0.5
+    for answer in (example.answer, f"${example.answer}$", f"{example.answer}."):
+        assert task.score(f"\\boxed{{{answer}}}", example, 0.5).correct
+
+
 def test_arithmetic_operator_choice():
     task = make_task("arithmetic:3:+")
     assert all(" + " in ex.messages[0]["content"] for ex in task.sample(random.Random(1), 20))
