@@ -177,9 +177,14 @@ def plot(results: list[BudgetResult], path: Path, title: str) -> Path | None:
         color = f"C{i}"
         ax.plot(x, [r.accuracy for r in rows], "o-", color=color, label=f"{label}")
         ax.plot(x, [r.vote_accuracy for r in rows], "s--", color=color, alpha=0.6, label=f"{label} (majority vote)")
+        # Budgets whose points (nearly) coincide share one label.
+        cell = 0.02 * max(r.total_tokens for r in results) or 1.0
+        points: dict[tuple[int, float], list[BudgetResult]] = {}
         for r in rows:
-            ax.annotate(f"t={r.think_budget}", (r.total_tokens, r.accuracy), textcoords="offset points",
-                        xytext=(4, -10), fontsize=7, color=color)
+            points.setdefault((round(r.total_tokens / cell), round(r.accuracy, 2)), []).append(r)
+        for group in points.values():
+            ax.annotate("t=" + ",".join(r.think_budget for r in group), (group[0].total_tokens, group[0].accuracy),
+                        textcoords="offset points", xytext=(4, -10), fontsize=7, color=color)
     ax.set_xlabel("tokens generated per completion (mean)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
