@@ -39,7 +39,7 @@ train-demo: setup
 	$(PY) -m elastic_decode.train $(TRAIN_DEMO_ARGS)
 
 # The Elastic Reasoning result in miniature (benchmarks/RESULTS.md): SFT on long addition traces,
-# budget-constrained GRPO, both evaluated at several thinking budgets (about 45 minutes on 2 cores).
+# budget-constrained GRPO, both evaluated at several thinking budgets (about 35 minutes on 2 cores).
 e1: setup
 	bash benchmarks/e1_miniature.sh
 

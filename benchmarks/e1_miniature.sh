@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Elastic Reasoning result in miniature, on CPU (about 40 minutes on 2 cores):
+# The Elastic Reasoning result in miniature, on CPU (about 35 minutes on 2 cores):
 #
 #   1. traces: two-digit additions with long step-by-step thinking (a line per digit, the sum,
 #      then a second pass in the other order that re-checks it: about 150 thinking tokens, the
