@@ -237,7 +237,11 @@ def main() -> None:
 
         results["HF generate + budget LogitsProcessor"] = timed(theirs, device, args.repeats)
         hf_tokens = theirs()[:, width:].tolist()
-        print(f"HF generate: same tokens as in-kernel 1 step: {hf_tokens == check}")
+        rows_equal = sum(a == b for a, b in zip(hf_tokens, check))
+        first = min((next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) for a, b in zip(hf_tokens, check)
+                     if a != b), default=None)
+        print(f"HF generate: same tokens as in-kernel 1 step in {rows_equal} of {len(check)} rows"
+              + (f" (earliest difference at output token {first})" if first is not None else ""))
         del hf
 
     bandwidth = copy_bandwidth_gbs(device)
