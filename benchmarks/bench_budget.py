@@ -221,6 +221,9 @@ def main() -> None:
         from transformers import AutoModelForCausalLM, LogitsProcessorList
 
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        # Like ignore_eos: EOS is an ordinary token, emitted when it is the argmax. (min_new_tokens
+        # would instead mask it, and the greedy continuations would differ from the first EOS on.)
+        hf.generation_config.eos_token_id = None
         width = max(len(x) for x in prompts)
         pad = tok.pad_id
         ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompts], device=device)
@@ -229,7 +232,7 @@ def main() -> None:
 
         def theirs():
             with torch.no_grad():
-                out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
                                   pad_token_id=pad, logits_processor=LogitsProcessorList(
                                       [BudgetProcessor(width, args.think, marker)]), **extra)
             assert out.shape[1] == width + new
