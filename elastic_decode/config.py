@@ -6,6 +6,10 @@ from dataclasses import dataclass
 from .errors import ElasticDecodeError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# How a thinking budget is enforced: "in-kernel" (the sampler forces the marker on the device,
+# this engine's point) or "two-call" (the reference recipe: think, append the marker, prefill
+# again, solve), kept to measure against.
+BUDGET_MODES = ("in-kernel", "two-call")
 
 
 @dataclass(frozen=True)

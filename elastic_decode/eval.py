@@ -171,6 +171,7 @@ def plot(results: list[BudgetResult], path: Path, title: str) -> Path | None:
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    cell = 0.02 * max(r.total_tokens for r in results) or 1.0  # points closer than this share a label
     for i, label in enumerate(dict.fromkeys(r.model for r in results)):
         rows = sorted((r for r in results if r.model == label), key=lambda r: r.total_tokens)
         x = [r.total_tokens for r in rows]
@@ -178,7 +179,6 @@ def plot(results: list[BudgetResult], path: Path, title: str) -> Path | None:
         ax.plot(x, [r.accuracy for r in rows], "o-", color=color, label=f"{label}")
         ax.plot(x, [r.vote_accuracy for r in rows], "s--", color=color, alpha=0.6, label=f"{label} (majority vote)")
         # Budgets whose points (nearly) coincide share one label.
-        cell = 0.02 * max(r.total_tokens for r in results) or 1.0
         points: dict[tuple[int, float], list[BudgetResult]] = {}
         for r in rows:
             points.setdefault((round(r.total_tokens / cell), round(r.accuracy, 2)), []).append(r)

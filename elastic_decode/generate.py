@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from .config import BUDGET_MODES
 from .errors import ElasticDecodeError
 from .jsonl import check_messages, read_jsonl
 
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"solution tokens after the marker; 'none' = until EOS (default {DEFAULT_SOLUTION_BUDGET})")
     b.add_argument("--end-think", default=None,
                    help="end-of-thinking marker text (default: the model's </think>, else '\\n</think>\\n\\n')")
-    b.add_argument("--budget-mode", choices=("in-kernel", "two-call"), default="in-kernel",
+    b.add_argument("--budget-mode", choices=BUDGET_MODES, default="in-kernel",
                    help="in-kernel: the sampler forces the marker on the device (default); two-call: the "
                         "reference recipe (think, append the marker, prefill again, solve), for comparison")
     b.add_argument("--min-think", type=parse_budget, default=0,

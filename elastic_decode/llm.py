@@ -8,14 +8,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .config import EngineConfig
+from .config import BUDGET_MODES, EngineConfig
 from .engine import LLMEngine
 from .errors import InvalidRequestError
 from .outputs import GenerationStats, RequestOutput
 from .sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
-BUDGET_MODES = ("in-kernel", "two-call")
 
 
 @dataclass
@@ -67,9 +66,6 @@ class LLM:
     ):
         if budget_mode not in BUDGET_MODES:
             raise InvalidRequestError(f"budget_mode must be one of {', '.join(BUDGET_MODES)}, got {budget_mode!r}")
-        # "in-kernel": the sampler forces the marker on the device (this engine's point);
-        # "two-call": the reference recipe (think, append the marker, prefill again, solve), kept
-        # to measure against.
         self.budget_mode = budget_mode
         self.engine = LLMEngine(
             EngineConfig(

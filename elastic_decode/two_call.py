@@ -60,7 +60,8 @@ def run_two_call(llm, encoded: list[tuple[str | None, list[int]]], params: list[
     thought = [_nothing_yet(text, ids, p.n) for (text, ids), p in zip(encoded, params)]
     for i, out in zip(first, ran):
         thought[i] = out
-    pending: list[tuple[int, int, list[int], tuple[int, ...], bool]] = []  # (request, sample, thinking, marker, own)
+    # (request, sample, thinking, marker, own marker, has a call-2 solution)
+    pending: list[tuple[int, int, list[int], tuple[int, ...], bool, bool]] = []
     second_inputs: list[tuple[None, list[int]]] = []
     second_params: list[SamplingParams] = []
     for r, (out, p) in enumerate(zip(thought, params)):
@@ -70,19 +71,18 @@ def run_two_call(llm, encoded: list[tuple[str | None, list[int]]], params: list[
         for c in out.outputs:
             thinking = c.token_ids[: c.think_tokens]
             own = not c.forced_end and c.token_ids[c.think_tokens:] == list(marker)
-            pending.append((r, c.index, thinking, marker, own))
             solve = _solution_params(p, c.index, len(thinking) + len(marker))
+            pending.append((r, c.index, thinking, marker, own, solve is not None))
             if solve is not None:
                 second_inputs.append((None, out.prompt_token_ids + thinking + list(marker)))
                 second_params.append(solve)
     # Call 2: every sample's prompt + thinking + marker, prefilled again.
     solved = iter(llm._generate_once(second_inputs, second_params, use_tqdm) if second_inputs else [])
-    merged = {r: list(o.outputs) for r, o in enumerate(thought)}
-    for r, sample, thinking, marker, own in pending:
+    merged = [list(o.outputs) for o in thought]
+    for r, sample, thinking, marker, own, has_solution in pending:
         c = merged[r][sample]
         p = params[r]
-        solve = _solution_params(p, sample, len(thinking) + len(marker))
-        solution = next(solved).outputs[0] if solve is not None else None
+        solution = next(solved).outputs[0] if has_solution else None
         marker_logprobs = c.logprobs[len(thinking):] if own else [0.0] * len(marker)
         ids = thinking + list(marker) + (solution.token_ids if solution else [])
         if p.max_tokens is not None:

@@ -86,8 +86,8 @@ def encode_traces(rows: list[dict], tokenizer: Tokenizer, max_len: int) -> list[
         else:
             completion = piece(row["thinking"]) + marker + piece(row["solution"]) + [eos]
         if len(prompt) + len(completion) > max_len:
-            raise ElasticDecodeError(f"{row['_where']}: {len(prompt) + len(completion)} tokens, more than the model's "
-                             f"{max_len}-token context")
+            raise ElasticDecodeError(f"{row['_where']}: {len(prompt) + len(completion)} tokens, more than the "
+                                     f"model's {max_len}-token context")
         examples.append(SFTExample(prompt, completion))
     return examples
 
@@ -131,7 +131,7 @@ def distill_traces(config: GRPOConfig, out_path: Path, use_tqdm: bool) -> tuple[
                f"in {stats.seconds:.1f} s)")
     if not kept:
         raise ElasticDecodeError(summary + ": nothing to distill (raise the budgets, the samples per prompt, or use "
-                                   "a stronger teacher)")
+                                           "a stronger teacher)")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with open(out_path, "w") as f:
         for row in kept:
@@ -157,9 +157,9 @@ class SFTTrainer:
         hf_config = AutoConfig.from_pretrained(self.model_path)
         self.tokenizer = Tokenizer(self.model_path, hf_config)
         self.max_len = getattr(hf_config, "max_position_embeddings", None) or 2**31
-        self.rows = read_trace_rows(config.sft_data) if config.mode == "sft" else None
-        if self.rows is not None:  # fail on a bad row before any model loads
-            self.examples = encode_traces(self.rows, self.tokenizer, self.max_len)
+        # sft: fail on a bad row before any model loads; distill: the traces come in train().
+        self.examples = (encode_traces(read_trace_rows(config.sft_data), self.tokenizer, self.max_len)
+                         if config.mode == "sft" else [])
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.step = 0
 
@@ -169,8 +169,8 @@ class SFTTrainer:
         if cfg.mode == "distill":
             rows, summary = distill_traces(cfg, self.output_dir / DISTILL_FILE, self.use_tqdm)
             print(summary, file=sys.stderr)
-            self.rows = [{**r, "_where": f"{DISTILL_FILE} row {i + 1}"} for i, r in enumerate(rows)]
-            self.examples = encode_traces(self.rows, self.tokenizer, self.max_len)
+            rows = [{**r, "_where": f"{DISTILL_FILE} row {i + 1}"} for i, r in enumerate(rows)]
+            self.examples = encode_traces(rows, self.tokenizer, self.max_len)
         torch.manual_seed(cfg.seed)
         model = load_hf_model(self.model_path, self.device, trainable=True,
                               gradient_checkpointing=cfg.gradient_checkpointing)
