@@ -12,6 +12,7 @@ import pytest
 
 from elastic_decode.answers import majority_vote
 from elastic_decode.eval import BudgetResult, main
+from test_cli import assert_clean_error
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +98,4 @@ def run_eval(*args):
     ],
 )
 def test_bad_input_is_one_line(args, message):
-    result = run_eval(*args)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
-    assert message in line, result.stderr
+    assert_clean_error(run_eval(*args), message)
