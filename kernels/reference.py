@@ -204,7 +204,7 @@ def filtered_probs(logits: torch.Tensor, params: SamplerParams) -> torch.Tensor:
     survivors, min-p relative to the most likely token. The top-p set is defined by a
     threshold (keep every token whose probability is at least the smallest one that the
     nucleus needs), so ties are kept or dropped together; a sort-free kernel that finds the
-    threshold by bisection selects exactly the same set.
+    threshold by an exact search over float keys selects exactly the same set.
     """
     vocab = logits.shape[1]
     temperature = torch.where(params.temperature > 0, params.temperature, torch.ones_like(params.temperature))

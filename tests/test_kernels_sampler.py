@@ -83,12 +83,32 @@ def test_draws_equal_the_reference_draws():
         assert got.cpu().tolist() == expected.tolist()
 
 
+def test_thresholds_among_ties_and_adjacent_floats_keep_what_the_reference_keeps():
+    """Two hard cases for the radix search: logits on a coarse grid, so the k-th largest value
+    and the nucleus edge fall inside runs of equal values (ties kept together); and logits that
+    are adjacent float32 values, so a threshold off by a single ulp keeps a wrong token."""
+    torch.manual_seed(5)
+    vocab, n = 3000, 16
+    grid = torch.randint(-6, 7, (n, vocab)).float() / 2  # 13 distinct values, ~230 copies each
+    ulps = torch.arange(vocab, dtype=torch.int32) + torch.tensor(1.0).view(torch.int32)
+    adjacent = torch.stack([ulps[torch.randperm(vocab)] for _ in range(n)]).view(torch.float32)  # 1, 1 + 2^-23, ...
+    for logits in (grid, adjacent):
+        for temperature, top_k, top_p in [(1.0, 7, 1.0), (0.9, 0, 0.6), (1.0, 500, 0.3), (0.7, 1, 1.0)]:
+            p1, s1 = sampling_batch(n, temperature, top_k, top_p, seeds=range(80, 80 + n), generated=1)
+            p2, s2 = sampling_batch(n, temperature, top_k, top_p, seeds=range(80, 80 + n), generated=1, device=DEVICE)
+            expected, _ = reference.sample_with_budget(logits, p1, s1)
+            got, _ = sample_with_budget(logits.to(DEVICE), p2, s2)
+            assert got.cpu().tolist() == expected.tolist(), (temperature, top_k, top_p)
+            for row, tok in enumerate(got.tolist()):
+                assert tok in allowed_set(logits[row], temperature, top_k, top_p, 0.0)
+
+
 def test_distribution_matches_the_renormalised_target():
     """Chi-square over 3000 fixed seeds (a fixed set, so the test is deterministic).
 
     Temperature + min-p here: the top-k/top-p paths are pinned by test_draws_equal_the_reference_draws
     (token-for-token equality with the reference, whose distribution test_sampling checks with
-    top-p over 20000 draws), and their bisection is slow in the interpreter.
+    top-p over 20000 draws), and their 16 search passes are slow in the interpreter.
     """
     vocab, n = 8, 3000
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
