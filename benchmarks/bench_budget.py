@@ -3,7 +3,8 @@
 Every sequence thinks for exactly t tokens (EOS ignored), gets the end-of-thinking marker
 forced, and writes exactly s solution tokens; greedy. Providers, all in one run:
 
-- elastic_decode, in-kernel forcing, 1-step and K-step decode chunks (--steps);
+- elastic_decode, in-kernel forcing, 1-step and K-step decode chunks (--steps), and on CUDA
+  K-step chunks replayed from CUDA graphs;
 - elastic_decode, two-call recipe (think with max_tokens = t, append the marker, prefill
   again, solve with max_tokens = s) on the same engine;
 - HF transformers `generate` (static cache on CUDA) with the same budget enforced by a
@@ -192,6 +193,10 @@ def main() -> None:
     base = engines["in-kernel, 1 step"]
     engines[f"in-kernel, {args.steps} steps"] = LLM(str(path), dtype=dtype_name, device=device, seed=0,
                                                     max_num_seqs=args.seqs, num_scheduler_steps=args.steps)
+    if device.startswith("cuda"):
+        engines[f"in-kernel, {args.steps} steps, CUDA graphs"] = LLM(
+            str(path), dtype=dtype_name, device=device, seed=0, max_num_seqs=args.seqs,
+            num_scheduler_steps=args.steps, cuda_graphs=True)
     engines["two-call"] = LLM(str(path), dtype=dtype_name, device=device, seed=0, max_num_seqs=args.seqs,
                               budget_mode="two-call")
     tok = base.engine.tokenizer

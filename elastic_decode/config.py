@@ -41,6 +41,10 @@ class EngineConfig:
     # scheduling). Outputs are the same for any value; larger values save host round trips,
     # but finished sequences leave and new ones join only between chunks.
     num_scheduler_steps: int = 1
+    # Replay each decode step from a CUDA graph captured per batch-size bucket (CUDA only).
+    # Saves the host's kernel launches; costs a capture per bucket on first use and GPU memory
+    # for the graphs' pool. Off by default until it has been measured on a GPU.
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -53,5 +57,7 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ElasticDecodeError(f"{name} must be a positive integer or None, got {value!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ElasticDecodeError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
             raise ElasticDecodeError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")

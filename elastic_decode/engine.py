@@ -17,6 +17,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .errors import ElasticDecodeError, InvalidRequestError
 from .loader import resolve_checkpoint
+from .cuda_graphs import DecodeGraphs
 from .model_runner import ModelRunner
 from .models import LlamaForCausalLM, ModelSpec, rope_inv_freq
 from .outputs import CompletionOutput, RequestOutput
@@ -116,7 +117,13 @@ class LLMEngine:
             max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
             num_steps=config.num_scheduler_steps,
         )
-        self.runner = ModelRunner(self.model, kv_caches, self.ops, block_size)
+        graphs = None
+        if config.cuda_graphs:
+            if self.device.type != "cuda":
+                raise ElasticDecodeError(f"cuda_graphs needs a CUDA device; this engine runs on {self.device}")
+            graphs = DecodeGraphs(self.model, self.ops, block_size, config.max_num_seqs,
+                                  max_blocks_per_seq=-(-self.max_model_len // block_size), device=self.device)
+        self.runner = ModelRunner(self.model, kv_caches, self.ops, block_size, graphs)
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
@@ -138,6 +145,8 @@ class LLMEngine:
         if self.has_unfinished():
             raise ElasticDecodeError("cannot sleep with requests in flight")
         self.runner.kv_caches = []
+        if self.runner.graphs is not None:
+            self.runner.graphs.reset()  # the graphs point at the freed cache
         self.block_manager.reset_prefix_cache()  # its cached K/V are gone with the memory
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

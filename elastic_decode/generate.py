@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     e.add_argument("--num-scheduler-steps", type=int, default=1,
                    help="decode steps run on the device between host syncs; same output for any value (default 1)")
+    e.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decode steps from CUDA graphs captured per batch-size bucket (CUDA only)")
     return p
 
 
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
         llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
                   max_model_len=args.max_model_len, num_scheduler_steps=args.num_scheduler_steps,
-                  budget_mode=args.budget_mode)
+                  budget_mode=args.budget_mode, cuda_graphs=args.cuda_graphs)
         tok = llm.engine.tokenizer
         encoded = []
         for i, row in enumerate(rows):

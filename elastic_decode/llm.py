@@ -63,6 +63,7 @@ class LLM:
         kv_cache_memory_gb: float | None = None,
         num_scheduler_steps: int = 1,
         budget_mode: str = "in-kernel",
+        cuda_graphs: bool = False,
     ):
         if budget_mode not in BUDGET_MODES:
             raise InvalidRequestError(f"budget_mode must be one of {', '.join(BUDGET_MODES)}, got {budget_mode!r}")
@@ -81,6 +82,7 @@ class LLM:
                 num_kv_blocks=num_kv_blocks,
                 kv_cache_memory_gb=kv_cache_memory_gb,
                 num_scheduler_steps=num_scheduler_steps,
+                cuda_graphs=cuda_graphs,
             )
         )
         self.last_stats: GenerationStats | None = None

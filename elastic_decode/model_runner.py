@@ -2,17 +2,21 @@
 
 One step = one forward (packed prefill or one token per sequence) + one `sample_with_budget`
 launch over the batch's last-position logits; the budget machine advances on the device.
-A decode chunk runs `batch.num_steps` such steps back to back: each step's tokens feed the
-next step's forward, positions and context lengths advance on the device, and the host reads
-the chunk's tokens and the final budget state back once (multi-step scheduling as in vLLM's
-`num_scheduler_steps`; here the budgets make every sequence's room known ahead).
+A decode chunk runs `batch.num_steps` such steps back to back (decode_step.py): each step's
+tokens feed the next step's forward, positions and context lengths advance on the device, and
+the host reads the chunk's tokens and the final budget state back once (multi-step scheduling
+as in vLLM's `num_scheduler_steps`; here the budgets make every sequence's room known ahead).
+With CUDA graphs on, each step of a chunk is a replay of the graph captured for the batch's
+size bucket (cuda_graphs.py).
 """
 from __future__ import annotations
 
 import torch
 
-from elastic_decode.kernels import DONE, NO_LIMIT, PAD_TOKEN, BudgetState, SamplerParams
+from elastic_decode.kernels import NO_LIMIT, PAD_TOKEN, BudgetState, SamplerParams
 
+from .cuda_graphs import DecodeGraphs
+from .decode_step import DecodeInputs, decode_step
 from .models import AttentionBatch, KernelOps, LlamaForCausalLM
 from .scheduler import ScheduledBatch, StepResult
 from .sequence import Sequence
@@ -30,11 +34,13 @@ class ModelRunner:
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         ops: KernelOps,
         block_size: int,
+        graphs: DecodeGraphs | None = None,
     ):
         self.model = model
         self.kv_caches = kv_caches
         self.ops = ops
         self.block_size = block_size
+        self.graphs = graphs  # CUDA graphs of the decode step, where the batch fits them
         self.device = kv_caches[0][0].device
 
     # -- inputs -----------------------------------------------------------------------
@@ -80,9 +86,11 @@ class ModelRunner:
         )
         return input_ids, pos, attn, logits_rows
 
-    def _sampler_inputs(self, seqs: tuple[Sequence, ...]) -> tuple[SamplerParams, BudgetState]:
-        width = max(len(s.marker) for s in seqs)
-        stop_width = max(1, max(len(s.stop_ids) for s in seqs))
+    def _sampler_inputs(self, seqs: tuple[Sequence, ...], width: int | None = None,
+                        stop_width: int | None = None) -> tuple[SamplerParams, BudgetState]:
+        """Sampler rows; the marker and stop columns are as wide as the batch needs unless given."""
+        width = width or max(len(s.marker) for s in seqs)
+        stop_width = stop_width or max(1, max(len(s.stop_ids) for s in seqs))
         i32 = torch.int32
         p = [s.params for s in seqs]
         params = SamplerParams(
@@ -129,43 +137,28 @@ class ModelRunner:
 
     def _run_decode(self, batch: ScheduledBatch) -> StepResult:
         seqs = batch.seqs
-        n, bs = len(seqs), self.block_size
-        block_tables = self._block_tables(seqs)  # int32 [num_seqs, max_blocks]: the chunk's slots are reserved
-        last_block = block_tables.shape[1] - 1
-        rows = torch.arange(n, device=self.device)
-        input_ids = self._tensor([s.token_ids[-1] for s in seqs], torch.long)  # [num_seqs]
-        positions = self._tensor([len(s) - 1 for s in seqs], torch.long)  # [num_seqs]
-        context_lens = self._tensor([len(s) for s in seqs], torch.int32)  # [num_seqs]
+        graphs = self.graphs if self.graphs is not None and self.graphs.fits(seqs) else None
+        widths = (graphs.marker_width, graphs.stop_width) if graphs else (None, None)
+        params, state = self._sampler_inputs(seqs, *widths)
+        inp = DecodeInputs(
+            input_ids=self._tensor([s.token_ids[-1] for s in seqs], torch.long),
+            positions=self._tensor([len(s) - 1 for s in seqs], torch.long),
+            context_lens=self._tensor([len(s) for s in seqs], torch.int32),
+            block_tables=self._block_tables(seqs),
+            params=params,
+            state=state,
+        )
+        if graphs is not None:
+            return self._result(*graphs.run(self.kv_caches, inp, batch.num_steps))
         max_context = max(len(s) for s in seqs)
-        params, state = self._sampler_inputs(seqs)
         tokens_k, logprobs_k, forced_k = [], [], []
         for k in range(batch.num_steps):
-            # Rows DONE earlier in the chunk write nothing and stay at their last position, so
-            # every read stays inside KV that was written; their tokens are padding.
-            alive = state.phase != DONE  # bool [num_seqs]
-            block = block_tables[rows, (positions // bs).clamp(max=last_block)].long()
-            slot_mapping = torch.where(alive, block * bs + positions % bs, -1)  # int64 [num_seqs]
-            attn = AttentionBatch(
-                is_prefill=False,
-                slot_mapping=slot_mapping,
-                block_tables=block_tables,
-                context_lens=context_lens,
-                cu_seqlens_q=None,
-                max_context_len=max_context + k,  # positions advance at most one a step
-                max_new_tokens=1,
-            )
-            hidden = self.model(input_ids, positions, self.kv_caches, attn, self.ops)  # [num_seqs, hidden]
-            logits = self.model.compute_logits(hidden)  # [num_seqs, vocab]
-            tokens, logprobs = self.ops.sample_with_budget(logits, params, state)
+            tokens, logprobs = decode_step(self.model, self.ops, self.kv_caches, self.block_size, inp,
+                                           max_context_len=max_context + k)  # positions advance <= 1 a step
             tokens_k.append(tokens)
             logprobs_k.append(logprobs)
-            forced_k.append(state.forced.clone())
-            if k + 1 < batch.num_steps:
-                live = state.phase != DONE  # bool [num_seqs]: rows that go on
-                input_ids = torch.where(live, tokens.long(), input_ids)
-                positions = positions + live.long()
-                context_lens = context_lens + live.int()
-        return self._result(torch.stack(tokens_k), torch.stack(logprobs_k), torch.stack(forced_k), state)
+            forced_k.append(inp.state.forced.clone())
+        return self._result(torch.stack(tokens_k), torch.stack(logprobs_k), torch.stack(forced_k), inp.state)
 
     @staticmethod
     def _result(

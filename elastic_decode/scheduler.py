@@ -45,7 +45,7 @@ class StepResult:
     think_count: list[int]
     solution_count: list[int]
     force_pos: list[int]
-    recent: list[list[int]]  # right-aligned, width = the batch's longest marker
+    recent: list[list[int]]  # right-aligned, at least as wide as each sequence's marker
     forced_end: list[int]
     finish: list[int]
 

@@ -1,0 +1,105 @@
+"""CUDA graphs of the decode step.
+
+The static-buffer path that a graph captures (fixed-width sampler rows, a block table as wide as
+max_model_len, batches padded to a size bucket with DONE rows) runs eagerly on CPU here
+(`capture=False`) and must give the plain decode loop's completions; on a GPU the captured
+graphs must give the same completions as eager decoding (`cuda` marker).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from elastic_decode import LLM
+from elastic_decode.cuda_graphs import DecodeGraphs, batch_buckets
+from elastic_decode.errors import ElasticDecodeError
+from test_multistep import PROMPTS, run, same, workload
+
+
+def test_buckets_cover_every_batch_size():
+    assert batch_buckets(256)[:6] == [1, 2, 4, 8, 16, 32] and batch_buckets(256)[-1] == 256
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+    assert batch_buckets(1) == [1]
+    for max_num_seqs in (1, 3, 16, 40, 256):
+        buckets = batch_buckets(max_num_seqs)
+        for n in range(1, max_num_seqs + 1):
+            b = next(size for size in buckets if size >= n)
+            assert b - n < max(n, 16)  # padding at most doubles a batch, or 15 rows above 16
+
+
+def static_path(llm: LLM) -> list[int]:
+    """Route the engine's decode chunks through the graphs' static buffers, run eagerly."""
+    engine, runner = llm.engine, llm.engine.runner
+    runner.graphs = DecodeGraphs(engine.model, engine.ops, engine.config.block_size, engine.config.max_num_seqs,
+                                 max_blocks_per_seq=-(-engine.max_model_len // engine.config.block_size),
+                                 device=engine.device, capture=False)
+    sizes = []
+    graphs_run = runner.graphs.run
+
+    def counted(kv_caches, inp, num_steps):
+        sizes.append(inp.input_ids.shape[0])
+        return graphs_run(kv_caches, inp, num_steps)
+
+    runner.graphs.run = counted
+    return sizes
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_static_buffers_give_the_plain_loop_completions(tiny_models, k):
+    expected, _ = run(tiny_models["qwen3"], k)
+    llm = LLM(str(tiny_models["qwen3"]), dtype="float32", device="cpu", block_size=4, seed=0,
+              num_scheduler_steps=k)
+    sizes = static_path(llm)
+    outputs = llm.generate(PROMPTS, workload(), use_tqdm=False)
+    same(outputs, expected)
+    # Batches from 9 rows down to 1, padded to buckets 16, 8, 4, 2 or exact.
+    assert max(sizes) > 8 and min(sizes) < 4
+    assert {next(b for b in llm.engine.runner.graphs.buckets if b >= n) - n for n in sizes} != {0}
+    bm = llm.engine.block_manager
+    assert bm.num_free == bm.allocator.num_blocks
+
+
+def test_static_buffers_under_preemption(tiny_models):
+    expected, _ = run(tiny_models["qwen3"], 1)
+    llm = LLM(str(tiny_models["qwen3"]), dtype="float32", device="cpu", block_size=4, seed=0,
+              num_scheduler_steps=3, num_kv_blocks=14, max_num_seqs=12)
+    static_path(llm)
+    outputs = llm.generate(PROMPTS, workload(), use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    same(outputs, expected)
+
+
+def test_a_batch_that_does_not_fit_runs_eagerly(tiny_models):
+    """A marker wider than the graphs' fixed window: the chunk takes the plain loop."""
+    from elastic_decode import SamplingParams
+
+    params = SamplingParams(temperature=0.0, think_budget=2, solution_budget=3, end_think=tuple(range(20, 30)))
+    expected = LLM(str(tiny_models["qwen3"]), dtype="float32", device="cpu", block_size=4).generate(
+        PROMPTS[:2], params, use_tqdm=False)
+    llm = LLM(str(tiny_models["qwen3"]), dtype="float32", device="cpu", block_size=4)
+    sizes = static_path(llm)
+    outputs = llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    assert sizes == []
+    same(outputs, expected)
+    assert outputs[0].outputs[0].token_ids[2:12] == list(range(20, 30))  # the 10-token marker, forced
+
+
+def test_cuda_graphs_need_a_cuda_device(tiny_llama):
+    with pytest.raises(ElasticDecodeError, match="cuda_graphs needs a CUDA device"):
+        LLM(str(tiny_llama), device="cpu", cuda_graphs=True)
+    with pytest.raises(ElasticDecodeError, match="cuda_graphs must be True or False"):
+        LLM(str(tiny_llama), device="cpu", cuda_graphs="yes")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("k", [1, 8])
+def test_graphs_give_the_eager_completions_on_the_gpu(tiny_models, k):
+    eager, _ = run(tiny_models["qwen3"], k, device="cuda")
+    graphed, llm = run(tiny_models["qwen3"], k, device="cuda", cuda_graphs=True)
+    assert llm.engine.runner.graphs._graphs  # graphs were captured and replayed
+    same(graphed, eager)
+    llm.engine.sleep()  # the graphs point at the freed cache: dropped, captured again after wake-up
+    llm.engine.wake_up()
+    again = llm.generate(PROMPTS, workload(), use_tqdm=False)
+    same(again, eager)
+    torch.cuda.synchronize()
