@@ -131,7 +131,8 @@ def profile_chunk(llm, prompts, params, device: str) -> dict[str, float]:
     engine.runner.ops = dataclasses.replace(
         ops, paged_decode_attention=labelled("part:attention", ops.paged_decode_attention),
         write_kv=labelled("part:attention", ops.write_kv),
-        sample_with_budget=labelled("part:sampler", ops.sample_with_budget))
+        sample_with_budget=labelled("part:sampler", ops.sample_with_budget),
+        rms_norm=labelled("part:norm+silu", ops.rms_norm), silu_mul=labelled("part:norm+silu", ops.silu_mul))
     model = engine.runner.model
     forward, logits = model.forward, model.compute_logits
     model.forward = labelled("part:forward", forward)
@@ -272,7 +273,7 @@ def main() -> None:
     print(f"| bandwidth roofline (decode only) | {tokens / roof:.2f} | {roof:.1f} | | 100% |")
     step_total = parts.get("step", 0.0)
     print(f"\nprofile of one in-kernel {args.steps}-step run (ms, all steps incl. prefill):")
-    for key in ("step", "forward", "gemm", "attention", "logits", "sampler"):
+    for key in ("step", "forward", "gemm", "attention", "norm+silu", "logits", "sampler"):
         print(f"  {key:<10} {parts.get(key, 0.0):10.1f}  ({100 * parts.get(key, 0.0) / max(step_total, 1e-9):.0f}%)")
     host = step_total - parts.get("forward", 0.0) - parts.get("logits", 0.0) - parts.get("sampler", 0.0)
     print(f"  {'host+rest':<10} {host:10.1f}  ({100 * host / max(step_total, 1e-9):.0f}%)")

@@ -9,7 +9,9 @@ fewest bytes the op must move, and ratios against the baselines measured in the 
 - paged decode attention vs torch SDPA (flash backend) on the same lengths in contiguous layout;
 - paged prefill attention vs SDPA (flash, causal) on contiguous q/k/v;
 - the fused budget sampler (top-k 50 + top-p 0.95) vs torch sort-based top-p sampling, and vs
-  one read of the logits at copy bandwidth.
+  one read of the logits at copy bandwidth;
+- the fused small ops of the decode step at 256 rows (residual add + RMSNorm over hidden 1536,
+  SiLU-mul over intermediate 8960) vs the unfused torch ops they replace (the reference).
 
     python benchmarks/bench_kernels.py            # needs a CUDA GPU
     OUT=/some/dir python benchmarks/bench_kernels.py  # also writes kernels.md there
@@ -22,6 +24,7 @@ import sys
 import torch
 
 Q_HEADS, KV_HEADS, HEAD_DIM, VOCAB, BLOCK = 12, 2, 128, 151936, 16
+HIDDEN, INTERMEDIATE = 1536, 8960
 
 
 def median_ms(fn) -> float:
@@ -144,6 +147,35 @@ def bench_sampler(rows, bandwidth):
                  f"tokens equal to reference: {agree:.1%}", 0.0))
 
 
+def bench_fused(rows, bandwidth):
+    """The decode step's small ops at 256 rows: fused Triton vs the unfused torch ops."""
+    from elastic_decode.kernels import reference, rms_norm, silu_mul
+
+    n, dtype = 256, torch.bfloat16
+    x = torch.randn(n, HIDDEN, dtype=dtype, device="cuda")
+    res = torch.randn_like(x)
+    w = torch.randn(HIDDEN, dtype=dtype, device="cuda")
+    out, new_res = rms_norm(x, w, 1e-6, res)
+    ref_out, ref_res = reference.rms_norm(x, w, 1e-6, res)
+    err = max(rel_err(out, ref_out), rel_err(new_res, ref_res))
+    t_ours = median_ms(lambda: rms_norm(x, w, 1e-6, res))
+    t_ref = median_ms(lambda: reference.rms_norm(x, w, 1e-6, res))
+    moved = 4 * x.numel() * x.element_size()  # read x and the residual, write both outputs
+    rows.append((f"residual add + RMSNorm {n}x{HIDDEN}", t_ours, moved / t_ours / 1e6,
+                 f"{100 * moved / t_ours / 1e6 / bandwidth:.0f}% of copy", "", f"unfused torch {t_ref:.4f} ms "
+                 f"({t_ref / t_ours:.2f}x)", err))
+
+    gate = torch.randn(n, INTERMEDIATE, dtype=dtype, device="cuda")
+    up = torch.randn_like(gate)
+    err = rel_err(silu_mul(gate, up), reference.silu_mul(gate, up))
+    t_ours = median_ms(lambda: silu_mul(gate, up))
+    t_ref = median_ms(lambda: reference.silu_mul(gate, up))
+    moved = 3 * gate.numel() * gate.element_size()
+    rows.append((f"SiLU-mul {n}x{INTERMEDIATE}", t_ours, moved / t_ours / 1e6,
+                 f"{100 * moved / t_ours / 1e6 / bandwidth:.0f}% of copy", "", f"unfused torch {t_ref:.4f} ms "
+                 f"({t_ref / t_ours:.2f}x)", err))
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA GPU (CPU results come from bench_e2e.py)", file=sys.stderr)
@@ -155,6 +187,7 @@ def main() -> int:
     bench_decode(rows, bandwidth)
     bench_prefill(rows, bandwidth)
     bench_sampler(rows, bandwidth)
+    bench_fused(rows, bandwidth)
     lines = [
         f"{name}, torch {torch.__version__}; measured copy bandwidth {bandwidth:.0f} GB/s; bf16 attention "
         f"({Q_HEADS} q heads, {KV_HEADS} kv heads, head_dim {HEAD_DIM}, block {BLOCK}); fp32 logits",

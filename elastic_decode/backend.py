@@ -26,6 +26,8 @@ def _ops_from(name: str, namespace) -> KernelOps:
         paged_decode_attention=namespace.paged_decode_attention,
         paged_prefill_attention=namespace.paged_prefill_attention,
         sample_with_budget=namespace.sample_with_budget,
+        rms_norm=namespace.rms_norm,
+        silu_mul=namespace.silu_mul,
     )
 
 

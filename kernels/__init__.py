@@ -24,7 +24,9 @@ from .budget_state import (
 try:
     from .paged_decode_attention import paged_decode_attention
     from .paged_prefill_attention import paged_prefill_attention
+    from .rms_norm import rms_norm
     from .sample_with_budget import sample_with_budget
+    from .silu_mul import silu_mul
     from .write_kv import write_kv
 
     HAVE_TRITON = True

@@ -137,6 +137,26 @@ _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 
 
+def rms_norm(
+    x: torch.Tensor,  # [..., hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+    residual: torch.Tensor | None = None,  # like x: added to x first
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """HF's LlamaRMSNorm (fp32 statistics, rounded to x's dtype before the weight), optionally
+    after the residual add in x's dtype; with a residual, also returns the sum (the new residual)."""
+    if residual is not None:
+        x = residual + x
+    x32 = x.float()
+    normed = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return normed if residual is None else (normed, x)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # [num_rows, width] each
+    """SwiGLU's product silu(gate) * up in the inputs' dtype."""
+    return torch.nn.functional.silu(gate) * up
+
+
 def philox_uniform(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """Uniform float32 in [0, 1) for each (seed, offset), as `tl.rand(seed, offset)` gives it.
 

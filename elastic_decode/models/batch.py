@@ -31,3 +31,5 @@ class KernelOps:
     paged_decode_attention: Callable
     paged_prefill_attention: Callable
     sample_with_budget: Callable
+    rms_norm: Callable  # (x, weight, eps, residual=None) -> normed, or (normed, x + residual)
+    silu_mul: Callable  # (gate, up) -> silu(gate) * up

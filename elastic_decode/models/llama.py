@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from elastic_decode.kernels import reference
+
 from ..errors import ModelLoadError
 from .batch import AttentionBatch, KernelOps
 
@@ -100,11 +102,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 statistics, cast back before the weight, as HF's LlamaRMSNorm does
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # q/k norms; the layer norms call ops.rms_norm
+        return reference.rms_norm(x, self.weight, self.eps)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -166,8 +165,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -178,9 +177,19 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv, batch, ops):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, batch, ops)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, kv, batch, ops):
+        """x: the previous layer's MLP output (the embeddings, with residual None, for layer 0).
+
+        Returns (this layer's MLP output, the residual stream before it): each residual add is
+        fused into the RMSNorm that follows it, as in vLLM."""
+        norm_in, norm_post = self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            h, residual = ops.rms_norm(x, norm_in.weight, norm_in.eps), x
+        else:
+            h, residual = ops.rms_norm(x, norm_in.weight, norm_in.eps, residual)
+        h = self.self_attn(h, cos, sin, kv, batch, ops)
+        h, residual = ops.rms_norm(h, norm_post.weight, norm_post.eps, residual)
+        return self.mlp(h, ops), residual
 
 
 class Backbone(nn.Module):
@@ -244,9 +253,13 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos = self.rope_cos[positions].to(x.dtype)  # [num_tokens, head_dim]
         sin = self.rope_sin[positions].to(x.dtype)
+        residual = None
         for layer, kv in zip(self.model.layers, kv_caches):
-            x = layer(x, cos, sin, kv, batch, ops)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv, batch, ops)
+        norm = self.model.norm
+        if residual is None:  # no layers
+            return ops.rms_norm(x, norm.weight, norm.eps)
+        return ops.rms_norm(x, norm.weight, norm.eps, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [rows, vocab]
         weight = self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
