@@ -52,6 +52,15 @@ def normalize_answer(text: str) -> str:
     return s
 
 
+# A number written out: an integer, a decimal, or a fraction of two integers, signed.
+_NUMBER = re.compile(r"-?(\d+(\.\d+)?|\d+/\d+|\\frac\{\d+\}\{\d+\})")
+
+
+def is_number(text: str) -> bool:
+    """True when `text` states a number rather than an expression that evaluates to one."""
+    return bool(_NUMBER.fullmatch(normalize_answer(str(text))))
+
+
 def answers_match(predicted: str | None, gold: str) -> bool:
     """True when `predicted` states the same answer as `gold` (string or value)."""
     if predicted is None:

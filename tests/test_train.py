@@ -148,3 +148,14 @@ def test_cli_help_documents_every_field():
                  "--loss-aggregation", "--mask-forced-tokens", "--no-mask-forced-tokens", "--resume", "--config"):
         assert flag in text, flag
     assert "clip-higher" in text and "token-mean (DAPO" in text
+
+
+def test_sft_and_grpo_resolve_their_dtypes_alike():
+    from train.trainer import resolve_dtypes
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtypes("auto", cpu) == ("float32", None)
+    assert resolve_dtypes("auto", cuda) == ("bfloat16", torch.bfloat16)
+    assert resolve_dtypes("float32", cuda) == ("float32", None)
+    assert resolve_dtypes("bfloat16", cpu) == ("bfloat16", torch.bfloat16)  # explicit: autocast on CPU too
+    assert resolve_dtypes("float16", cuda) == ("float16", torch.float16)

@@ -139,6 +139,24 @@ def test_arithmetic_answers_must_be_numbers():
         assert task.score(f"\\boxed{{{answer}}}", example, 0.5).correct
 
 
+@pytest.mark.parametrize("gold, answer, correct", [
+    ("14", "3*4+2", False),  # an expression with the right value restates, it does not answer
+    ("14", "7 \\times 2", False),
+    ("14", "14", True),
+    ("14", "14.0", True),
+    ("1000", "1,000", True),
+    ("-3", "-3", True),
+    ("0.5", "\\frac{1}{2}", True),  # a fraction is a number
+    ("0.5", "1/2", True),
+    ("\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2", True),  # symbolic gold: any equal form
+])
+def test_numeric_gold_answers_need_a_number(tmp_path, gold, answer, correct):
+    task = make_task(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q?", "answer": gold}]))
+    (example,) = task.sample(random.Random(0), 1)
+    score = task.score(f"\\boxed{{{answer}}}", example, 0.25)
+    assert (score.correct, score.formatted, score.reward) == (correct, True, float(correct) + 0.25)
+
+
 def test_arithmetic_operator_choice():
     task = make_task("arithmetic:3:+")
     assert all(" + " in ex.messages[0]["content"] for ex in task.sample(random.Random(1), 20))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from elastic_decode.answers import answers_match, extract_boxed, normalize_answer, to_sympy  # noqa: F401
+from elastic_decode.answers import answers_match, extract_boxed, is_number, normalize_answer, to_sympy  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,12 @@ class Score:
 
 
 def score_math(solution_text: str, gold: str, format_weight: float) -> Score:
-    """Accuracy (1 if the boxed answer equals `gold`) plus `format_weight` if an answer was boxed."""
+    """Accuracy (1 if the boxed answer equals `gold`) plus `format_weight` if an answer was boxed.
+
+    A numeric gold answer needs a number: `\\boxed{65 + 73}` has the value of 138 but only
+    restates the question (a budget GRPO run learned exactly that), so it earns no accuracy.
+    """
     answer = extract_boxed(solution_text)
-    correct = answers_match(answer, gold)
+    correct = answers_match(answer, gold) and (not is_number(gold) or is_number(answer))
     formatted = answer is not None
     return Score(reward=float(correct) + format_weight * float(formatted), correct=correct, formatted=formatted, answer=answer)

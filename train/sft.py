@@ -34,7 +34,7 @@ from elastic_decode.tokenizer import Tokenizer
 from .config import GRPOConfig
 from .loss import sft_loss
 from .tasks import make_task
-from .trainer import METRICS_FILE, PLOT_FILE, load_hf_model, sequence_logprobs, write_checkpoint
+from .trainer import METRICS_FILE, PLOT_FILE, load_hf_model, resolve_dtypes, sequence_logprobs, write_checkpoint
 
 DISTILL_FILE = "distill_traces.jsonl"
 
@@ -174,8 +174,7 @@ class SFTTrainer:
         torch.manual_seed(cfg.seed)
         model = load_hf_model(self.model_path, self.device, trainable=True,
                               gradient_checkpointing=cfg.gradient_checkpointing)
-        autocast = None if self.device.type != "cuda" or cfg.dtype == "float32" else (
-            torch.float16 if cfg.dtype == "float16" else torch.bfloat16)
+        autocast = resolve_dtypes(cfg.dtype, self.device)[1]
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         rng = random.Random(cfg.seed)

@@ -89,6 +89,16 @@ def sequence_logprobs(
     return logprobs, entropy
 
 
+def resolve_dtypes(dtype: str, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """(the engine's dtype, the training forward's autocast dtype or None) for a `dtype` setting.
+
+    Master weights stay fp32 (AdamW on bf16 weights loses small updates); "auto" means bf16 on
+    a GPU and fp32 on CPU; a 16-bit setting autocasts the forward wherever it runs.
+    """
+    engine_dtype = dtype if dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    return engine_dtype, (getattr(torch, engine_dtype) if engine_dtype != "float32" else None)
+
+
 def load_hf_model(path: Path, device: torch.device, trainable: bool, gradient_checkpointing: bool):
     """A transformers model in fp32 (the master weights), ready to train or frozen."""
     from transformers import AutoModelForCausalLM
@@ -156,12 +166,7 @@ class GRPOTrainer:
 
         torch.manual_seed(config.seed)
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        engine_dtype = config.dtype
-        if engine_dtype == "auto":
-            engine_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        # Master weights stay fp32 (AdamW on bf16 weights loses small updates); on a GPU the
-        # forward runs under bf16 autocast and the engine holds a bf16 copy.
-        self.autocast_dtype = getattr(torch, engine_dtype) if engine_dtype != "float32" else None
+        engine_dtype, self.autocast_dtype = resolve_dtypes(config.dtype, self.device)
         self.policy = load_hf_model(start_path, self.device, trainable=True,
                                     gradient_checkpointing=config.gradient_checkpointing)
         self.reference = (load_hf_model(self.base_path, self.device, trainable=False, gradient_checkpointing=False)
