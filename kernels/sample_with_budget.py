@@ -66,9 +66,14 @@ def _masked_logits(logits_ptr, row_off, idx, vocab, sup_tok, sup_stop, stop_ptr,
 
 @triton.jit
 def _candidates(lo, hi, RADIX: tl.constexpr):
-    """RADIX thresholds lo, lo + step, ... splitting the int64 interval [lo, hi]; and the step."""
+    """RADIX thresholds lo, lo + step, ... splitting the int64 interval [lo, hi]; and the step.
+
+    Returns (cand int64 [RADIX], the same clamped to hi as int32 [RADIX], step): the search
+    bounds need int64 arithmetic, the [BLOCK_V, RADIX] compares over the row only int32 (keys
+    are int32; a candidate past hi is ignored by _narrow, so clamping it changes nothing)."""
     step = (hi - lo + RADIX) // RADIX  # ceil((hi - lo + 1) / RADIX) >= 1
-    return lo + tl.arange(0, RADIX).to(tl.int64) * step, step
+    cand = lo + tl.arange(0, RADIX).to(tl.int64) * step
+    return cand, tl.minimum(cand, hi).to(tl.int32), step
 
 
 @triton.jit
@@ -167,13 +172,13 @@ def _sample_with_budget_kernel(
             lo = tl.full([], -2147483647, tl.int64)
             hi = _order_key(s_max).to(tl.int64)
             for _ in range(SEARCH_PASSES):
-                cand, step = _candidates(lo, hi, RADIX)  # [RADIX] int64
+                cand, cand32, step = _candidates(lo, hi, RADIX)  # [RADIX]
                 count = tl.zeros([RADIX], tl.int32)
                 part = tl.zeros([RADIX], tl.float32)
                 for start in range(0, vocab, BLOCK_V):
                     x = _masked_logits(logits_ptr, row_off, start + offs, vocab, sup_tok, sup_stop, stop_row, MAX_STOP)
                     s = x / temperature
-                    above = _order_key(s).to(tl.int64)[:, None] >= cand[None, :]  # [BLOCK_V, RADIX]
+                    above = _order_key(s)[:, None] >= cand32[None, :]  # [BLOCK_V, RADIX]
                     count += tl.sum(above.to(tl.int32), axis=0)
                     part += tl.sum(tl.where(above, tl.exp(s - s_max)[:, None], 0.0), axis=0)
                 lo, hi, pick = _narrow(lo, hi, cand, step, count >= top_k, RADIX)
@@ -189,13 +194,13 @@ def _sample_with_budget_kernel(
             hi = tl.full([], 0x3F800000, tl.int64)  # the bits of 1.0, the largest e
             goal = top_p * mass
             for _ in range(SEARCH_PASSES):
-                cand, step = _candidates(lo, hi, RADIX)  # [RADIX] int64
+                cand, cand32, step = _candidates(lo, hi, RADIX)  # [RADIX]
                 part = tl.zeros([RADIX], tl.float32)
                 for start in range(0, vocab, BLOCK_V):
                     x = _masked_logits(logits_ptr, row_off, start + offs, vocab, sup_tok, sup_stop, stop_row, MAX_STOP)
                     s = x / temperature
                     e = tl.where(_order_key(s) >= k_lo, tl.exp(s - s_max), 0.0)  # [BLOCK_V]
-                    above = e.to(tl.int32, bitcast=True).to(tl.int64)[:, None] >= cand[None, :]  # [BLOCK_V, RADIX]
+                    above = e.to(tl.int32, bitcast=True)[:, None] >= cand32[None, :]  # [BLOCK_V, RADIX]
                     part += tl.sum(tl.where(above, e[:, None], 0.0), axis=0)
                 lo, hi, pick = _narrow(lo, hi, cand, step, part >= goal, RADIX)
                 kept = tl.sum(tl.where(r == pick, part, 0.0), axis=0)  # mass(e >= lo)
