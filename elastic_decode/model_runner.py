@@ -11,6 +11,9 @@ size bucket (cuda_graphs.py).
 """
 from __future__ import annotations
 
+import math
+from dataclasses import fields
+
 import torch
 
 from elastic_decode.kernels import NO_LIMIT, PAD_TOKEN, BudgetState, SamplerParams
@@ -45,82 +48,108 @@ class ModelRunner:
 
     # -- inputs -----------------------------------------------------------------------
 
-    def _tensor(self, data, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
+    def _upload(self, host: dict[str, tuple[torch.dtype, list, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+        """Named flat host values -> device tensors of the given shapes, in one copy per dtype
+        rather than one per field (a step's inputs are some twenty small fields). Each field is a
+        view of its dtype's buffer starting 16-byte aligned, as a fresh allocation would be
+        (Triton specialises kernels on pointer alignment; misaligned views would recompile)."""
+        by_dtype: dict[torch.dtype, list] = {}
+        for name, (dtype, values, shape) in host.items():
+            by_dtype.setdefault(dtype, []).append((name, values, shape))
+        out = {}
+        for dtype, items in by_dtype.items():
+            align = 16 // dtype.itemsize
+            flat, spans = [], []
+            for name, values, shape in items:
+                spans.append((name, len(flat), shape))
+                flat += values
+                flat += [0] * (-len(flat) % align)
+            buf = torch.tensor(flat, dtype=dtype).to(self.device, non_blocking=True)
+            for name, start, shape in spans:
+                out[name] = buf[start : start + math.prod(shape)].view(shape)
+        return out
 
-    def _block_tables(self, seqs: tuple[Sequence, ...]) -> torch.Tensor:
+    @staticmethod
+    def _block_table_rows(seqs: tuple[Sequence, ...]) -> tuple[torch.dtype, list[int], tuple[int, int]]:
         width = max(len(s.block_table) for s in seqs)
-        return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32)
+        flat = [b for s in seqs for b in s.block_table + [0] * (width - len(s.block_table))]
+        return torch.int32, flat, (len(seqs), width)
 
-    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor]:
-        seqs = batch.seqs
-        block_tables = self._block_tables(seqs)  # int32 [num_seqs, max_blocks]
-        if batch.is_prefill:
-            starts = [s.num_cached_tokens for s in seqs]
-            ids = [t for s, a in zip(seqs, starts) for t in s.token_ids[a:]]
-            positions = [p for s, a in zip(seqs, starts) for p in range(a, len(s))]
-            seq_index = [i for i, (s, a) in enumerate(zip(seqs, starts)) for _ in range(a, len(s))]
-            cu = [0]
-            for s, a in zip(seqs, starts):
-                cu.append(cu[-1] + len(s) - a)
-            cu_seqlens_q = self._tensor(cu, torch.int32)  # [num_seqs + 1]
-            logits_rows = cu_seqlens_q[1:].long() - 1  # last new token of each sequence
-        else:
-            ids = [s.token_ids[-1] for s in seqs]
-            positions = [len(s) - 1 for s in seqs]
-            seq_index = list(range(len(seqs)))
-            cu_seqlens_q = None
-            logits_rows = torch.arange(len(seqs), device=self.device)
-        input_ids = self._tensor(ids, torch.long)  # [num_tokens]
-        pos = self._tensor(positions, torch.long)  # [num_tokens]
-        owner = self._tensor(seq_index, torch.long)  # [num_tokens]
-        slot_mapping = block_tables[owner, pos // self.block_size].long() * self.block_size + pos % self.block_size
-        attn = AttentionBatch(
-            is_prefill=batch.is_prefill,
-            slot_mapping=slot_mapping,
-            block_tables=block_tables,
-            context_lens=self._tensor([len(s) for s in seqs], torch.int32),
-            cu_seqlens_q=cu_seqlens_q,
-            max_context_len=max(len(s) for s in seqs),
-            max_new_tokens=max(len(s) - s.num_cached_tokens for s in seqs) if batch.is_prefill else 1,
-        )
-        return input_ids, pos, attn, logits_rows
-
-    def _sampler_inputs(self, seqs: tuple[Sequence, ...], width: int | None = None,
-                        stop_width: int | None = None) -> tuple[SamplerParams, BudgetState]:
-        """Sampler rows; the marker and stop columns are as wide as the batch needs unless given."""
+    @staticmethod
+    def _sampler_fields(seqs: tuple[Sequence, ...], width: int | None = None,
+                        stop_width: int | None = None) -> dict[str, tuple[torch.dtype, list, tuple[int, ...]]]:
+        """The sampler's rows on the host; marker and stop columns as wide as the batch needs
+        unless given."""
+        n = len(seqs)
         width = width or max(len(s.marker) for s in seqs)
         stop_width = stop_width or max(1, max(len(s.stop_ids) for s in seqs))
-        i32 = torch.int32
+        i32, f32 = torch.int32, torch.float32
         p = [s.params for s in seqs]
-        params = SamplerParams(
-            temperature=self._tensor([x.temperature for x in p], torch.float32),
-            top_k=self._tensor([max(x.top_k, 0) for x in p], i32),
-            top_p=self._tensor([x.top_p for x in p], torch.float32),
-            min_p=self._tensor([x.min_p for x in p], torch.float32),
-            seed=self._tensor([s.seed for s in seqs], torch.long),
-            think_budget=self._tensor([x.think_budget if x.think_budget is not None else NO_LIMIT for x in p], i32),
-            solution_budget=self._tensor(
-                [x.solution_budget if x.solution_budget is not None else NO_LIMIT for x in p], i32
-            ),
-            max_new_tokens=self._tensor([s.max_new_tokens for s in seqs], i32),
-            min_think=self._tensor([x.min_think for x in p], i32),
-            marker=self._tensor(_rows([s.marker for s in seqs], width, -2), i32),
-            marker_len=self._tensor([len(s.marker) for s in seqs], i32),
-            stop_ids=self._tensor([list(s.stop_ids) + [-1] * (stop_width - len(s.stop_ids)) for s in seqs], i32),
+
+        def flat(rows: list[list[int]]) -> list[int]:
+            return [v for row in rows for v in row]
+
+        return {
+            "temperature": (f32, [x.temperature for x in p], (n,)),
+            "top_k": (i32, [max(x.top_k, 0) for x in p], (n,)),
+            "top_p": (f32, [x.top_p for x in p], (n,)),
+            "min_p": (f32, [x.min_p for x in p], (n,)),
+            "seed": (torch.long, [s.seed for s in seqs], (n,)),
+            "think_budget": (i32, [x.think_budget if x.think_budget is not None else NO_LIMIT for x in p], (n,)),
+            "solution_budget": (i32, [x.solution_budget if x.solution_budget is not None else NO_LIMIT for x in p],
+                                (n,)),
+            "max_new_tokens": (i32, [s.max_new_tokens for s in seqs], (n,)),
+            "min_think": (i32, [x.min_think for x in p], (n,)),
+            "marker": (i32, flat(_rows([s.marker for s in seqs], width, -2)), (n, width)),
+            "marker_len": (i32, [len(s.marker) for s in seqs], (n,)),
+            "stop_ids": (i32, flat([list(s.stop_ids) + [-1] * (stop_width - len(s.stop_ids)) for s in seqs]),
+                         (n, stop_width)),
+            "phase": (i32, [s.phase for s in seqs], (n,)),
+            "think_count": (i32, [s.think_count for s in seqs], (n,)),
+            "solution_count": (i32, [s.solution_count for s in seqs], (n,)),
+            "generated": (i32, [s.num_generated for s in seqs], (n,)),
+            "force_pos": (i32, [s.force_pos for s in seqs], (n,)),
+            "recent": (i32, flat(_rows([s.recent for s in seqs], width, -1)), (n, width)),
+            "forced_end": (i32, [s.forced_end for s in seqs], (n,)),
+            "forced": (i32, [0] * n, (n,)),
+            "finish": (i32, [s.finish for s in seqs], (n,)),
+        }
+
+    @staticmethod
+    def _sampler_inputs(dev: dict[str, torch.Tensor]) -> tuple[SamplerParams, BudgetState]:
+        return (SamplerParams(**{f.name: dev[f.name] for f in fields(SamplerParams)}),
+                BudgetState(**{f.name: dev[f.name] for f in fields(BudgetState)}))
+
+    def _prepare_prefill(self, seqs: tuple[Sequence, ...]):
+        """Packed new tokens of every sequence (after its cached prefix) and the sampler rows."""
+        starts = [s.num_cached_tokens for s in seqs]
+        cu = [0]
+        for s, a in zip(seqs, starts):
+            cu.append(cu[-1] + len(s) - a)
+        num_tokens = cu[-1]
+        dev = self._upload({
+            "input_ids": (torch.long, [t for s, a in zip(seqs, starts) for t in s.token_ids[a:]], (num_tokens,)),
+            "positions": (torch.long, [p for s, a in zip(seqs, starts) for p in range(a, len(s))], (num_tokens,)),
+            "owner": (torch.long, [i for i, (s, a) in enumerate(zip(seqs, starts)) for _ in range(a, len(s))],
+                      (num_tokens,)),
+            "cu_seqlens_q": (torch.int32, cu, (len(seqs) + 1,)),
+            "context_lens": (torch.int32, [len(s) for s in seqs], (len(seqs),)),
+            "block_tables": self._block_table_rows(seqs),
+            **self._sampler_fields(seqs),
+        })
+        pos, block_tables = dev["positions"], dev["block_tables"]  # [num_tokens], int32 [num_seqs, max_blocks]
+        slot_mapping = block_tables[dev["owner"], pos // self.block_size].long() * self.block_size + pos % self.block_size
+        attn = AttentionBatch(
+            is_prefill=True,
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            context_lens=dev["context_lens"],
+            cu_seqlens_q=dev["cu_seqlens_q"],
+            max_context_len=max(len(s) for s in seqs),
+            max_new_tokens=max(len(s) - a for s, a in zip(seqs, starts)),
         )
-        state = BudgetState(
-            phase=self._tensor([s.phase for s in seqs], i32),
-            think_count=self._tensor([s.think_count for s in seqs], i32),
-            solution_count=self._tensor([s.solution_count for s in seqs], i32),
-            generated=self._tensor([s.num_generated for s in seqs], i32),
-            force_pos=self._tensor([s.force_pos for s in seqs], i32),
-            recent=self._tensor(_rows([s.recent for s in seqs], width, -1), i32),
-            forced_end=self._tensor([s.forced_end for s in seqs], i32),
-            forced=torch.zeros(len(seqs), dtype=i32, device=self.device),
-            finish=self._tensor([s.finish for s in seqs], i32),
-        )
-        return params, state
+        logits_rows = dev["cu_seqlens_q"][1:].long() - 1  # last new token of each sequence
+        return dev["input_ids"], pos, attn, logits_rows, *self._sampler_inputs(dev)
 
     # -- step -------------------------------------------------------------------------
 
@@ -128,10 +157,9 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> StepResult:
         if not batch.is_prefill:
             return self._run_decode(batch)
-        input_ids, positions, attn, logits_rows = self._prepare(batch)
+        input_ids, positions, attn, logits_rows, params, state = self._prepare_prefill(batch.seqs)
         hidden = self.model(input_ids, positions, self.kv_caches, attn, self.ops)  # [num_tokens, hidden]
         logits = self.model.compute_logits(hidden[logits_rows])  # [num_seqs, vocab]
-        params, state = self._sampler_inputs(batch.seqs)
         tokens, logprobs = self.ops.sample_with_budget(logits, params, state)
         return self._result(tokens[None], logprobs[None], state.forced[None], state)
 
@@ -139,15 +167,17 @@ class ModelRunner:
         seqs = batch.seqs
         graphs = self.graphs if self.graphs is not None and self.graphs.fits(seqs) else None
         widths = (graphs.marker_width, graphs.stop_width) if graphs else (None, None)
-        params, state = self._sampler_inputs(seqs, *widths)
-        inp = DecodeInputs(
-            input_ids=self._tensor([s.token_ids[-1] for s in seqs], torch.long),
-            positions=self._tensor([len(s) - 1 for s in seqs], torch.long),
-            context_lens=self._tensor([len(s) for s in seqs], torch.int32),
-            block_tables=self._block_tables(seqs),
-            params=params,
-            state=state,
-        )
+        n = len(seqs)
+        dev = self._upload({
+            "input_ids": (torch.long, [s.token_ids[-1] for s in seqs], (n,)),
+            "positions": (torch.long, [len(s) - 1 for s in seqs], (n,)),
+            "context_lens": (torch.int32, [len(s) for s in seqs], (n,)),
+            "block_tables": self._block_table_rows(seqs),  # the chunk's slots are reserved
+            **self._sampler_fields(seqs, *widths),
+        })
+        params, state = self._sampler_inputs(dev)
+        inp = DecodeInputs(input_ids=dev["input_ids"], positions=dev["positions"], context_lens=dev["context_lens"],
+                           block_tables=dev["block_tables"], params=params, state=state)
         if graphs is not None:
             return self._result(*graphs.run(self.kv_caches, inp, batch.num_steps))
         max_context = max(len(s) for s in seqs)
@@ -167,19 +197,31 @@ class ModelRunner:
         forced: torch.Tensor,  # int32 [num_steps, num_seqs]
         state: BudgetState,  # after the last step
     ) -> StepResult:
-        """The one device-to-host copy of a step or chunk."""
-        tokens_rows = tokens.t().tolist()
+        """The device-to-host copies of a step or chunk: one for every int, one for the logprobs."""
+        num_steps, n = tokens.shape
+        state_ints = [state.phase, state.think_count, state.solution_count, state.force_pos, state.forced_end,
+                      state.finish]
+        ints = torch.cat([tokens.int().t().flatten(), forced.t().flatten(), *state_ints,
+                          state.recent.flatten()]).tolist()
+        logprob_rows = logprobs.t().tolist()
+
+        def cut(start: int, width: int) -> list[list[int]]:  # n rows of `width` from ints[start:]
+            return [ints[start + i * width : start + (i + 1) * width] for i in range(n)]
+
+        tokens_rows, forced_rows = cut(0, num_steps), cut(n * num_steps, num_steps)
+        at = 2 * n * num_steps
+        phase, think, solution, force_pos, forced_end, finish = (ints[at + j * n : at + (j + 1) * n] for j in range(6))
+        recent = cut(at + 6 * n, state.recent.shape[1])
         keep = [[i for i, t in enumerate(row) if t != PAD_TOKEN] for row in tokens_rows]
-        logprob_rows, forced_rows = logprobs.t().tolist(), forced.t().tolist()
         return StepResult(
             tokens=[[row[i] for i in idx] for row, idx in zip(tokens_rows, keep)],
             logprobs=[[row[i] for i in idx] for row, idx in zip(logprob_rows, keep)],
             forced=[[row[i] for i in idx] for row, idx in zip(forced_rows, keep)],
-            phase=state.phase.tolist(),
-            think_count=state.think_count.tolist(),
-            solution_count=state.solution_count.tolist(),
-            force_pos=state.force_pos.tolist(),
-            recent=state.recent.tolist(),
-            forced_end=state.forced_end.tolist(),
-            finish=state.finish.tolist(),
+            phase=phase,
+            think_count=think,
+            solution_count=solution,
+            force_pos=force_pos,
+            recent=recent,
+            forced_end=forced_end,
+            finish=finish,
         )
