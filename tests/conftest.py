@@ -72,10 +72,15 @@ def make_tiny_checkpoint(kind: str, folder, tokenizer_path, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory, embedded_path):
-    """{"llama": path, "qwen2": path, "qwen3": path} of tiny random checkpoints."""
+def tiny_models(tmp_path_factory):
+    """{"llama": path, "qwen2": path, "qwen3": path} of tiny random checkpoints.
+
+    Their tokenizer is the embedded model's, or the one in ELASTIC_DECODE_TEST_TOKENIZER (a
+    folder of tokenizer files: the GPU machine cannot hold the embedded model, see
+    benchmarks/gpu_session.sh)."""
+    tokenizer = os.environ.get("ELASTIC_DECODE_TEST_TOKENIZER") or resolve_checkpoint(None)
     root = tmp_path_factory.mktemp("tiny")
-    return {k: make_tiny_checkpoint(k, root / k, embedded_path) for k in ("llama", "qwen2", "qwen3")}
+    return {k: make_tiny_checkpoint(k, root / k, tokenizer) for k in ("llama", "qwen2", "qwen3")}
 
 
 @pytest.fixture(scope="session")
