@@ -121,6 +121,8 @@ class LLMEngine:
         if config.cuda_graphs:
             if self.device.type != "cuda":
                 raise ElasticDecodeError(f"cuda_graphs needs a CUDA device; this engine runs on {self.device}")
+            if self.ops.name != "triton":  # the reference ops read values back to the host mid-step
+                raise ElasticDecodeError("cuda_graphs needs the triton backend, not the reference ops")
             graphs = DecodeGraphs(self.model, self.ops, block_size, config.max_num_seqs,
                                   max_blocks_per_seq=-(-self.max_model_len // block_size), device=self.device)
         self.runner = ModelRunner(self.model, kv_caches, self.ops, block_size, graphs)
