@@ -89,6 +89,16 @@ def bench_decode(rows, bandwidth):
         gbs = nbytes / t_ours / 1e6
         rows.append((f"decode attention {num_seqs}x{ctx}", t_ours, gbs, f"{gbs / bandwidth:.0%} of copy",
                      f"SDPA flash {t_sdpa:.3f} ms ({t_sdpa / t_ours:.2f}x)", f"reference {t_ref / t_ours:.1f}x", err))
+        if (num_seqs, ctx) == (64, 4096):  # the target shape: sweep tokens per loop iteration
+            for tile in (16, 32, 128):
+                err_t = rel_err(paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, max_context_len=ctx,
+                                                       tile=tile), ref)
+                t_tile = median_ms(lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, scale,
+                                                                  max_context_len=ctx, tile=tile))
+                gbs = nbytes / t_tile / 1e6
+                rows.append((f"decode attention {num_seqs}x{ctx}, tile {tile}", t_tile, gbs,
+                             f"{gbs / bandwidth:.0%} of copy", f"SDPA flash {t_sdpa:.3f} ms ({t_sdpa / t_tile:.2f}x)",
+                             f"default tile {t_ours / t_tile:.2f}x", err_t))
 
 
 def bench_prefill(rows, bandwidth):

@@ -4,8 +4,9 @@ GQA-aware: one program handles all the query heads that share a KV head, so each
 read from memory once for the whole group (the query group is padded to 16 rows, the minimum
 tl.dot tile, as vLLM's unified attention does). Long contexts with few sequences are split
 along the context (flash-decoding): each split writes a partial output with its running max
-and sum, and a second kernel merges the splits by their log-sum-exp. Softmax statistics and
-accumulation are fp32 whatever the input dtype.
+and sum, and a second kernel merges the splits by their log-sum-exp. Each loop iteration
+covers a tile of TILE tokens that may span several cache blocks (each token's block looked up
+in the table). Softmax statistics and accumulation are fp32 whatever the input dtype.
 
 Layout: q [num_seqs, num_q_heads, head_dim]; k_cache/v_cache [num_blocks, block_size,
 num_kv_heads, head_dim]; block_tables int32 [num_seqs, max_blocks]; context_lens int32 [num_seqs].
@@ -18,7 +19,10 @@ import triton.language as tl
 
 from .paged_checks import check_paged_attention_inputs
 
-# Tokens per K/V tile: one cache block at a time keeps the block-table lookup per tile.
+# Tokens per loop iteration: several cache blocks per K/V tile, looked up token by token, so
+# each iteration has enough loads in flight however small the blocks (vLLM's unified attention
+# tiles the same way). Unmeasured default; bench_kernels.py sweeps it.
+DEFAULT_TILE = 64
 # A split covers whole blocks; below this many tokens per split, splitting does not pay.
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 32
@@ -42,6 +46,7 @@ def _decode_kernel(
     GROUP_PAD: tl.constexpr,  # GROUP padded to >= 16 and a power of two
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    TILE: tl.constexpr,  # tokens per loop iteration: a multiple of BLOCK_SIZE, >= 16 (tl.dot)
     NUM_SPLITS: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dot instead of tf32
 ):
@@ -50,13 +55,12 @@ def _decode_kernel(
     split = tl.program_id(2)
     num_q_heads = num_kv_heads * GROUP
     ctx = tl.load(context_lens_ptr + seq)
-    n_blocks = tl.cdiv(ctx, BLOCK_SIZE)
-    first = split * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, n_blocks)
+    first = split * blocks_per_split * BLOCK_SIZE  # this split's first token
+    last = tl.minimum(first + blocks_per_split * BLOCK_SIZE, ctx)  # one past its last token
 
     g = tl.arange(0, GROUP_PAD)  # [GROUP_PAD] query rows of this group
     d = tl.arange(0, HEAD_DIM)  # [HEAD_DIM]
-    t = tl.arange(0, BLOCK_SIZE)  # [BLOCK_SIZE] tokens of a block
+    t = tl.arange(0, TILE)  # [TILE] tokens of a tile (TILE // BLOCK_SIZE cache blocks)
     head = kv_head * GROUP + g  # [GROUP_PAD]
     g_mask = g < GROUP
     q = tl.load(q_ptr + (seq.to(tl.int64) * num_q_heads + head[:, None]) * HEAD_DIM + d[None, :],
@@ -66,21 +70,23 @@ def _decode_kernel(
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     row_stride = num_kv_heads * HEAD_DIM  # elements between tokens in the cache
-    for b in range(first, last):
-        block = tl.load(block_tables_ptr + seq.to(tl.int64) * max_blocks + b).to(tl.int64)
-        pos = b * BLOCK_SIZE + t  # [BLOCK_SIZE]
-        offs = (block * BLOCK_SIZE + t[:, None]) * row_stride + kv_head * HEAD_DIM + d[None, :]  # [BLOCK_SIZE, HEAD_DIM]
-        valid = pos < ctx
-        k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0)  # [BLOCK_SIZE, HEAD_DIM]
+    table = block_tables_ptr + seq.to(tl.int64) * max_blocks
+    for start in range(first, last, TILE):
+        pos = start + t  # [TILE]
+        valid = pos < last
+        block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)  # [TILE] each token's block
+        slot = block * BLOCK_SIZE + pos % BLOCK_SIZE  # [TILE]
+        offs = slot[:, None] * row_stride + kv_head * HEAD_DIM + d[None, :]  # [TILE, HEAD_DIM]
+        k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0)  # [TILE, HEAD_DIM]
         v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
         if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [GROUP_PAD, BLOCK_SIZE]
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [GROUP_PAD, TILE]
         else:
             s = tl.dot(q, tl.trans(k))
         s = tl.where(valid[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])  # [GROUP_PAD, BLOCK_SIZE]
+        p = tl.exp(s - m_new[:, None])  # [GROUP_PAD, TILE]
         l = l * alpha + tl.sum(p, axis=1)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
@@ -143,6 +149,7 @@ def paged_decode_attention(
     *,
     max_context_len: int | None = None,  # known on the host: avoids a device sync
     num_splits: int | None = None,  # None: chosen from the shapes
+    tile: int | None = None,  # tokens per loop iteration; None: DEFAULT_TILE (at least one block)
 ) -> torch.Tensor:
     num_seqs, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = check_paged_attention_inputs(
@@ -161,12 +168,15 @@ def paged_decode_attention(
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context_len, block_size, sms)
     if num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two, got {num_splits}")
+    tile = max(tile or DEFAULT_TILE, block_size, 16)
+    if tile & (tile - 1):
+        raise ValueError(f"tile must be a power of two, got {tile}")
     max_blocks = block_tables.shape[1]
     blocks_per_split = triton.cdiv(max_blocks, num_splits)
     meta = dict(
         scale=scale, max_blocks=max_blocks, num_kv_heads=num_kv_heads, blocks_per_split=blocks_per_split,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, IEEE=q.dtype == torch.float32,
+        BLOCK_SIZE=block_size, TILE=tile, NUM_SPLITS=num_splits, IEEE=q.dtype == torch.float32,
     )
     grid = (num_seqs, num_kv_heads, num_splits)
     if num_splits == 1:

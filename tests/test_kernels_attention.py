@@ -70,13 +70,14 @@ DECODE_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group, num_kv_heads, head_dim, block_size, lens", DECODE_CASES)
 @pytest.mark.parametrize("num_splits", [1, 4])
-def test_decode_attention_matches_reference(dtype, group, num_kv_heads, head_dim, block_size, lens, num_splits):
+@pytest.mark.parametrize("tile", [None, 16, 128])  # default 64; one block (16 -> block_size); wider than a split
+def test_decode_attention_matches_reference(dtype, group, num_kv_heads, head_dim, block_size, lens, num_splits, tile):
     torch.manual_seed(2)
     k_cache, v_cache, bt = make_paged(lens, num_kv_heads, head_dim, block_size, dtype)
     q = torch.randn(len(lens), num_kv_heads * group, head_dim).to(dtype).to(DEVICE)
     ctx = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     scale = head_dim**-0.5
-    got = paged_decode_attention(q, k_cache, v_cache, bt, ctx, scale, num_splits=num_splits)
+    got = paged_decode_attention(q, k_cache, v_cache, bt, ctx, scale, num_splits=num_splits, tile=tile)
     expected = reference.paged_decode_attention(q, k_cache, v_cache, bt, ctx, scale)
     atol, rtol = TOL[dtype]
     assert torch.allclose(got.float(), expected.float(), atol=atol, rtol=rtol), f"worst abs error {worst(got, expected):.3g}"
