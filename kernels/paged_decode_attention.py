@@ -23,7 +23,8 @@ from .paged_checks import check_paged_attention_inputs
 # each iteration has enough loads in flight however small the blocks (vLLM's unified attention
 # tiles the same way). Unmeasured default; bench_kernels.py sweeps it.
 DEFAULT_TILE = 64
-# A split covers whole blocks; below this many tokens per split, splitting does not pay.
+# A split covers whole tiles of its own sequence's context; below this many tokens per split
+# (judged on the longest context), splitting does not pay.
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 32
 
@@ -41,7 +42,6 @@ def _decode_kernel(
     scale,
     max_blocks,  # block_tables row stride
     num_kv_heads,
-    blocks_per_split,
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_PAD: tl.constexpr,  # GROUP padded to >= 16 and a power of two
     HEAD_DIM: tl.constexpr,
@@ -55,8 +55,10 @@ def _decode_kernel(
     split = tl.program_id(2)
     num_q_heads = num_kv_heads * GROUP
     ctx = tl.load(context_lens_ptr + seq)
-    first = split * blocks_per_split * BLOCK_SIZE  # this split's first token
-    last = tl.minimum(first + blocks_per_split * BLOCK_SIZE, ctx)  # one past its last token
+    # Each sequence splits its own context evenly (whole tiles), whatever the batch's longest.
+    per_split = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), TILE) * TILE
+    first = split * per_split  # this split's first token
+    last = tl.minimum(first + per_split, ctx)  # one past its last token
 
     g = tl.arange(0, GROUP_PAD)  # [GROUP_PAD] query rows of this group
     d = tl.arange(0, HEAD_DIM)  # [HEAD_DIM]
@@ -171,10 +173,8 @@ def paged_decode_attention(
     tile = max(tile or DEFAULT_TILE, block_size, 16)
     if tile & (tile - 1):
         raise ValueError(f"tile must be a power of two, got {tile}")
-    max_blocks = block_tables.shape[1]
-    blocks_per_split = triton.cdiv(max_blocks, num_splits)
     meta = dict(
-        scale=scale, max_blocks=max_blocks, num_kv_heads=num_kv_heads, blocks_per_split=blocks_per_split,
+        scale=scale, max_blocks=block_tables.shape[1], num_kv_heads=num_kv_heads,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE=tile, NUM_SPLITS=num_splits, IEEE=q.dtype == torch.float32,
     )
