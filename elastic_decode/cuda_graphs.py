@@ -19,7 +19,8 @@ Graphs hold the KV cache's addresses: they are dropped when the cache is freed (
 or replaced. Weight updates copy in place (LlamaForCausalLM.load_weights), which keeps them valid.
 
 `capture=False` runs the very same static-buffer path eagerly (no graph): the CPU tests use it
-to check padding, bucketing and the fixed widths against the plain decode loop.
+to check padding, bucketing and the fixed widths against the plain decode loop; they also
+replace `_capture` (the only lines that need CUDA) to check warm-up, reuse and re-capture.
 """
 from __future__ import annotations
 
@@ -146,24 +147,27 @@ class DecodeGraphs:
         out_logprobs[:b].copy_(logprobs)
         out_forced[:b].copy_(view.state.forced)
 
-    def _graph(self, kv_caches, b: int) -> torch.cuda.CUDAGraph:
+    def _graph(self, kv_caches, b: int):
         graph = self._graphs.get(b)
-        if graph is not None:
-            return graph
-        # Warm up outside the capture (Triton compiles on first launch, cuBLAS picks kernels)
-        # on rows that are all padding, so nothing is written to the cache.
-        self._pad(0, b)
+        if graph is None:
+            self._pad(0, b)  # warm-up and capture run on rows that are all padding: no KV written
+            graph = self._capture(lambda: self._step(kv_caches, b))
+            self._graphs[b] = graph
+        return graph
+
+    def _capture(self, step) -> torch.cuda.CUDAGraph:
+        """Warm up on a side stream (Triton compiles on first launch, cuBLAS picks its kernels),
+        then capture one step into a graph that shares the pool of the others."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step(kv_caches, b)
+                step()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._step(kv_caches, b)
-        self._pool = graph.pool()  # every bucket's graph shares one memory pool
-        self._graphs[b] = graph
+            step()
+        self._pool = graph.pool()
         return graph
 
     def run(

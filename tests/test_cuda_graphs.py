@@ -27,12 +27,35 @@ def test_buckets_cover_every_batch_size():
             assert b - n < max(n, 16)  # padding at most doubles a batch, or 15 rows above 16
 
 
-def static_path(llm: LLM) -> list[int]:
-    """Route the engine's decode chunks through the graphs' static buffers, run eagerly."""
+class StepGraph:
+    """Stands in for a captured graph on CPU: a replay runs the step it was made from."""
+
+    def __init__(self, step):
+        self.replay = step
+
+
+class EagerCaptureGraphs(DecodeGraphs):
+    """DecodeGraphs with only its CUDA lines (`_capture`) replaced: the warm-up steps run, and so
+    does the captured step (a real capture records it without running it: this is stricter)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.captures = 0
+
+    def _capture(self, step):
+        for _ in range(3):
+            step()
+        self.captures += 1
+        return StepGraph(step)
+
+
+def static_path(llm: LLM, graphs_class=DecodeGraphs, capture: bool = False) -> list[int]:
+    """Route the engine's decode chunks through the graphs' static buffers (eagerly by default).
+    Returns the list that will hold each chunk's batch size."""
     engine, runner = llm.engine, llm.engine.runner
-    runner.graphs = DecodeGraphs(engine.model, engine.ops, engine.config.block_size, engine.config.max_num_seqs,
+    runner.graphs = graphs_class(engine.model, engine.ops, engine.config.block_size, engine.config.max_num_seqs,
                                  max_blocks_per_seq=-(-engine.max_model_len // engine.config.block_size),
-                                 device=engine.device, capture=False)
+                                 device=engine.device, capture=capture)
     sizes = []
     graphs_run = runner.graphs.run
 
@@ -42,6 +65,22 @@ def static_path(llm: LLM) -> list[int]:
 
     runner.graphs.run = counted
     return sizes
+
+
+def test_capture_warms_up_on_padding_reuses_graphs_and_recaptures_after_sleep(tiny_models):
+    expected, _ = run(tiny_models["qwen3"], 4)
+    llm = LLM(str(tiny_models["qwen3"]), dtype="float32", device="cpu", block_size=4, seed=0,
+              num_scheduler_steps=4)
+    sizes = static_path(llm, EagerCaptureGraphs, capture=True)
+    graphs = llm.engine.runner.graphs
+    same(llm.generate(PROMPTS, workload(), use_tqdm=False), expected)  # warm-ups wrote nothing that mattered
+    buckets = {next(b for b in graphs.buckets if b >= n) for n in sizes}
+    assert graphs.captures == len(graphs._graphs) == len(buckets) < len(sizes)  # one per bucket, replayed after
+    llm.engine.sleep()  # the cache the graphs point at is freed: they go too
+    assert not graphs._graphs
+    llm.engine.wake_up()
+    same(llm.generate(PROMPTS, workload(), use_tqdm=False), expected)
+    assert graphs.captures == 2 * len(buckets)  # captured again against the new cache
 
 
 @pytest.mark.parametrize("k", [1, 4])
