@@ -127,6 +127,8 @@ def test_refuses_to_overwrite_a_run(smoke_run):
         (["--task", "{no_answer}"], 'no "answer"'),
         (["--config", "{bad_config}"], "unknown GRPOConfig field(s): group"),
         (["--model", "/nonexistent/model"], "model path not found"),
+        (["--num-scheduler-steps", "0"], "num_scheduler_steps must be an integer >= 1"),
+        (["--cuda-graphs", "--device", "cpu"], "cuda_graphs needs a CUDA device"),
     ],
 )
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, args, message):
@@ -159,3 +161,9 @@ def test_sft_and_grpo_resolve_their_dtypes_alike():
     assert resolve_dtypes("float32", cuda) == ("float32", None)
     assert resolve_dtypes("bfloat16", cpu) == ("bfloat16", torch.bfloat16)  # explicit: autocast on CPU too
     assert resolve_dtypes("float16", cuda) == ("float16", torch.float16)
+
+
+def test_rollout_engine_settings_reach_the_engine(tiny_llama, tmp_path):
+    trainer = GRPOTrainer(tiny_config(tiny_llama, tmp_path / "run", num_scheduler_steps=3), use_tqdm=False)
+    assert trainer.engine.engine.config.num_scheduler_steps == 3
+    assert not trainer.engine.engine.config.cuda_graphs

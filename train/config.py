@@ -95,11 +95,14 @@ class GRPOConfig:
     device: str | None = _help("cpu | cuda (default: cuda when available)", None)
     dtype: str = _help("auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16", "auto")
     kv_cache_memory_gb: float | None = _help("KV cache of the rollout engine in GiB (default: 1 on CPU, 30% of free memory on a GPU)", None)
+    num_scheduler_steps: int = _help(
+        "decode steps the rollout engine runs on the device per host sync (same rollouts for any value)", 1)
+    cuda_graphs: bool = _help("the rollout engine replays decode steps from CUDA graphs (CUDA only)", False)
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
         positive = ("steps", "prompts_per_step", "num_iterations", "micro_batch_size", "epochs", "batch_size",
-                    "distill_prompts")
+                    "distill_prompts", "num_scheduler_steps")
         for name in positive:
             _int_at_least(name, getattr(self, name), 1)
         if self.mode == "grpo":

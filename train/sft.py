@@ -108,7 +108,8 @@ def distill_traces(config: GRPOConfig, out_path: Path, use_tqdm: bool) -> tuple[
     task = make_task(config.task)
     examples = task.sample(random.Random(f"{config.seed}-distill"), config.distill_prompts)
     teacher = LLM(config.teacher, dtype=config.dtype, device=config.device, seed=config.seed,
-                  kv_cache_memory_gb=config.kv_cache_memory_gb)
+                  kv_cache_memory_gb=config.kv_cache_memory_gb, num_scheduler_steps=config.num_scheduler_steps,
+                  cuda_graphs=config.cuda_graphs)
     params = SamplingParams(n=config.group_size, temperature=config.temperature, top_p=config.top_p,
                             think_budget=config.think_budget, solution_budget=config.solution_budget,
                             seed=config.seed)

@@ -166,6 +166,8 @@ class GRPOTrainer:
 
         torch.manual_seed(config.seed)
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if config.cuda_graphs and self.device.type != "cuda":  # before any model loads
+            raise ValueError(f"cuda_graphs needs a CUDA device; the trainer runs on {self.device}")
         engine_dtype, self.autocast_dtype = resolve_dtypes(config.dtype, self.device)
         self.policy = load_hf_model(start_path, self.device, trainable=True,
                                     gradient_checkpointing=config.gradient_checkpointing)
@@ -182,6 +184,8 @@ class GRPOTrainer:
             seed=config.seed,
             max_num_seqs=config.prompts_per_step * config.group_size,
             kv_cache_memory_gb=kv_gb,
+            num_scheduler_steps=config.num_scheduler_steps,
+            cuda_graphs=config.cuda_graphs,
         )
         # Left padding of prompts is masked out, so any valid id serves.
         self.pad_id = 0
