@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     o.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     o.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache size (default: the engine's)")
+    o.add_argument("--num-scheduler-steps", type=int, default=1,
+                   help="decode steps run on the device between host syncs; same output for any value (default 1)")
+    o.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decode steps from CUDA graphs captured per batch-size bucket (CUDA only)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -215,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ElasticDecodeError(f"--num-problems must be >= 1, got {args.num_problems}")
         if args.n < 1:
             raise ElasticDecodeError(f"-n must be >= 1, got {args.n}")
+        if args.num_scheduler_steps < 1:
+            raise ElasticDecodeError(f"--num-scheduler-steps must be >= 1, got {args.num_scheduler_steps}")
+        if args.cuda_graphs:
+            import torch
+
+            if not (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+                raise ElasticDecodeError("--cuda-graphs needs a CUDA device")
         if args.solution_budget < 1:
             raise ElasticDecodeError(f"--solution-budget must be >= 1, got {args.solution_budget}")
         from .loader import resolve_checkpoint
@@ -245,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for model, label in zip(models, labels):
             llm = LLM(model, dtype=args.dtype, device=args.device, seed=args.seed,
-                      kv_cache_memory_gb=args.kv_cache_memory_gb)
+                      kv_cache_memory_gb=args.kv_cache_memory_gb, num_scheduler_steps=args.num_scheduler_steps,
+                      cuda_graphs=args.cuda_graphs)
             for budget in args.think_budgets:
                 bar.set_postfix(model=label[-20:], budget=_name(budget))
                 result, records = evaluate_budget(llm, task, examples, label, budget, args)

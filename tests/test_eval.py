@@ -95,6 +95,8 @@ def run_eval(*args):
         (["--task", "nothing:1"], "unknown task"),
         (["--model", "a", "--model", "b", "--label", "x"], "1 --label for 2 --model"),
         (["--temperature", "-1"], "temperature must be"),
+        (["--num-scheduler-steps", "0"], "--num-scheduler-steps must be >= 1"),
+        (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
     ],
 )
 def test_bad_input_is_one_line(args, message):
