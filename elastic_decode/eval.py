@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .answers import majority_vote
 from .errors import ElasticDecodeError
-from .generate import OneLineErrorParser, parse_budget
+from .generate import OneLineErrorParser, add_engine_arguments, parse_budget
 
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
@@ -90,13 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output and engine")
     o.add_argument("--output-dir", type=Path, default=Path("runs/eval"), help="where the table and plot go")
     o.add_argument("--save-completions", action="store_true", help=f"also write every completion to {COMPLETIONS_FILE}")
-    o.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    o.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    add_engine_arguments(o)
     o.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache size (default: the engine's)")
-    o.add_argument("--num-scheduler-steps", type=int, default=1,
-                   help="decode steps run on the device between host syncs; same output for any value (default 1)")
-    o.add_argument("--cuda-graphs", action="store_true",
-                   help="replay decode steps from CUDA graphs captured per batch-size bucket (CUDA only)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

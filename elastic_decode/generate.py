@@ -85,15 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="majority vote (self-consistency) over the n completions' \\boxed{} answers; "
                         "needs -n 2 or more")
     e = p.add_argument_group("engine")
-    e.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    e.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    add_engine_arguments(e)
     e.add_argument("--backend", default=None, help="auto | triton | reference")
     e.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
-    e.add_argument("--num-scheduler-steps", type=int, default=1,
-                   help="decode steps run on the device between host syncs; same output for any value (default 1)")
-    e.add_argument("--cuda-graphs", action="store_true",
-                   help="replay decode steps from CUDA graphs captured per batch-size bucket (CUDA only)")
     return p
+
+
+def add_engine_arguments(group) -> None:
+    """The engine flags every CLI that builds an LLM shares (generate, eval)."""
+    group.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    group.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    group.add_argument("--num-scheduler-steps", type=int, default=1,
+                       help="decode steps run on the device between host syncs; same output for any value (default 1)")
+    group.add_argument("--cuda-graphs", action="store_true",
+                       help="replay decode steps from CUDA graphs captured per batch-size bucket (CUDA only)")
 
 
 def read_prompts(args) -> list[dict]:
