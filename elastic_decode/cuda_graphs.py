@@ -45,9 +45,9 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     return sorted(sizes)
 
 
-def _static_like(t: torch.Tensor, rows: int, width: int | None = None) -> torch.Tensor:
-    shape = (rows,) if t.dim() == 1 else (rows, width)
-    return torch.zeros(shape, dtype=t.dtype, device=t.device)
+def _static_like(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zeros shaped like t but with `rows` rows."""
+    return t.new_zeros((rows, *t.shape[1:]))
 
 
 class DecodeGraphs:
@@ -90,8 +90,7 @@ class DecodeGraphs:
         rows = self.buckets[-1]
 
         def like(group):
-            return type(group)(**{f.name: _static_like(getattr(group, f.name), rows, getattr(group, f.name).shape[-1])
-                                  for f in fields(group)})
+            return type(group)(**{f.name: _static_like(getattr(group, f.name), rows) for f in fields(group)})
 
         self._static = DecodeInputs(
             input_ids=_static_like(inp.input_ids, rows),
