@@ -39,6 +39,16 @@ from .budget_state import (
     SamplerParams,
 )
 
+# The budget machine's codes as constexprs: a kernel may read module globals only if they are
+# tl.constexpr (the interpreter does not enforce it; the compiler raises NameError).
+_THINKING = tl.constexpr(THINKING)
+_FORCING = tl.constexpr(FORCING)
+_SOLVING = tl.constexpr(SOLVING)
+_DONE = tl.constexpr(DONE)
+_FINISH_STOP = tl.constexpr(FINISH_STOP)
+_FINISH_LENGTH = tl.constexpr(FINISH_LENGTH)
+_PAD_TOKEN = tl.constexpr(PAD_TOKEN)
+
 BLOCK_V = 1024  # vocabulary tile
 RADIX = 16  # candidate thresholds tested per pass: a [BLOCK_V, RADIX] compare tile
 SEARCH_PASSES = 8  # RADIX ** 8 = 2 ** 32: enough to pin any 32-bit key exactly
@@ -109,8 +119,8 @@ def _sample_with_budget_kernel(
 ):
     row = tl.program_id(0)
     phase = tl.load(phase_ptr + row)
-    if phase == DONE:
-        tl.store(tokens_ptr + row, PAD_TOKEN)
+    if phase == _DONE:
+        tl.store(tokens_ptr + row, _PAD_TOKEN)
         tl.store(logprobs_ptr + row, 0.0)
         tl.store(forced_ptr + row, 0)
         return
@@ -118,8 +128,8 @@ def _sample_with_budget_kernel(
     think = tl.load(think_ptr + row)
     k_len = tl.load(marker_len_ptr + row)
     min_think = tl.load(min_think_ptr + row)
-    spent = (phase == THINKING) & (think >= tl.load(think_budget_ptr + row))
-    phase = tl.where(spent, FORCING, phase)
+    spent = (phase == _THINKING) & (think >= tl.load(think_budget_ptr + row))
+    phase = tl.where(spent, _FORCING, phase)
     force_pos = tl.where(spent, 0, tl.load(force_pos_ptr + row))
 
     j = tl.arange(0, MAX_MARKER)
@@ -130,7 +140,7 @@ def _sample_with_budget_kernel(
     stop_row = stop_ids_ptr + row * MAX_STOP
 
     # min_think: no closing token and no stop token while thinking would end too short.
-    thinking = phase == THINKING
+    thinking = phase == _THINKING
     prefix_ok = tl.sum(tl.where(j < MAX_MARKER - 1, ((shifted == marker) | pad).to(tl.int32), 1), axis=0) == MAX_MARKER
     last_marker = tl.sum(tl.where(j == MAX_MARKER - 1, marker, 0), axis=0)
     sup_tok = tl.where(thinking & prefix_ok & (think - (k_len - 1) < min_think), last_marker, -1)
@@ -161,7 +171,7 @@ def _sample_with_budget_kernel(
         z += tl.sum(tl.exp(x / t_eff - s_max), axis=0)
 
     sampled = best_idx
-    if (phase != FORCING) & (temperature > 0.0):
+    if (phase != _FORCING) & (temperature > 0.0):
         r = tl.arange(0, RADIX)
         # top-k: the largest key K with count(key(s) >= K) >= k. Invariant: count(key >= lo) >= k.
         # Each pass also sums the mass above every candidate, so the survivors' mass comes free.
@@ -238,10 +248,10 @@ def _sample_with_budget_kernel(
     # -- the budget machine (DESIGN.md), scalar per row ------------------------------
     is_stop = tl.sum(((tl.load(stop_row + tl.arange(0, MAX_STOP)) == sampled)).to(tl.int32), axis=0) > 0
     stop_in_thought = thinking & is_stop
-    forcing = (phase == FORCING) | stop_in_thought
+    forcing = (phase == _FORCING) | stop_in_thought
     force_pos = tl.where(stop_in_thought, 0, force_pos)
     think_tok = thinking & (is_stop == 0)
-    solve_tok = phase == SOLVING
+    solve_tok = phase == _SOLVING
     marker_tok = tl.sum(tl.where(j == MAX_MARKER - k_len + force_pos, marker, 0), axis=0)
     token = tl.where(forcing, marker_tok, sampled)
     tl.store(force_pos_ptr + row, tl.where(forcing, force_pos + 1, force_pos))
@@ -253,8 +263,8 @@ def _sample_with_budget_kernel(
     tl.store(recent_ptr + row * MAX_MARKER + j, tl.where(think_tok, window, recent))
     tl.store(think_ptr + row, think + think_tok.to(tl.int32) - tl.where(completed, k_len, 0))
     marker_out = (forcing & (force_pos + 1 >= k_len)) | completed
-    new_phase = tl.where(forcing, FORCING, phase)
-    new_phase = tl.where(marker_out, SOLVING, new_phase)
+    new_phase = tl.where(forcing, _FORCING, phase)
+    new_phase = tl.where(marker_out, _SOLVING, new_phase)
     solution = tl.load(solution_ptr + row) + solve_tok.to(tl.int32)
     tl.store(solution_ptr + row, solution)
     s_budget = tl.load(solution_budget_ptr + row)
@@ -263,9 +273,9 @@ def _sample_with_budget_kernel(
     generated = tl.load(generated_ptr + row) + 1
     tl.store(generated_ptr + row, generated)
     finish_len = finish_len | ((finish_stop == 0) & (generated >= tl.load(max_new_ptr + row)))
-    finish = tl.where(finish_stop, FINISH_STOP, tl.where(finish_len, FINISH_LENGTH, tl.load(finish_ptr + row)))
+    finish = tl.where(finish_stop, _FINISH_STOP, tl.where(finish_len, _FINISH_LENGTH, tl.load(finish_ptr + row)))
     tl.store(finish_ptr + row, finish)
-    tl.store(phase_ptr + row, tl.where(finish_stop | finish_len, DONE, new_phase))
+    tl.store(phase_ptr + row, tl.where(finish_stop | finish_len, _DONE, new_phase))
     tl.store(tokens_ptr + row, token.to(tl.int64))
     # Honest logprob of the emitted token (forced ones too) under softmax(masked / t_eff).
     x_tok = tl.load(logits_ptr + row_off + token).to(tl.float32)
