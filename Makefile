@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 PROMPT ?= A farmer has 17 sheep and buys 3 more pens of 4 sheep each. How many sheep does he have?
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench train-demo e1 clean
+.PHONY: setup demo test bench gpu-report train-demo e1 clean
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ e1: setup
 bench: setup
 	$(PY) benchmarks/bench_e2e.py
 	$(PY) benchmarks/bench_budget.py
+
+# Every Triton kernel compiled for sm_80 and sm_90 without a GPU: registers, spills, occupancy,
+# SASS of the main loops (a few minutes; benchmarks/RESULTS.md quotes it).
+gpu-report: setup
+	$(PY) benchmarks/gpu_static.py --out benchmarks/gpu_static.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info elastic_decode/_C*.so

@@ -134,27 +134,34 @@ def torch_sort_top_p(logits, top_k, top_p, temperature):
 
 
 def bench_sampler(rows, bandwidth):
+    """256 x vocab rows (randn * 3): the issue's setting (T 0.7, top-k 50, top-p 0.95) in fp32 and in
+    bf16 (the engine's logits on a GPU), top-p alone and plain sampling in bf16; against torch's
+    sort-based top-k/top-p and against one read of the logits at copy bandwidth."""
     from elastic_decode.kernels import SOLVING, reference, sample_with_budget, sampling_batch
 
     n = 256
-    logits = torch.randn(n, VOCAB, device="cuda", dtype=torch.float32) * 3
-    settings = dict(temperature=0.7, top_k=50, top_p=0.95, seeds=range(n), device="cuda")
-    params, state = sampling_batch(n, **settings)
-    ours, _ = sample_with_budget(logits, params, state)
-    ref, _ = reference.sample_with_budget(logits, *sampling_batch(n, **settings))
-    agree = float((ours == ref).float().mean())
+    for dtype, (temperature, top_k, top_p) in [(torch.float32, (0.7, 50, 0.95)), (torch.bfloat16, (0.7, 50, 0.95)),
+                                               (torch.bfloat16, (0.6, 0, 0.95)), (torch.bfloat16, (1.0, 0, 1.0))]:
+        logits = (torch.randn(n, VOCAB, device="cuda", dtype=torch.float32) * 3).to(dtype)
+        settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, seeds=range(n), device="cuda")
+        params, state = sampling_batch(n, **settings)
+        ours, _ = sample_with_budget(logits, params, state)
+        ref, _ = reference.sample_with_budget(logits, *sampling_batch(n, **settings))
+        agree = float((ours == ref).float().mean())
 
-    def run():
-        state.generated.zero_()
-        state.phase.fill_(SOLVING)
-        sample_with_budget(logits, params, state)
+        def run():
+            state.generated.zero_()
+            state.phase.fill_(SOLVING)
+            sample_with_budget(logits, params, state)
 
-    t_ours = median_ms(run)
-    t_sort = median_ms(lambda: torch_sort_top_p(logits, 50, 0.95, 0.7))
-    read_ms = logits.numel() * 4 / bandwidth / 1e6
-    rows.append((f"sampler {n}x{VOCAB} top-k 50 top-p 0.95", t_ours, logits.numel() * 4 / t_ours / 1e6,
-                 f"{t_ours / read_ms:.1f}x one read", f"torch sort top-p {t_sort:.3f} ms ({t_sort / t_ours:.2f}x)",
-                 f"tokens equal to reference: {agree:.1%}", 0.0))
+        t_ours = median_ms(run)
+        t_sort = median_ms(lambda: torch_sort_top_p(logits, top_k or VOCAB, top_p, temperature))
+        nbytes = logits.numel() * logits.element_size()
+        read_ms = nbytes / bandwidth / 1e6
+        rows.append((f"sampler {n}x{VOCAB} {str(dtype)[6:]} T {temperature} top-k {top_k} top-p {top_p}", t_ours,
+                     nbytes / t_ours / 1e6, f"{t_ours / read_ms:.1f}x one read",
+                     f"torch sort top-p {t_sort:.3f} ms ({t_sort / t_ours:.2f}x)",
+                     f"tokens equal to reference: {agree:.1%}", 0.0))
 
 
 def bench_fused(rows, bandwidth):

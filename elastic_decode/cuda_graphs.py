@@ -9,14 +9,19 @@ no host work between them. The idea and the bucketing follow vLLM's CUDA-graph r
 Static buffers: every tensor the step reads or writes lives in a buffer sized for the largest
 bucket; a bucket's graph works on the first B rows. A batch of n < B sequences is padded with
 rows that are DONE (the sampler emits PAD_TOKEN for them and changes nothing), write no KV
-(slot -1) and attend to one token of block 0. Host-side ints that eager mode takes from the
-batch are fixed at capture: the block table is as wide as max_model_len, attention is told the
-longest context the table can hold (its split count is then fixed; the kernel still reads only
-each row's own blocks), and the marker window and stop list have fixed widths. A batch that
-does not fit (wider marker or stop list, more rows than the largest bucket) runs eagerly.
+(slot -1) and attend to one token of block 0. Shapes that eager mode takes from the batch are
+fixed at capture: the block table is as wide as max_model_len, and the marker window and stop
+list have fixed widths (the kernels take the widths at run time, so they do not recompile).
+The launch choices that change floating-point results (split-KV, sampler chunks) depend only
+on the batch's size class, which a batch and its bucket share (kernels/launch_policy.py), so a
+replayed step computes what the eager step computes. A batch that does not fit (a longer stop
+list, more rows than the largest bucket) runs eagerly.
 
 Graphs hold the KV cache's addresses: they are dropped when the cache is freed (engine sleep)
-or replaced. Weight updates copy in place (LlamaForCausalLM.load_weights), which keeps them valid.
+or replaced, and captured again on first use. Weight updates copy in place
+(LlamaForCausalLM.load_weights), which keeps them valid. At start-up the engine captures every
+bucket up front, largest first (`capture_buckets`, startup.py), so the graphs' memory is known
+before the KV cache is sized.
 
 `capture=False` runs the very same static-buffer path eagerly (no graph): the CPU tests use it
 to check padding, bucketing and the fixed widths against the plain decode loop; they also
@@ -28,13 +33,13 @@ from dataclasses import fields
 
 import torch
 
-from elastic_decode.kernels import DONE, BudgetState, SamplerParams
+from elastic_decode.kernels import DONE, MAX_MARKER_TOKENS, BudgetState, SamplerParams
 
 from .decode_step import DecodeInputs, decode_step
 from .models import KernelOps, LlamaForCausalLM
 from .sequence import Sequence
 
-MARKER_WIDTH = 8  # end-of-thinking markers up to 8 tokens (SmolLM2's is 5, Qwen3's 1)
+MARKER_WIDTH = MAX_MARKER_TOKENS  # every marker the engine accepts fits (the sampler reads the width at run time)
 STOP_WIDTH = 8  # EOS ids + stop_token_ids per request
 
 
@@ -139,8 +144,7 @@ class DecodeGraphs:
 
     def _step(self, kv_caches, b: int) -> None:
         view = self._view(b)
-        tokens, logprobs = decode_step(self.model, self.ops, kv_caches, self.block_size, view,
-                                       max_context_len=self.max_blocks * self.block_size)
+        tokens, logprobs = decode_step(self.model, self.ops, kv_caches, self.block_size, view)
         out_tokens, out_logprobs, out_forced = self._out
         out_tokens[:b].copy_(tokens)
         out_logprobs[:b].copy_(logprobs)
@@ -153,6 +157,24 @@ class DecodeGraphs:
             graph = self._capture(lambda: self._step(kv_caches, b))
             self._graphs[b] = graph
         return graph
+
+    def capture_buckets(self, kv_caches, template: DecodeInputs, buckets: list[int] | None = None) -> None:
+        """Capture the graphs of `buckets` (default: all) now, largest first: the largest needs the
+        most of the shared pool, and the smaller ones then fit in what it left (nano-vllm's order).
+        `template` is any decode batch of the fixed widths (it gives the buffers' dtypes)."""
+        if kv_caches is not self._kv_caches:
+            self.reset()
+            self._kv_caches = kv_caches
+        if self._static is None:
+            self._allocate(template)
+        for b in sorted(buckets or self.buckets, reverse=True):
+            self._graph(kv_caches, b)
+
+    def release(self) -> None:
+        """Drop the graphs and the static buffers (start-up measures what they hold, then frees it)."""
+        self.reset()
+        self._static = None
+        self._out = None
 
     def _capture(self, step) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream (Triton compiles on first launch, cuBLAS picks its kernels),

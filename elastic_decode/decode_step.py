@@ -34,7 +34,6 @@ def decode_step(
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     block_size: int,
     inp: DecodeInputs,
-    max_context_len: int,  # >= every row's context length in this step (host side: no sync)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (tokens int64 [num_seqs], logprobs float32 [num_seqs]); PAD_TOKEN for DONE rows.
 
@@ -53,7 +52,6 @@ def decode_step(
         block_tables=inp.block_tables,
         context_lens=inp.context_lens,
         cu_seqlens_q=None,
-        max_context_len=max_context_len,
         max_new_tokens=1,
     )
     hidden = model(inp.input_ids, inp.positions, kv_caches, attn, ops)  # [num_seqs, hidden]

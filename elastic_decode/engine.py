@@ -10,14 +10,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from elastic_decode.kernels import FINISH_STOP
+from elastic_decode.kernels import FINISH_STOP, MAX_MARKER_TOKENS
 
+from . import startup
 from .backend import select_ops
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .cuda_graphs import DecodeGraphs
+from .decode_step import DecodeInputs
 from .errors import ElasticDecodeError, InvalidRequestError
 from .loader import resolve_checkpoint
-from .cuda_graphs import DecodeGraphs
 from .model_runner import ModelRunner
 from .models import LlamaForCausalLM, ModelSpec, rope_inv_freq
 from .outputs import CompletionOutput, RequestOutput
@@ -105,7 +107,13 @@ class LLMEngine:
         self.model = model.eval()
 
         block_size = config.block_size
-        num_blocks = self._num_kv_blocks(block_size)
+        graphs = self._graphs()
+        probe = self._memory_probe()
+        if self.device.type == "cuda" and self.ops.name == "triton":
+            startup.compile_kernels(self.spec, block_size, self.dtype, self.device)  # no request pays a compile
+        num_blocks = self._num_kv_blocks(block_size, probe, graphs)
+        if self.memory_plan is not None and self.memory_plan.graph_bytes is None:
+            graphs = None  # the capture failed while measuring it: decode eagerly
         shape = (num_blocks, block_size, self.spec.num_kv_heads, self.spec.head_dim)
         self._kv_shape = shape
         kv_caches = self._allocate_kv_caches()
@@ -114,18 +122,14 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
+            max_num_batched_tokens=self._prefill_tokens,
             num_steps=config.num_scheduler_steps,
         )
-        graphs = None
-        if config.cuda_graphs:
-            if self.device.type != "cuda":
-                raise ElasticDecodeError(f"cuda_graphs needs a CUDA device; this engine runs on {self.device}")
-            if self.ops.name != "triton":  # the reference ops read values back to the host mid-step
-                raise ElasticDecodeError("cuda_graphs needs the triton backend, not the reference ops")
-            graphs = DecodeGraphs(self.model, self.ops, block_size, config.max_num_seqs,
-                                  max_blocks_per_seq=-(-self.max_model_len // block_size), device=self.device)
         self.runner = ModelRunner(self.model, kv_caches, self.ops, block_size, graphs)
+        if graphs is not None and not startup.capture_or_eager(
+                lambda: graphs.capture_buckets(kv_caches, self._graph_template(graphs))):
+            graphs.release()
+            self.runner.graphs = None
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
@@ -158,16 +162,73 @@ class LLMEngine:
         if self.sleeping:
             self.runner.kv_caches = self._allocate_kv_caches()
 
-    def _num_kv_blocks(self, block_size: int) -> int:
+    # -- start-up -----------------------------------------------------------------------
+
+    @property
+    def _prefill_tokens(self) -> int:
+        """The scheduler's prefill budget: a prompt as long as the context window still runs alone."""
+        return max(self.config.max_num_batched_tokens, self.max_model_len)
+
+    def _graphs(self) -> DecodeGraphs | None:
+        if not self.config.cuda_graphs:
+            return None
+        if self.device.type != "cuda":
+            raise ElasticDecodeError(f"cuda_graphs needs a CUDA device; this engine runs on {self.device}")
+        if self.ops.name != "triton":  # the reference ops read values back to the host mid-step
+            raise ElasticDecodeError("cuda_graphs needs the triton backend, not the reference ops")
+        return DecodeGraphs(self.model, self.ops, self.config.block_size, self.config.max_num_seqs,
+                            max_blocks_per_seq=-(-self.max_model_len // self.config.block_size), device=self.device)
+
+    def _memory_probe(self) -> startup.MemoryProbe | None:
+        """How start-up measures memory: torch.cuda's counters on a GPU; nothing on CPU."""
+        return startup.cuda_memory(self.device) if self.device.type == "cuda" else None
+
+    def _graph_template(self, graphs: DecodeGraphs) -> DecodeInputs:
+        """A one-row decode batch of the graphs' fixed widths: the static buffers' dtypes."""
+        batch, _ = startup.largest_prefill(1, 1, self.max_model_len, self.config.block_size, self.spec.vocab_size)
+        runner = ModelRunner(self.model, [], self.ops, self.config.block_size)
+        return runner.decode_inputs(batch.seqs, (graphs.marker_width, graphs.stop_width))
+
+    def _profile(self, probe: startup.MemoryProbe, graphs: DecodeGraphs | None) -> startup.MemoryPlan:
+        """The largest prefill on a temporary cache (its peak), and the largest bucket's graph on
+        it (what the graphs hold): both measured before the KV cache is sized."""
+        block_size = self.config.block_size
+        batch, blocks = startup.largest_prefill(self._prefill_tokens, self.config.max_num_seqs, self.max_model_len,
+                                                block_size, self.spec.vocab_size)
+        self._kv_shape = (blocks + 1, block_size, self.spec.num_kv_heads, self.spec.head_dim)
+        temporary = self._allocate_kv_caches()
+        runner = ModelRunner(self.model, temporary, self.ops, block_size)
+        step_peak = startup.profile_step(lambda: runner.run(batch), probe)
+        graph_bytes = 0
+        if graphs is not None:
+            template = self._graph_template(graphs)
+            graph_bytes = startup.measure_graphs(
+                lambda: graphs.capture_buckets(temporary, template, [graphs.buckets[-1]]), graphs.release, probe)
+        del runner, temporary
+        probe.release()
+        free = probe.free()
+        return startup.MemoryPlan(free=free, step_peak=step_peak, graph_bytes=graph_bytes,
+                                  kv_cache=startup.kv_cache_bytes(free, step_peak, graph_bytes))
+
+    def _num_kv_blocks(self, block_size: int, probe: startup.MemoryProbe | None,
+                       graphs: DecodeGraphs | None) -> int:
+        self.memory_plan = None
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         per_block = 2 * self.spec.num_layers * block_size * self.spec.num_kv_heads * self.spec.head_dim
         per_block *= torch.empty((), dtype=self.dtype).element_size()
         if self.config.kv_cache_memory_gb is not None:
             budget = self.config.kv_cache_memory_gb * 2**30
-        elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = 0.9 * free - 2**30  # leave room for activations and logits
+        elif probe is not None:
+            self.memory_plan = self._profile(probe, graphs)
+            budget = self.memory_plan.kv_cache
+            if budget < per_block:
+                plan = self.memory_plan
+                raise ElasticDecodeError(
+                    f"not enough device memory for a KV cache: {plan.free / 2**30:.2f} GiB free after the weights, "
+                    f"the largest step needs {plan.step_peak / 2**30:.2f} GiB and the CUDA graphs "
+                    f"{(plan.graph_bytes or 0) / 2**30:.2f} GiB (lower max_num_batched_tokens or max_num_seqs, "
+                    "or turn cuda_graphs off)")
         else:
             budget = 2**30
         # No need for more than every sequence at full length.
@@ -193,6 +254,8 @@ class LLMEngine:
         marker = self.tokenizer.marker(params.end_think)
         if any(t >= vocab for t in marker):
             raise InvalidRequestError(f"end_think token ids must be below the vocabulary size {vocab}")
+        if len(marker) > MAX_MARKER_TOKENS:
+            raise InvalidRequestError(f"end_think is {len(marker)} tokens long; at most {MAX_MARKER_TOKENS} are supported")
         return marker, room if params.max_tokens is None else min(params.max_tokens, room)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None) -> int:

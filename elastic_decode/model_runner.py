@@ -44,7 +44,7 @@ class ModelRunner:
         self.ops = ops
         self.block_size = block_size
         self.graphs = graphs  # CUDA graphs of the decode step, where the batch fits them
-        self.device = kv_caches[0][0].device
+        self.device = next(model.parameters()).device
 
     # -- inputs -----------------------------------------------------------------------
 
@@ -145,7 +145,6 @@ class ModelRunner:
             block_tables=block_tables,
             context_lens=dev["context_lens"],
             cu_seqlens_q=dev["cu_seqlens_q"],
-            max_context_len=max(len(s) for s in seqs),
             max_new_tokens=max(len(s) - a for s, a in zip(seqs, starts)),
         )
         logits_rows = dev["cu_seqlens_q"][1:].long() - 1  # last new token of each sequence
@@ -163,10 +162,10 @@ class ModelRunner:
         tokens, logprobs = self.ops.sample_with_budget(logits, params, state)
         return self._result(tokens[None], logprobs[None], state.forced[None], state)
 
-    def _run_decode(self, batch: ScheduledBatch) -> StepResult:
-        seqs = batch.seqs
-        graphs = self.graphs if self.graphs is not None and self.graphs.fits(seqs) else None
-        widths = (graphs.marker_width, graphs.stop_width) if graphs else (None, None)
+    def decode_inputs(self, seqs: tuple[Sequence, ...], widths: tuple[int | None, int | None] = (None, None)
+                      ) -> DecodeInputs:
+        """A decode chunk's device inputs (marker and stop columns of the given widths, else as
+        wide as the batch needs)."""
         n = len(seqs)
         dev = self._upload({
             "input_ids": (torch.long, [s.token_ids[-1] for s in seqs], (n,)),
@@ -176,15 +175,18 @@ class ModelRunner:
             **self._sampler_fields(seqs, *widths),
         })
         params, state = self._sampler_inputs(dev)
-        inp = DecodeInputs(input_ids=dev["input_ids"], positions=dev["positions"], context_lens=dev["context_lens"],
-                           block_tables=dev["block_tables"], params=params, state=state)
+        return DecodeInputs(input_ids=dev["input_ids"], positions=dev["positions"], context_lens=dev["context_lens"],
+                            block_tables=dev["block_tables"], params=params, state=state)
+
+    def _run_decode(self, batch: ScheduledBatch) -> StepResult:
+        seqs = batch.seqs
+        graphs = self.graphs if self.graphs is not None and self.graphs.fits(seqs) else None
+        inp = self.decode_inputs(seqs, (graphs.marker_width, graphs.stop_width) if graphs else (None, None))
         if graphs is not None:
             return self._result(*graphs.run(self.kv_caches, inp, batch.num_steps))
-        max_context = max(len(s) for s in seqs)
         tokens_k, logprobs_k, forced_k = [], [], []
-        for k in range(batch.num_steps):
-            tokens, logprobs = decode_step(self.model, self.ops, self.kv_caches, self.block_size, inp,
-                                           max_context_len=max_context + k)  # positions advance <= 1 a step
+        for _ in range(batch.num_steps):
+            tokens, logprobs = decode_step(self.model, self.ops, self.kv_caches, self.block_size, inp)
             tokens_k.append(tokens)
             logprobs_k.append(logprobs)
             forced_k.append(inp.state.forced.clone())

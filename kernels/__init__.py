@@ -12,6 +12,7 @@ from .budget_state import (
     FINISH_NONE,
     FINISH_STOP,
     FORCING,
+    MAX_MARKER_TOKENS,
     NO_LIMIT,
     PAD_TOKEN,
     SOLVING,
@@ -47,5 +48,6 @@ __all__ = [
     "FINISH_STOP",
     "FINISH_LENGTH",
     "NO_LIMIT",
+    "MAX_MARKER_TOKENS",
     "PAD_TOKEN",
 ]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
 import os
 import re
 import subprocess
@@ -208,7 +209,7 @@ def launch_plan(shape: ModelShape, dtype: torch.dtype, device: torch.device | st
     params, state = budget_state.sampling_batch(n, temperature=0.7, top_k=50, top_p=0.95, device=device)
 
     def sample(chunks):
-        return lambda: sample_with_budget.sample_with_budget(logits, params, state)
+        return lambda: sample_with_budget.sample_with_budget(logits, params, state, num_chunks=chunks)
 
     return [
         ("write_kv", lambda: write_kv.write_kv(rand(n, hkv, d), rand(n, hkv, d), k_cache, v_cache, slots)),
@@ -349,17 +350,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="compute capability to compile for (repeatable; default: 80 and 90)")
     parser.add_argument("--fail-on-spill", action="store_true",
                         help="exit 1 if any bf16 variant spills registers on sm_90 (the CI gate's rule)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per variant instead of a table")
     args = parser.parse_args(argv)
     failed = False
     for arch in args.arch or ARCHS:
         for v in compile_plans(arch):
-            flag = ""
-            if v.spills:
-                flag = "  SPILLS"
-                failed |= args.fail_on_spill and arch == 90 and v.dtype == "bfloat16"
-            print(f"sm_{arch} {v.kernel:32s} {v.dtype:8s} {v.shape:14s} regs {v.registers:3d} "
-                  f"spill {v.spill_stores}/{v.spill_loads} B smem {v.shared:6d} B warps {v.num_warps} "
-                  f"stages {v.num_stages}  [{v.launch}]{flag}")
+            gate = arch == 90 and v.dtype == "bfloat16"
+            failed |= args.fail_on_spill and gate and v.spills > 0
+            if args.json:
+                print(json.dumps(dict(kernel=v.kernel, arch=arch, dtype=v.dtype, shape=v.shape, launch=v.launch,
+                                      registers=v.registers, spill_stores=v.spill_stores, spill_loads=v.spill_loads,
+                                      shared=v.shared, num_warps=v.num_warps)))
+            else:
+                print(f"sm_{arch} {v.kernel:32s} {v.dtype:8s} {v.shape:14s} regs {v.registers:3d} "
+                      f"spill {v.spill_stores}/{v.spill_loads} B smem {v.shared:6d} B warps {v.num_warps} "
+                      f"stages {v.num_stages}  [{v.launch}]{'  SPILLS' if v.spills else ''}")
     return 1 if failed else 0
 
 

@@ -29,6 +29,7 @@ FINISH_LENGTH = 2  # solution budget, max_tokens or the context window reached
 
 PAD_TOKEN = -1  # emitted by rows that are already DONE
 NO_LIMIT = 2**31 - 1  # int32 stand-in for "no budget"
+MAX_MARKER_TOKENS = 64  # longest end-of-thinking marker, in tokens (the Triton sampler holds it in registers)
 
 
 @dataclass

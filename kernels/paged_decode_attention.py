@@ -4,7 +4,11 @@ GQA-aware: one program handles all the query heads that share a KV head, so each
 read from memory once for the whole group (the query group is padded to 16 rows, the minimum
 tl.dot tile, as vLLM's unified attention does). Long contexts with few sequences are split
 along the context (flash-decoding): each split writes a partial output with its running max
-and sum, and a second kernel merges the splits by their log-sum-exp. Each loop iteration
+and sum, and a second kernel merges the splits by their log-sum-exp. The grid's split count
+comes from the batch size class alone (launch_policy.py), and each row splits only as far as its
+own context warrants (MIN_TOKENS_PER_SPLIT per split): a row's output depends on its own
+context, never on which other rows share its batch or whether a CUDA graph replays it, and no
+batch makes the kernel recompile (the split count is a grid dimension, not a constexpr). Each loop iteration
 covers a tile of TILE tokens that may span several cache blocks (each token's block looked up
 in the table). Softmax statistics and accumulation are fp32 whatever the input dtype.
 
@@ -17,46 +21,56 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_policy import choose_num_splits
 from .paged_checks import check_paged_attention_inputs
 
 # Tokens per loop iteration: several cache blocks per K/V tile, looked up token by token, so
 # each iteration has enough loads in flight however small the blocks (vLLM's unified attention
 # tiles the same way). Unmeasured default; bench_kernels.py sweeps it.
 DEFAULT_TILE = 64
-# A split covers whole tiles of its own sequence's context; below this many tokens per split
-# (judged on the longest context), splitting does not pay.
+# A row splits its context only into parts of at least this many tokens (unmeasured default).
 MIN_TOKENS_PER_SPLIT = 256
-MAX_SPLITS = 32
 
 
 @triton.jit
+def _row_splits(ctx, max_splits, min_split_tokens):
+    """How many splits a row of `ctx` tokens uses: at most the grid's, at least one."""
+    return tl.minimum(tl.maximum(ctx // min_split_tokens, 1), max_splits)
+
+
+@triton.jit(do_not_specialize=["max_blocks", "min_split_tokens"])
 def _decode_kernel(
     q_ptr,  # [num_seqs, num_q_heads, HEAD_DIM]
     k_cache_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM]
     v_cache_ptr,
     block_tables_ptr,  # int32 [num_seqs, max_blocks]
     context_lens_ptr,  # int32 [num_seqs]
-    out_ptr,  # [num_seqs, num_q_heads, HEAD_DIM] (one split) or partials [num_seqs, num_q_heads, NUM_SPLITS, HEAD_DIM]
-    m_ptr,  # fp32 [num_seqs, num_q_heads, NUM_SPLITS]: running max (split mode only)
-    l_ptr,  # fp32 [num_seqs, num_q_heads, NUM_SPLITS]: running sum (split mode only)
+    out_ptr,  # [num_seqs, num_q_heads, HEAD_DIM], or with SPLIT partials [num_seqs, num_q_heads, splits, HEAD_DIM]
+    m_ptr,  # fp32 [num_seqs, num_q_heads, splits]: running max (SPLIT only)
+    l_ptr,  # fp32 [num_seqs, num_q_heads, splits]: running sum (SPLIT only)
     scale,
     max_blocks,  # block_tables row stride
     num_kv_heads,
+    min_split_tokens,  # a row splits into parts of at least this many tokens
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_PAD: tl.constexpr,  # GROUP padded to >= 16 and a power of two
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
     TILE: tl.constexpr,  # tokens per loop iteration: a multiple of BLOCK_SIZE, >= 16 (tl.dot)
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,  # the grid has several splits per row: write partials for the merge
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 dot instead of tf32
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    max_splits = tl.num_programs(2)
     num_q_heads = num_kv_heads * GROUP
     ctx = tl.load(context_lens_ptr + seq)
+    splits = _row_splits(ctx, max_splits, min_split_tokens)
+    if split >= splits:
+        return
     # Each sequence splits its own context evenly (whole tiles), whatever the batch's longest.
-    per_split = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), TILE) * TILE
+    per_split = tl.cdiv(tl.cdiv(ctx, splits), TILE) * TILE
     first = split * per_split  # this split's first token
     last = tl.minimum(first + per_split, ctx)  # one past its last token
 
@@ -96,48 +110,45 @@ def _decode_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
 
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         o = acc / l[:, None]
         tl.store(out_ptr + (seq.to(tl.int64) * num_q_heads + head[:, None]) * HEAD_DIM + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
     else:
-        stat = (seq.to(tl.int64) * num_q_heads + head) * NUM_SPLITS + split  # [GROUP_PAD]
+        stat = (seq.to(tl.int64) * num_q_heads + head) * max_splits + split  # [GROUP_PAD]
         tl.store(out_ptr + stat[:, None] * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None])
         tl.store(m_ptr + stat, m, mask=g_mask)
         tl.store(l_ptr + stat, l, mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_splits", "min_split_tokens"])
 def _merge_splits_kernel(
-    partial_ptr,  # fp32 [num_seqs * num_q_heads, NUM_SPLITS, HEAD_DIM]: unnormalised sums
-    m_ptr,  # fp32 [num_seqs * num_q_heads, NUM_SPLITS]
-    l_ptr,  # fp32 [num_seqs * num_q_heads, NUM_SPLITS]
+    partial_ptr,  # fp32 [num_seqs * num_q_heads, max_splits, HEAD_DIM]: unnormalised sums
+    m_ptr,  # fp32 [num_seqs * num_q_heads, max_splits]
+    l_ptr,  # fp32 [num_seqs * num_q_heads, max_splits]
+    context_lens_ptr,  # int32 [num_seqs]
     out_ptr,  # [num_seqs * num_q_heads, HEAD_DIM]
-    NUM_SPLITS: tl.constexpr,
+    num_q_heads,
+    max_splits,
+    min_split_tokens,
     HEAD_DIM: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # one (sequence, query head)
-    s = tl.arange(0, NUM_SPLITS)
+    splits = _row_splits(tl.load(context_lens_ptr + row // num_q_heads), max_splits, min_split_tokens)
     d = tl.arange(0, HEAD_DIM)
-    m = tl.load(m_ptr + row * NUM_SPLITS + s)  # [NUM_SPLITS]; -inf for empty splits
-    l = tl.load(l_ptr + row * NUM_SPLITS + s)
-    m_all = tl.max(m, axis=0)
-    w = tl.where(m > float("-inf"), tl.exp(m - m_all), 0.0)  # [NUM_SPLITS]
-    acc = tl.load(partial_ptr + (row * NUM_SPLITS + s[:, None]) * HEAD_DIM + d[None, :])  # [NUM_SPLITS, HEAD_DIM]
-    o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    tl.store(out_ptr + row * HEAD_DIM + d, o.to(out_ptr.dtype.element_ty))
-
-
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, block_size: int,
-                      num_sms: int) -> int:
-    """Split the context only when there are too few (sequence, KV head) programs to fill the GPU."""
-    programs = num_seqs * num_kv_heads
-    if programs >= num_sms:
-        return 1
-    by_length = max(1, max_context_len // MIN_TOKENS_PER_SPLIT)
-    wanted = triton.cdiv(2 * num_sms, programs)  # about two waves of programs
-    splits = min(MAX_SPLITS, by_length, triton.next_power_of_2(wanted))
-    return 1 << (splits.bit_length() - 1)  # a power of two (the merge kernel's tile)
+    m_all = float("-inf")
+    l_all = 0.0
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for s in range(0, splits):  # online log-sum-exp merge; splits past the context hold m = -inf
+        m = tl.load(m_ptr + row * max_splits + s)
+        m_new = tl.maximum(m_all, m)
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+        w_old = tl.exp(m_all - m_safe)
+        w = tl.exp(m - m_safe)
+        acc = acc * w_old + tl.load(partial_ptr + (row * max_splits + s) * HEAD_DIM + d) * w
+        l_all = l_all * w_old + tl.load(l_ptr + row * max_splits + s) * w
+        m_all = m_new
+    tl.store(out_ptr + row * HEAD_DIM + d, (acc / l_all).to(out_ptr.dtype.element_ty))
 
 
 def paged_decode_attention(
@@ -149,8 +160,8 @@ def paged_decode_attention(
     scale: float,
     out: torch.Tensor | None = None,  # [num_seqs, num_q_heads, head_dim]
     *,
-    max_context_len: int | None = None,  # known on the host: avoids a device sync
-    num_splits: int | None = None,  # None: chosen from the shapes
+    max_context_len: int | None = None,  # unused here (the reference needs it to avoid a device sync)
+    num_splits: int | None = None,  # None: the policy; an int: every row split into that many parts
     tile: int | None = None,  # tokens per loop iteration; None: DEFAULT_TILE (at least one block)
 ) -> torch.Tensor:
     num_seqs, num_q_heads, head_dim = q.shape
@@ -163,20 +174,20 @@ def paged_decode_attention(
     if num_seqs == 0:
         return out
     group = num_q_heads // num_kv_heads
+    min_split_tokens = 1
     if num_splits is None:
-        if max_context_len is None:
-            max_context_len = int(context_lens.max().item())
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context_len, block_size, sms)
-    if num_splits < 1 or num_splits & (num_splits - 1):
-        raise ValueError(f"num_splits must be a power of two, got {num_splits}")
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, sms)
+        min_split_tokens = MIN_TOKENS_PER_SPLIT
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     tile = max(tile or DEFAULT_TILE, block_size, 16)
     if tile & (tile - 1):
         raise ValueError(f"tile must be a power of two, got {tile}")
     meta = dict(
-        scale=scale, max_blocks=block_tables.shape[1], num_kv_heads=num_kv_heads,
+        scale=scale, max_blocks=block_tables.shape[1], num_kv_heads=num_kv_heads, min_split_tokens=min_split_tokens,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, TILE=tile, NUM_SPLITS=num_splits, IEEE=q.dtype == torch.float32,
+        BLOCK_SIZE=block_size, TILE=tile, SPLIT=num_splits > 1, IEEE=q.dtype == torch.float32,
     )
     grid = (num_seqs, num_kv_heads, num_splits)
     if num_splits == 1:
@@ -186,5 +197,7 @@ def paged_decode_attention(
     m = torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     _decode_kernel[grid](q, k_cache, v_cache, block_tables, context_lens, partial, m, l, **meta)
-    _merge_splits_kernel[(num_seqs * num_q_heads,)](partial, m, l, out, NUM_SPLITS=num_splits, HEAD_DIM=head_dim)
+    _merge_splits_kernel[(num_seqs * num_q_heads,)](partial, m, l, context_lens, out, num_q_heads=num_q_heads,
+                                                    max_splits=num_splits, min_split_tokens=min_split_tokens,
+                                                    HEAD_DIM=head_dim)
     return out

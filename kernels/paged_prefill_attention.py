@@ -19,7 +19,7 @@ BLOCK_M = 16  # new tokens per program
 BLOCK_N = 32  # context tokens per inner step
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_blocks"])  # the block table's width varies per batch
 def _prefill_kernel(
     q_ptr,  # [num_tokens, num_q_heads, HEAD_DIM]
     k_cache_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM]

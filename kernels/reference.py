@@ -267,6 +267,8 @@ def sample_with_budget(
     logits: torch.Tensor,  # [num_seqs, vocab], any float dtype
     params: SamplerParams,
     state: BudgetState,  # updated in place
+    *,
+    num_chunks: int | None = None,  # accepted for signature parity with the Triton launcher
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step of sampling + the budget machine for every row.
 

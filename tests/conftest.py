@@ -18,6 +18,49 @@ if not torch.cuda.is_available():
 from elastic_decode.loader import resolve_checkpoint  # noqa: E402
 
 
+def _patch_the_language_once_per_launch() -> None:
+    """Triton's interpreter re-patches triton.language (inspect.getmembers over its modules, about
+    2 ms) on every call of a nested @triton.jit function, though the launch has patched the same
+    modules already and restores them when it ends; the sampler's kernels make dozens of such
+    calls per row. Skip a nested re-patch of modules this launch has patched (a test-speed fix:
+    what runs is unchanged)."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    patch, launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
+    state = {"launches": 0, "patched": set()}
+
+    class _Nothing:
+        def restore(self) -> None:
+            pass
+
+    def patch_once(fn):
+        langs = {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+        if state["launches"] and langs <= state["patched"]:
+            return _Nothing()
+        scope = patch(fn)
+        if state["launches"]:
+            state["patched"] |= langs
+        return scope
+
+    def counted_launch(self, *args, **kwargs):
+        outer = state["patched"]
+        state["launches"] += 1
+        state["patched"] = set()
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            state["launches"] -= 1
+            state["patched"] = outer
+
+    interpreter._patch_lang = patch_once
+    interpreter.GridExecutor.__call__ = counted_launch
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_the_language_once_per_launch()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -109,10 +109,10 @@ def test_static_buffers_under_preemption(tiny_models):
 
 
 def test_a_batch_that_does_not_fit_runs_eagerly(tiny_models):
-    """A marker wider than the graphs' fixed window: the chunk takes the plain loop."""
+    """A stop list wider than the graphs' fixed columns: the chunk takes the plain loop."""
     from elastic_decode import SamplingParams
 
-    params = SamplingParams(temperature=0.0, think_budget=2, solution_budget=3, end_think=tuple(range(20, 30)))
+    params = SamplingParams(temperature=0.0, think_budget=2, solution_budget=3, stop_token_ids=tuple(range(20, 30)))
     expected = LLM(str(tiny_models["qwen3"]), dtype="float32", device="cpu", block_size=4).generate(
         PROMPTS[:2], params, use_tqdm=False)
     llm = LLM(str(tiny_models["qwen3"]), dtype="float32", device="cpu", block_size=4)
@@ -120,11 +120,30 @@ def test_a_batch_that_does_not_fit_runs_eagerly(tiny_models):
     outputs = llm.generate(PROMPTS[:2], params, use_tqdm=False)
     assert sizes == []
     same(outputs, expected)
-    assert outputs[0].outputs[0].token_ids[2:12] == list(range(20, 30))  # the 10-token marker, forced
+
+
+def test_every_accepted_marker_fits_the_graphs(tiny_models):
+    """The graphs' marker window holds the longest marker the engine accepts (64 tokens); a
+    longer one is refused at the request, in one clear error."""
+    from elastic_decode import SamplingParams
+    from elastic_decode.errors import InvalidRequestError
+
+    marker = tuple(300 + i for i in range(64))
+    params = SamplingParams(temperature=0.0, think_budget=2, solution_budget=3, end_think=marker)
+    expected = LLM(str(tiny_models["qwen3"]), dtype="float32", device="cpu", block_size=4).generate(
+        PROMPTS[:2], params, use_tqdm=False)
+    llm = LLM(str(tiny_models["qwen3"]), dtype="float32", device="cpu", block_size=4)
+    sizes = static_path(llm)
+    outputs = llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    assert sizes  # decode chunks took the static path
+    same(outputs, expected)
+    assert outputs[0].outputs[0].token_ids[2:66] == list(marker)  # the 64-token marker, forced whole
+    with pytest.raises(InvalidRequestError, match="end_think is 65 tokens long; at most 64 are supported"):
+        llm.generate(PROMPTS[:1], SamplingParams(think_budget=2, end_think=marker + (7,)), use_tqdm=False)
 
 
 def test_triton_kernels_on_the_static_buffers(tiny_models):
-    """The Triton kernels (interpreter on CPU) on views of the static buffers: fixed 8-wide marker
+    """The Triton kernels (interpreter on CPU) on views of the static buffers: fixed-width marker
     and stop columns, a block table as wide as max_model_len, padded rows; the reference's tokens."""
     from elastic_decode import SamplingParams
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from budget_harness import EOS, FALLBACK, drive
 from budget_model import run_contract
+from load_counter import count_loads
 from elastic_decode.kernels import reference, sampling_batch
 from elastic_decode.kernels.sample_with_budget import sample_with_budget
 from test_budget_contract import budget_rows, check_invariants
@@ -151,3 +152,105 @@ def test_reference_philox_is_bit_identical_to_tl_rand(seed):
     _rand_kernel[(1,)](torch.tensor([seed], dtype=torch.long, device=DEVICE), offsets.to(DEVICE), out, N=64)
     expected = reference.philox_uniform(torch.full((64,), seed, dtype=torch.long), offsets)
     assert torch.equal(out.cpu(), expected)
+
+
+# -- the one-pass design: candidates, chunks, the fallback, bytes read --------------------------
+
+def reads_per_row(logits, settings, seeds, num_chunks=None):
+    """Tokens drawn row by row, and how many times each row's bytes were loaded: counted in the
+    interpreter; None on a GPU (the tokens are still checked there)."""
+    tokens, reads = [], []
+    for i, seed in enumerate(seeds):
+        row = logits[i : i + 1].contiguous().to(DEVICE)
+        params, state = sampling_batch(1, *settings, seeds=[seed], generated=2, device=DEVICE)
+        with count_loads(row) as loaded:
+            tok, _ = sample_with_budget(row, params, state, num_chunks=num_chunks)
+        tokens.append(int(tok))
+        reads.append(loaded[0] / (row.numel() * row.element_size()))
+    return tokens, (reads if DEVICE == "cpu" else None)
+
+
+def reference_tokens(logits, settings, seeds):
+    params, state = sampling_batch(len(seeds), *settings, seeds=seeds, generated=2)
+    return reference.sample_with_budget(logits.float(), params, state)[0].tolist()
+
+
+@pytest.mark.parametrize("settings", [(0.7, 50, 0.95, 0.0), (0.6, 0, 0.95, 0.0), (1.0, 0, 1.0, 0.05),
+                                      (1.0, 0, 1.0, 0.0), (0.8, 20, 1.0, 0.0)])
+def test_peaked_rows_are_read_about_once(settings):
+    """Logits shaped like a language model's (a few likely tokens over a Gaussian bulk): every row
+    is decided from its candidate buffer, read once (plus one tile for an unfiltered draw)."""
+    torch.manual_seed(6)
+    vocab, n = 20000, 4
+    logits = torch.randn(n, vocab) * 2
+    logits[:, torch.randint(0, vocab, (12,))] += 9 * torch.rand(12)
+    seeds = list(range(300, 300 + n))
+    tokens, reads = reads_per_row(logits, settings, seeds)
+    assert tokens == reference_tokens(logits, settings, seeds)
+    assert reads is None or max(reads) <= 1.06, reads
+
+
+def test_the_bench_rows_are_read_once_with_several_chunks():
+    """bench_kernels' sampler rows (randn * 3 at the reference vocabulary, temperature 0.7, top-k 50,
+    top-p 0.95), split across 1 and 4 programs: one read (and the emitted token's logit for its
+    logprob), the reference's tokens."""
+    torch.manual_seed(7)
+    logits = (torch.randn(2, 151936) * 3).to(torch.float16)
+    settings = (0.7, 50, 0.95, 0.0)
+    for chunks in (1, 4):
+        tokens, reads = reads_per_row(logits, settings, [11, 12], num_chunks=chunks)
+        assert tokens == reference_tokens(logits, settings, [11, 12])
+        assert reads is None or max(reads) < 1.0001, reads
+
+
+@pytest.mark.parametrize("settings", [
+    (1.0, 0, 0.999, 0.0),  # top-p near 1 on a flat row: the nucleus is most of the row
+    (1.0, 5000, 1.0, 0.0),  # top-k larger than the candidate buffer
+])
+def test_rows_the_buffer_cannot_decide_take_the_exact_fallback(settings):
+    torch.manual_seed(8)
+    logits = torch.randn(2, 9000) * 0.3
+    seeds = [21, 22]
+    tokens, reads = reads_per_row(logits, settings, seeds)
+    assert tokens == reference_tokens(logits, settings, seeds)
+    assert reads is None or min(reads) > 2  # the fallback's passes over the row ran
+
+
+@pytest.mark.parametrize("vocab", [3000, 9000])
+def test_top_k_above_the_column_bound_is_decided_by_the_buffer(vocab):
+    """No column bound for k > COLUMNS: every token is a candidate, and a full buffer is compacted
+    to its exact k-th largest value, so the row is still read once."""
+    torch.manual_seed(9)
+    logits = torch.randn(3, vocab) * 0.3
+    settings, seeds = (0.9, 300, 0.8, 0.0), [31, 32, 33]
+    tokens, reads = reads_per_row(logits, settings, seeds)
+    assert tokens == reference_tokens(logits, settings, seeds)
+    assert reads is None or max(reads) < 1.001, reads
+
+
+@pytest.mark.parametrize("vocab, chunks", [(2500, 2), (3001, 3), (20481, 4)])
+def test_chunks_and_ragged_vocabularies_draw_what_the_reference_draws(vocab, chunks):
+    """Rows split across programs, vocabularies that are not multiples of the tile; every
+    filter combination, and the tied/adjacent-float rows of the threshold test."""
+    torch.manual_seed(10)
+    n = 6
+    logits = torch.randn(n, vocab) * 3
+    logits[1] = torch.randint(-6, 7, (vocab,)).float() / 2  # long runs of ties
+    for settings in [(1.0, 0, 1.0, 0.0), (0.8, 40, 0.9, 0.0), (1.1, 0, 0.95, 0.02), (0.7, 7, 1.0, 0.0),
+                     (0.0, 0, 1.0, 0.0)]:
+        seeds = list(range(40, 40 + n))
+        params, state = sampling_batch(n, *settings, seeds=seeds, generated=2, device=DEVICE)
+        got, logprobs = sample_with_budget(logits.to(DEVICE), params, state, num_chunks=chunks)
+        p2, s2 = sampling_batch(n, *settings, seeds=seeds, generated=2)
+        expected, expected_logprobs = reference.sample_with_budget(logits, p2, s2)
+        assert got.cpu().tolist() == expected.tolist(), settings
+        assert torch.allclose(logprobs.cpu(), expected_logprobs, atol=1e-5)
+
+
+def test_markers_up_to_the_widest_the_engine_accepts():
+    """A 40-token marker (Qwen3's "Considering the limited time..." is about 25): forced whole."""
+    marker = [1 + i % 8 for i in range(40)]  # ids of the harness's 16-token vocabulary, never the sampled 9
+    rows = [dict(t=2, s=1, marker=marker, m=0, max_new=60), dict(t=5, s=1, marker=[3], m=0, max_new=60)]
+    got = drive(sample_with_budget, rows, [[9] * 60, [9] * 60], device=DEVICE)
+    assert got[0]["tokens"][2:42] == marker and got[0]["forced"][2:42] == [1] * 40
+    assert got[1]["tokens"][5] == 3

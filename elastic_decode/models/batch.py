@@ -18,8 +18,7 @@ class AttentionBatch:
     block_tables: torch.Tensor  # int32 [num_seqs, max_blocks_per_seq]
     context_lens: torch.Tensor  # int32 [num_seqs]; tokens in context incl. the new ones
     cu_seqlens_q: torch.Tensor | None  # int32 [num_seqs + 1]; prefill only
-    max_context_len: int  # host-side maxima, so the kernels need no device sync
-    max_new_tokens: int  # longest run of new tokens of one sequence in this step
+    max_new_tokens: int  # longest run of new tokens of one sequence in this step (host side: no sync)
 
 
 @dataclass(frozen=True)

@@ -152,9 +152,7 @@ class Attention(nn.Module):
             )
         else:
             o = ops.paged_decode_attention(
-                q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale,
-                max_context_len=batch.max_context_len,
-            )
+                q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale)
         return self.o_proj(o.reshape(n, -1))
 
 

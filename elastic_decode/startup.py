@@ -1,0 +1,140 @@
+"""Engine start-up on a GPU: compile every kernel, measure the largest step and the CUDA graphs,
+then give the KV cache what is left, then capture the graphs.
+
+1. Compile: the kernels' launch plan at this model's shapes (kernels/aot.launch_plan: every
+   compile-time variant the engine launches), so no request pays a Triton compile.
+2. Profile: the largest prefill the scheduler can form (its token budget spread over up to
+   max_num_seqs sequences, so the logits and sampler rows are the largest too) runs on a small
+   temporary cache; the peak memory above what was allocated before it is what any later step
+   can need on top of the weights and the cache (vLLM's profile run).
+3. Graph memory: the largest bucket's graph is captured against that temporary cache and the
+   memory it holds is measured (every bucket shares one pool, and the largest needs the most,
+   which is why nano-vllm captures largest first); then it is dropped.
+4. The KV cache takes GPU_MEMORY_UTILIZATION of the free memory, less those two.
+5. The graphs are captured for real against the cache, largest bucket first. A capture that
+   fails leaves the engine decoding eagerly, with one warning line that says why.
+
+The memory figures come through a `MemoryProbe`, so tests can run this order on CPU with stand-in
+numbers (and the suite's stand-in for graph capture).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from elastic_decode.kernels import aot
+
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledBatch
+from .sequence import Sequence, SequenceStatus
+
+log = logging.getLogger("elastic_decode")
+
+GPU_MEMORY_UTILIZATION = 0.9  # of the free memory after the weights, for activations, graphs and cache
+
+
+@dataclass(frozen=True)
+class MemoryProbe:
+    """What start-up measures; torch.cuda's counters on a GPU (`cuda_memory`)."""
+
+    free: Callable[[], int]  # bytes the device can still give (driver view)
+    allocated: Callable[[], int]  # bytes held by live tensors
+    reset_peak: Callable[[], None]
+    peak: Callable[[], int]  # the most bytes held by live tensors since reset_peak
+    release: Callable[[], None]  # hand cached, unused blocks back to the device
+
+
+def cuda_memory(device: torch.device) -> MemoryProbe:
+    def sync_then(fn):
+        def call():
+            torch.cuda.synchronize(device)
+            return fn()
+        return call
+
+    return MemoryProbe(
+        free=sync_then(lambda: torch.cuda.mem_get_info(device)[0]),
+        allocated=sync_then(lambda: torch.cuda.memory_allocated(device)),
+        reset_peak=lambda: torch.cuda.reset_peak_memory_stats(device),
+        peak=sync_then(lambda: torch.cuda.max_memory_allocated(device)),
+        release=torch.cuda.empty_cache,
+    )
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What start-up measured and what the KV cache was given (bytes)."""
+
+    free: int  # free after the weights (and the compile warm-up), before the cache
+    step_peak: int  # the largest step's transient need
+    graph_bytes: int | None  # the CUDA graphs' pool and static buffers; 0 without graphs, None if capture failed
+    kv_cache: int  # the cache's size
+
+
+def compile_kernels(spec, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Run every kernel variant the engine launches once at this model's shapes (a compile each)."""
+    shape = aot.ModelShape("engine", num_q_heads=spec.num_q_heads, num_kv_heads=spec.num_kv_heads,
+                           head_dim=spec.head_dim, hidden=spec.hidden_size, intermediate=spec.intermediate_size,
+                           vocab=spec.vocab_size, block_size=block_size)
+    for _, launch in aot.launch_plan(shape, dtype, device=device):
+        launch()
+
+
+def largest_prefill(num_tokens: int, max_num_seqs: int, max_model_len: int, block_size: int,
+                    vocab_size: int) -> tuple[ScheduledBatch, int]:
+    """The largest prefill batch the scheduler can form (num_tokens tokens over as many
+    sequences as it may run, each within max_model_len), with block tables numbered from 0 on a
+    cache of the returned number of blocks. Token ids cycle through the vocabulary."""
+    num_seqs = max(1, min(max_num_seqs, num_tokens, num_tokens // 1))
+    num_seqs = max(num_seqs, -(-num_tokens // max_model_len))
+    base, extra = divmod(num_tokens, num_seqs)
+    seqs, next_block = [], 0
+    greedy = SamplingParams(temperature=0.0, max_tokens=1)
+    for i in range(num_seqs):
+        length = min(max_model_len, base + (i < extra))
+        blocks = -(-length // block_size)
+        seq = Sequence(seq_id=-1 - i, request_id=-1, sample_index=0,
+                       token_ids=[(i * 7919 + t) % vocab_size for t in range(length)], num_prompt_tokens=length,
+                       params=greedy, seed=0, marker=(0,), stop_ids=(), max_new_tokens=1,
+                       status=SequenceStatus.RUNNING, block_table=list(range(next_block, next_block + blocks)))
+        next_block += blocks
+        seqs.append(seq)
+    return ScheduledBatch(tuple(seqs), is_prefill=True), next_block
+
+
+def profile_step(run_prefill: Callable[[], object], probe: MemoryProbe) -> int:
+    """Bytes the largest step needs above what is allocated when it starts."""
+    probe.release()
+    before = probe.allocated()
+    probe.reset_peak()
+    run_prefill()
+    return max(0, probe.peak() - before)
+
+
+def measure_graphs(capture_largest: Callable[[], None], drop: Callable[[], None], probe: MemoryProbe) -> int | None:
+    """Bytes the largest bucket's graph (and the static buffers) hold, dropped afterwards; None
+    (after one warning) if the capture fails."""
+    probe.release()
+    before = probe.allocated()
+    captured = capture_or_eager(capture_largest)
+    held = max(0, probe.allocated() - before)
+    drop()
+    probe.release()
+    return held if captured else None
+
+
+def kv_cache_bytes(free: int, step_peak: int, graph_bytes: int | None) -> int:
+    return int(GPU_MEMORY_UTILIZATION * free) - step_peak - (graph_bytes or 0)
+
+
+def capture_or_eager(capture_all: Callable[[], None]) -> bool:
+    """Capture every bucket (largest first); on failure warn once and report False (eager)."""
+    try:
+        capture_all()
+    except Exception as err:  # a capture that fails must not take the engine down  # noqa: BLE001
+        log.warning("CUDA graph capture failed at start-up (%s: %s); decoding eagerly",
+                    type(err).__name__, str(err).splitlines()[0] if str(err) else "no message")
+        return False
+    return True
