@@ -6,7 +6,7 @@ import torch  # noqa: F401  (the native extension links against libc10: load tor
 
 from . import _C  # noqa: F401
 from .answers import Vote, majority_vote
-from .errors import ElasticDecodeError, InvalidRequestError, ModelLoadError
+from .errors import ElasticDecodeError, InvalidRequestError, ModelLoadError, NonFiniteLogitsError
 from .llm import LLM, RolloutBatch
 from .outputs import CompletionOutput, GenerationStats, RequestOutput
 from .sampling_params import SamplingParams
@@ -23,4 +23,5 @@ __all__ = [
     "ElasticDecodeError",
     "InvalidRequestError",
     "ModelLoadError",
+    "NonFiniteLogitsError",
 ]

@@ -5,12 +5,13 @@ request -> scheduler -> model runner -> model (kernels) -> sampler + budget -> o
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from dataclasses import dataclass, field
 
 import torch
 
-from elastic_decode.kernels import FINISH_STOP, MAX_MARKER_TOKENS
+from elastic_decode.kernels import FINISH_NONFINITE, FINISH_STOP, MAX_MARKER_TOKENS
 
 from . import startup
 from .backend import select_ops
@@ -18,7 +19,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
 from .decode_step import DecodeInputs
-from .errors import ElasticDecodeError, InvalidRequestError
+from .errors import ElasticDecodeError, InvalidRequestError, NonFiniteLogitsError
 from .loader import resolve_checkpoint
 from .model_runner import ModelRunner
 from .models import LlamaForCausalLM, ModelSpec, rope_inv_freq
@@ -27,6 +28,8 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 from .tokenizer import Tokenizer
+
+log = logging.getLogger("elastic_decode")
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -118,6 +121,10 @@ class LLMEngine:
         self._kv_shape = shape
         kv_caches = self._allocate_kv_caches()
         self.kv_capacity_tokens = num_blocks * block_size
+        if self.kv_capacity_tokens < self.max_model_len:
+            log.warning("the KV cache holds %d tokens, fewer than the %d-token context window: a prompt and its "
+                        "completion are limited to %d tokens (raise kv_cache_memory_gb or num_kv_blocks)",
+                        self.kv_capacity_tokens, self.max_model_len, self.kv_capacity_tokens)
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(
             self.block_manager,
@@ -237,26 +244,40 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------
 
+    @property
+    def window(self) -> int:
+        """Tokens one sequence may hold (prompt + completion): the context window, or the KV cache
+        if that is smaller."""
+        return min(self.max_model_len, self.kv_capacity_tokens)
+
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> tuple[tuple[int, ...], int]:
         """Validate a request without queueing it; returns (marker ids, max new tokens)."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         if not prompt_ids:
             raise InvalidRequestError("prompt is empty")
         vocab = self.spec.vocab_size
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
-        window = min(self.max_model_len, self.kv_capacity_tokens)
+        window = self.window
         room = window - len(prompt_ids)
         if room < 1:
             raise InvalidRequestError(
                 f"prompt has {len(prompt_ids)} tokens but the context window is {window} tokens "
                 "(prompt + completion)"
             )
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceed the context window of "
+                f"{window} tokens; lower max_tokens to {room} or less, or leave it unset (the window)")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {vocab}")
         marker = self.tokenizer.marker(params.end_think)
         if any(t >= vocab for t in marker):
             raise InvalidRequestError(f"end_think token ids must be below the vocabulary size {vocab}")
         if len(marker) > MAX_MARKER_TOKENS:
             raise InvalidRequestError(f"end_think is {len(marker)} tokens long; at most {MAX_MARKER_TOKENS} are supported")
-        return marker, room if params.max_tokens is None else min(params.max_tokens, room)
+        return marker, room if params.max_tokens is None else params.max_tokens
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None) -> int:
         marker, max_new = self.check_request(prompt_ids, params)
@@ -286,10 +307,22 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def abort_request(self, request_id: int) -> None:
+        """Drop a request whatever its state: its sequences leave the scheduler, their KV blocks
+        are freed at once. Unknown (or finished) ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self.scheduler.abort(request.seqs)
+
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns the requests that finished with it."""
         batch = self.scheduler.schedule()
         result = self.runner.run(batch)
+        bad = result.finish.count(FINISH_NONFINITE)
+        if bad:
+            raise NonFiniteLogitsError(
+                f"the model produced non-finite logits (NaN or inf) for {bad} of {len(batch.seqs)} sequences; its "
+                "weights are likely non-finite (check the checkpoint, or the tensors given to load_weights)")
         finished = self.scheduler.postprocess(batch, result)
         outputs = []
         for request_id in dict.fromkeys(s.request_id for s in finished):
@@ -335,7 +368,7 @@ class LLMEngine:
     # -- weights ----------------------------------------------------------------------
 
     def load_weights(self, named_tensors) -> int:
-        """Update weights in place (HF names); cached prefix K/V are dropped as stale."""
-        count = self.model.load_weights(named_tensors)
+        """Update weights in place (HF names), all or nothing; cached prefix K/V are dropped as stale."""
+        count = self.model.load_weights(named_tensors, all_or_nothing=True)
         self.block_manager.reset_prefix_cache()
         return count

@@ -14,3 +14,8 @@ class ModelLoadError(ElasticDecodeError):
 
 class InvalidRequestError(ElasticDecodeError):
     """A prompt or sampling setting that cannot be served (empty, too long, out of range)."""
+
+
+class NonFiniteLogitsError(ElasticDecodeError):
+    """The model produced NaN or inf logits (its weights, or the inputs to a weight update, hold
+    non-finite values); the requests of that call are dropped."""

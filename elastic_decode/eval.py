@@ -28,6 +28,7 @@ from pathlib import Path
 from .answers import majority_vote
 from .errors import ElasticDecodeError
 from .generate import OneLineErrorParser, add_engine_arguments, parse_budget
+from .outpaths import check_output_dir
 
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
@@ -236,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise ElasticDecodeError(str(e)) from None
         examples = eval_examples(task, args.num_problems, args.seed)
+        check_output_dir(args.output_dir, "--output-dir")
         args.output_dir.mkdir(parents=True, exist_ok=True)
     except ElasticDecodeError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 from .config import BUDGET_MODES
 from .errors import ElasticDecodeError
 from .jsonl import check_messages, read_jsonl
+from .outpaths import check_output_file
 
 # Shown when the CLI is run with a prompt and nothing else: small enough for the embedded
 # 135M model to hit the budget, so the forced marker is visible.
@@ -105,11 +107,19 @@ def read_prompts(args) -> list[dict]:
     """Every prompt as {"prompt": str} or {"messages": [...]}, validated before the model loads."""
     rows = [{"prompt": text} for text in args.prompt]
     if args.prompts_file is not None:
-        for where, row in read_jsonl(args.prompts_file, "--prompts-file"):
-            if not ({"prompt", "messages"} & row.keys()):
+        file_rows = read_jsonl(args.prompts_file, "--prompts-file")
+        if not file_rows:
+            raise ElasticDecodeError(f"--prompts-file {args.prompts_file} holds no prompts")
+        for where, row in file_rows:
+            fields = {"prompt", "messages"} & row.keys()
+            if not fields:
                 raise ElasticDecodeError(f'{where}: needs a "prompt" or "messages" field')
+            if len(fields) == 2:
+                raise ElasticDecodeError(f'{where}: give "prompt" or "messages", not both')
             check_messages(row, where)
-            if "prompt" in row and "messages" not in row and not isinstance(row["prompt"], str):
+            if "messages" in row and any(not str(m["content"]).strip() for m in row["messages"]):
+                raise ElasticDecodeError(f"{where}: a message has empty content")
+            if "prompt" in row and not isinstance(row["prompt"], str):
                 raise ElasticDecodeError(f'{where}: "prompt" must be a string')
             rows.append(row)
     if not rows:
@@ -118,6 +128,15 @@ def read_prompts(args) -> list[dict]:
         if "messages" not in row and not row["prompt"].strip():
             raise ElasticDecodeError(f"prompt {i} is empty")
     return rows
+
+
+def _record(row: dict, index: int, out, vote: bool) -> dict:
+    """An --output row: the input row (prompt or messages, and any extra fields), its index, the results."""
+    result = out.to_dict()
+    record = {**row, "index": index, "prompt_token_ids": result["prompt_token_ids"], "completions": result["outputs"]}
+    if vote:
+        record["vote"] = dataclasses.asdict(out.vote())
+    return record
 
 
 def _vote_line(vote) -> str:
@@ -172,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.vote and args.n < 2:
             raise ElasticDecodeError("--vote needs -n 2 or more (a vote over one completion is that completion)")
         rows = read_prompts(args)
-        if args.output is not None and not args.output.parent.exists():
-            raise ElasticDecodeError(f"--output folder {args.output.parent} does not exist")
+        if args.output is not None:
+            check_output_file(args.output, "--output")
 
         from .llm import LLM
 
@@ -189,7 +208,6 @@ def main(argv: list[str] | None = None) -> int:
                 encoded.append(tok.encode(row["prompt"]))
             else:
                 encoded.append(tok.encode_chat([{"role": "user", "content": row["prompt"]}]))
-        outputs = llm.generate(encoded, params, use_tqdm=len(rows) > 1)
     except ElasticDecodeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -197,16 +215,35 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
 
-    if args.output is not None:
-        with open(args.output, "w") as f:
-            for row, out in zip(rows, outputs):
-                # The input row (prompt or messages, and any extra fields) plus the results.
-                result = out.to_dict()
-                record = {**row, "prompt_token_ids": result["prompt_token_ids"], "completions": result["outputs"]}
-                if args.vote:
-                    record["vote"] = dataclasses.asdict(out.vote())
-                f.write(json.dumps(record) + "\n")
-        print(f"wrote {len(outputs)} rows to {args.output}")
+    # Each prompt's row is written (and flushed) as soon as its completions finish, so an
+    # interrupt or a late error keeps every finished row; a finished run is rewritten in prompt order.
+    written: list[dict] = []
+    sink = open(args.output, "w") if args.output is not None else None
+
+    def keep(index: int, out) -> None:
+        if sink is not None:
+            record = _record(rows[index], index, out, args.vote)
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+            written.append(record)
+
+    try:
+        outputs = llm.generate(encoded, params, use_tqdm=len(rows) > 1, on_finished=keep)
+    except (ElasticDecodeError, KeyboardInterrupt) as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        print("interrupted" if interrupted else f"error: {e}", file=sys.stderr)
+        if sink is not None:
+            sink.close()
+            print(f"wrote the {len(written)} of {len(rows)} rows that finished to {args.output} "
+                  "(each with its prompt's \"index\")", file=sys.stderr)
+        return 130 if interrupted else 2
+    if sink is not None:
+        sink.close()
+        ordered = sorted(written, key=lambda r: r["index"])
+        tmp = args.output.with_name(args.output.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in ordered))
+        os.replace(tmp, args.output)
+        print(f"wrote {len(ordered)} rows to {args.output}")
     else:
         for i, (row, out) in enumerate(zip(rows, outputs)):
             _show(i, len(rows), row, out, llm.engine.tokenizer.decode, args.think_budget)

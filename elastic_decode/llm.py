@@ -1,8 +1,9 @@
 """The public API: `LLM(...).generate / chat / generate_tensors / load_weights`."""
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,7 @@ class LLM:
             )
         )
         self.last_stats: GenerationStats | None = None
+        self._lock = threading.RLock()  # one caller at a time (see _run)
 
     @property
     def tokenizer(self):
@@ -98,29 +100,43 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        on_finished: Callable[[int, RequestOutput], None] | None = None,
     ) -> list[RequestOutput]:
-        """Raw text prompts (tokenized with the model's special tokens) or token-id lists."""
+        """Raw text prompts (tokenized with the model's special tokens) or token-id lists.
+
+        `on_finished(index, output)` is called as each prompt's request finishes (in finishing
+        order; index is the prompt's position), so a caller can keep results an interrupt or a later
+        error would otherwise lose."""
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if not isinstance(prompts, Sequence):
+            raise InvalidRequestError(
+                f"prompts must be a string, a list of token ids, or a list of those; got {type(prompts).__name__}")
         encoded = []
-        for p in prompts:
+        for i, p in enumerate(prompts):
             if isinstance(p, str):
                 encoded.append((p, self.engine.tokenizer.encode(p) if p else []))
-            else:
+            elif isinstance(p, Sequence) and not isinstance(p, bytes):
                 encoded.append((None, list(p)))
-        return self._run(encoded, params, use_tqdm)
+            else:
+                raise InvalidRequestError(f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}")
+        return self._run(encoded, params, use_tqdm, on_finished)
 
     def chat(
         self,
         conversations: list[dict] | Sequence[list[dict]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        on_finished: Callable[[int, RequestOutput], None] | None = None,
     ) -> list[RequestOutput]:
         """Conversations (lists of {"role", "content"}) through the model's chat template."""
+        if not isinstance(conversations, Sequence) or isinstance(conversations, str):
+            raise InvalidRequestError(
+                f"conversations must be a list of messages or a list of those, got {type(conversations).__name__}")
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         encoded = [(None, self.encode_chat(messages)) for messages in conversations]
-        return self._run(encoded, params, use_tqdm)
+        return self._run(encoded, params, use_tqdm, on_finished)
 
     def generate_tensors(
         self,
@@ -167,33 +183,49 @@ class LLM:
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """A conversation's prompt token ids through the chat template (for `generate_tensors`)."""
-        if not messages or any(not str(m.get("content", "")).strip() for m in messages):
+        if (not isinstance(messages, Sequence) or isinstance(messages, str) or not messages
+                or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+            raise InvalidRequestError('a conversation must be a non-empty list of {"role", "content"} messages')
+        if any(not str(m.get("content", "")).strip() for m in messages):
             raise InvalidRequestError("a conversation has an empty message")
         return self.engine.tokenizer.encode_chat(list(messages))
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Copy HF-named weights (e.g. a trainer model's `named_parameters()`) in place."""
-        return self.engine.load_weights(named_tensors)
+        """Copy HF-named weights (e.g. a trainer model's `named_parameters()`) in place. All or
+        nothing: every name, shape and value is checked before any weight changes."""
+        with self._lock:
+            return self.engine.load_weights(named_tensors)
 
     def sleep(self) -> None:
         """Free the KV cache while something else needs the memory (e.g. a trainer's backward
         pass); the weights stay. The next generate call (or `wake_up`) allocates it again."""
-        self.engine.sleep()
+        with self._lock:
+            self.engine.sleep()
 
     def wake_up(self) -> None:
-        self.engine.wake_up()
+        with self._lock:
+            self.engine.wake_up()
 
     # -- the loop ---------------------------------------------------------------------
 
-    def _run(self, encoded: list[tuple[str | None, list[int]]], params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, encoded: list[tuple[str | None, list[int]]], params, use_tqdm: bool,
+             on_finished: Callable[[int, RequestOutput], None] | None = None) -> list[RequestOutput]:
         if not encoded:
             raise InvalidRequestError("no prompts given")
         if params is None:
             params = SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(encoded)
+        elif not isinstance(params, Sequence) or isinstance(params, str):
+            raise InvalidRequestError(
+                f"params must be a SamplingParams or a list of them (one per prompt), got {type(params).__name__}")
         elif len(params) != len(encoded):
             raise InvalidRequestError(f"{len(params)} SamplingParams for {len(encoded)} prompts")
+        # One caller at a time: the engine steps one batch of requests; a second thread waits.
+        with self._lock:
+            return self._run_locked(encoded, list(params), use_tqdm, on_finished)
+
+    def _run_locked(self, encoded, params: list[SamplingParams], use_tqdm: bool, on_finished) -> list[RequestOutput]:
         engine = self.engine
         # Validate every prompt before any is queued, so one bad prompt wastes no work.
         for i, ((_, ids), p) in enumerate(zip(encoded, params)):
@@ -203,12 +235,23 @@ class LLM:
                 raise InvalidRequestError(f"prompt {i}: {e}") from None
         start = time.perf_counter()
         preempted_before = engine.scheduler.num_preemptions
-        if self.budget_mode == "two-call":
-            from .two_call import run_two_call
+        before = set(engine.requests)
+        try:
+            if self.budget_mode == "two-call":
+                from .two_call import run_two_call
 
-            results = run_two_call(self, encoded, list(params), use_tqdm)
-        else:
-            results = self._generate_once(encoded, list(params), use_tqdm)
+                results = run_two_call(self, encoded, params, use_tqdm)
+                if on_finished is not None:
+                    for i, out in enumerate(results):
+                        on_finished(i, out)
+            else:
+                results = self._generate_once(encoded, params, use_tqdm, on_finished)
+        except BaseException:
+            # Whatever stopped this call (an error, Ctrl-C, a callback raising), its requests
+            # leave the engine with their blocks, so the next call starts as on a fresh engine.
+            for request_id in set(engine.requests) - before:
+                engine.abort_request(request_id)
+            raise
         completions = [c for r in results for c in r.outputs]
         self.last_stats = GenerationStats(
             requests=len(results),
@@ -225,11 +268,13 @@ class LLM:
         return results
 
     def _generate_once(self, encoded: list[tuple[str | None, list[int]]], params: list[SamplingParams],
-                       use_tqdm: bool) -> list[RequestOutput]:
+                       use_tqdm: bool, on_finished: Callable[[int, RequestOutput], None] | None = None
+                       ) -> list[RequestOutput]:
         """Queue the (validated) requests and step the engine until all of them finish."""
         engine = self.engine
         start = time.perf_counter()
         order = [engine.add_request(ids, p, prompt=text) for (text, ids), p in zip(encoded, params)]
+        index = {request_id: i for i, request_id in enumerate(order)}
         done: dict[int, RequestOutput] = {}
         tokens = 0
         with tqdm(total=len(order), desc="generating", unit="req", disable=not use_tqdm, leave=False) as bar:
@@ -239,4 +284,6 @@ class LLM:
                     tokens += sum(len(c.token_ids) for c in out.outputs)
                     bar.update(1)
                     bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+                    if on_finished is not None:
+                        on_finished(index[out.request_id], out)
         return [done[i] for i in order]

@@ -5,16 +5,33 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidRequestError
 
+# What the engine can represent: budgets, counts and token ids are int32 on the device (and
+# 2**31 - 1 means "no limit" there), seeds are int64 Philox keys.
+INT32_MAX = 2**31 - 1
+SEED_MAX = 2**63 - 1
+MAX_N = 4096  # completions of one prompt; more is almost surely a typo (each is a sequence)
 
-def _check_int(name: str, value, minimum: int, allow_none: bool) -> None:
+
+def _check_int(name: str, value, minimum: int, allow_none: bool, maximum: int = INT32_MAX) -> None:
+    allowed = f"an integer in [{minimum}, {maximum}]"
     if value is None:
         if allow_none:
             return
-        raise InvalidRequestError(f"{name} must be an integer >= {minimum}, got None")
+        raise InvalidRequestError(f"{name} must be {allowed}, got None")
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise InvalidRequestError(f"{name} must be an integer >= {minimum}, got {value}")
+        raise InvalidRequestError(f"{name} must be {allowed}, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise InvalidRequestError(f"{name} must be {allowed}, got {value}")
+
+
+def _check_ids(name: str, value) -> tuple[int, ...]:
+    """A sequence of token ids (each an int32 >= 0) as a tuple."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise InvalidRequestError(f"{name} must be a sequence of token ids, got {value!r}")
+    ids = tuple(value)
+    for tok in ids:
+        _check_int(f"{name}[i]", tok, 0, allow_none=False)
+    return ids
 
 
 def _check_float(name: str, value, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
@@ -60,14 +77,17 @@ class SamplingParams:
     min_think: int = 0
 
     def __post_init__(self) -> None:
-        _check_int("n", self.n, 1, allow_none=False)
+        _check_int("n", self.n, 1, allow_none=False, maximum=MAX_N)
         _check_float("temperature", self.temperature, 0.0, float("inf"), lo_open=False, hi_open=True)
         _check_float("top_p", self.top_p, 0.0, 1.0, lo_open=True, hi_open=False)
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
-            raise InvalidRequestError(f"top_k must be an integer >= 0 (or -1 to disable), got {self.top_k!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not -1 <= self.top_k <= INT32_MAX:
+            raise InvalidRequestError(
+                f"top_k must be an integer in [0, {INT32_MAX}] (or -1 to disable), got {self.top_k!r}")
         _check_float("min_p", self.min_p, 0.0, 1.0, lo_open=False, hi_open=False)
         if self.seed is not None:
-            _check_int("seed", self.seed, 0, allow_none=False)
+            _check_int("seed", self.seed, 0, allow_none=False, maximum=SEED_MAX)
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequestError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         _check_int("max_tokens", self.max_tokens, 1, allow_none=True)
         _check_int("think_budget", self.think_budget, 0, allow_none=True)
         # With a thinking phase, s = 0 means "stop right after the marker"; without one it
@@ -80,17 +100,13 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"min_think ({self.min_think}) must not exceed think_budget ({self.think_budget})"
             )
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        for tok in self.stop_token_ids:
-            _check_int("stop_token_ids[i]", tok, 0, allow_none=False)
+        object.__setattr__(self, "stop_token_ids", _check_ids("stop_token_ids", self.stop_token_ids))
         if self.end_think is not None:
             if isinstance(self.end_think, str):
                 if not self.end_think:
                     raise InvalidRequestError("end_think must not be empty")
             else:
-                ids = tuple(self.end_think)
+                ids = _check_ids("end_think", self.end_think)
                 if not ids:
                     raise InvalidRequestError("end_think must not be empty")
-                for tok in ids:
-                    _check_int("end_think[i]", tok, 0, allow_none=False)
                 object.__setattr__(self, "end_think", ids)

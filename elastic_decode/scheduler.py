@@ -67,6 +67,16 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def abort(self, seqs: list[Sequence]) -> None:
+        """Remove sequences (waiting, running or finished) and free their blocks."""
+        gone = {id(s) for s in seqs}
+        self.waiting = deque(s for s in self.waiting if id(s) not in gone)
+        self.running = [s for s in self.running if id(s) not in gone]
+        for seq in seqs:
+            if seq.block_table:
+                self.block_manager.free(seq)
+            seq.status = SequenceStatus.FINISHED
+
     def schedule(self) -> ScheduledBatch:
         admitted: list[Sequence] = []
         num_tokens = 0

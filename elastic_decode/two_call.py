@@ -51,10 +51,18 @@ def run_two_call(llm, encoded: list[tuple[str | None, list[int]]], params: list[
     # Call 1: thinking only (requests without a thinking budget are plain decoding, done here;
     # with t = 0 there is no thinking to generate).
     first = [i for i, p in enumerate(params) if p.think_budget != 0]
+
+    def fit(max_tokens: int | None, prompt_len: int) -> int | None:
+        """A cap the recipe derives from the budgets, within the context window (the window
+        caps it anyway; as max_tokens it would be refused)."""
+        return None if max_tokens is None else min(max_tokens, engine.window - prompt_len)
+
     first_params = [
         p if p.think_budget is None else dataclasses.replace(
-            p, solution_budget=0, max_tokens=p.think_budget if p.max_tokens is None else min(p.think_budget, p.max_tokens))
-        for p in (params[i] for i in first)
+            p, solution_budget=0,
+            max_tokens=fit(p.think_budget if p.max_tokens is None else min(p.think_budget, p.max_tokens),
+                           len(encoded[i][1])))
+        for i, p in ((i, params[i]) for i in first)
     ]
     ran = llm._generate_once([encoded[i] for i in first], first_params, use_tqdm) if first else []
     thought = [_nothing_yet(text, ids, p.n) for (text, ids), p in zip(encoded, params)]
@@ -74,8 +82,12 @@ def run_two_call(llm, encoded: list[tuple[str | None, list[int]]], params: list[
             solve = _solution_params(p, c.index, len(thinking) + len(marker))
             pending.append((r, c.index, thinking, marker, own, solve is not None))
             if solve is not None:
-                second_inputs.append((None, out.prompt_token_ids + thinking + list(marker)))
-                second_params.append(solve)
+                prompt = out.prompt_token_ids + thinking + list(marker)
+                if engine.window - len(prompt) < 1:  # no room left for a solution
+                    pending[-1] = pending[-1][:5] + (False,)
+                    continue
+                second_inputs.append((None, prompt))
+                second_params.append(dataclasses.replace(solve, max_tokens=fit(solve.max_tokens, len(prompt))))
     # Call 2: every sample's prompt + thinking + marker, prefilled again.
     solved = iter(llm._generate_once(second_inputs, second_params, use_tqdm) if second_inputs else [])
     merged = [list(o.outputs) for o in thought]

@@ -26,6 +26,7 @@ DONE = 3
 FINISH_NONE = 0
 FINISH_STOP = 1  # EOS or a stop id sampled while solving
 FINISH_LENGTH = 2  # solution budget, max_tokens or the context window reached
+FINISH_NONFINITE = 3  # the row's logits held NaN or +inf, or no finite value: nothing was sampled
 
 PAD_TOKEN = -1  # emitted by rows that are already DONE
 NO_LIMIT = 2**31 - 1  # int32 stand-in for "no budget"

@@ -15,6 +15,7 @@ import torch
 from .budget_state import (
     DONE,
     FINISH_LENGTH,
+    FINISH_NONFINITE,
     FINISH_STOP,
     FORCING,
     PAD_TOKEN,
@@ -299,6 +300,8 @@ def sample_with_budget(
     stop_cols = params.stop_ids.long().clamp(min=0)
     stop_block = too_short_stop[:, None] & (params.stop_ids >= 0)
     masked[rows[:, None].expand_as(stop_cols)[stop_block], stop_cols[stop_block]] = float("-inf")
+    # A NaN or +inf logit, or no finite one: the row samples nothing (FINISH_NONFINITE, below).
+    nonfinite = torch.isnan(masked).any(-1) | (masked == float("inf")).any(-1) | (masked == float("-inf")).all(-1)
 
     # Sample every row (cheap in the reference; the Triton kernel skips rows that force).
     greedy = params.temperature <= 0
@@ -366,5 +369,8 @@ def sample_with_budget(
     temperature = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
     logp = torch.log_softmax(masked / temperature[:, None], dim=-1)
     logprobs = logp.gather(1, tokens.clamp(min=0)[:, None]).squeeze(1)
-    logprobs = torch.where(active, logprobs, torch.zeros_like(logprobs))
-    return tokens, logprobs
+    logprobs = torch.where(active & ~nonfinite, logprobs, torch.zeros_like(logprobs))
+    bad = active & nonfinite
+    state.phase.copy_(torch.where(bad, torch.full_like(state.phase, DONE), state.phase))
+    state.finish.copy_(torch.where(bad, torch.full_like(state.finish, FINISH_NONFINITE), state.finish))
+    return torch.where(bad, torch.full_like(tokens, PAD_TOKEN), tokens), logprobs

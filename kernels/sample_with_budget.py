@@ -46,6 +46,7 @@ import triton.language as tl
 from .budget_state import (
     DONE,
     FINISH_LENGTH,
+    FINISH_NONFINITE,
     FINISH_STOP,
     FORCING,
     MAX_MARKER_TOKENS,
@@ -65,6 +66,7 @@ _SOLVING = tl.constexpr(SOLVING)
 _DONE = tl.constexpr(DONE)
 _FINISH_STOP = tl.constexpr(FINISH_STOP)
 _FINISH_LENGTH = tl.constexpr(FINISH_LENGTH)
+_FINISH_NONFINITE = tl.constexpr(FINISH_NONFINITE)
 _PAD_TOKEN = tl.constexpr(PAD_TOKEN)
 _MIN_KEY = tl.constexpr(-2147483647)  # below the order key of every float, -inf included
 _NO_INDEX = tl.constexpr(2147483647)
@@ -84,6 +86,9 @@ STOP_BLOCK = 16  # stop ids compared per step
 MAX_TILES = 256  # tile sums merged per step of the unfiltered draw
 SCAN_WARPS = 8
 FINISH_WARPS = 8  # with 4, ptxas spills the search tiles
+# Left to itself ptxas holds the finish kernel to 64 registers and spills; 128 still lets two
+# programs (16 warps) share an SM, and the kernel is one program per row.
+FINISH_REGISTERS = 128
 
 
 # -- shared pieces ----------------------------------------------------------------------------
@@ -669,8 +674,12 @@ def _finish_kernel(
 
     temperature = tl.load(temperature_ptr + row)
     t_eff = tl.where(temperature > 0.0, temperature, 1.0)
+    # A NaN or +inf logit makes the sum NaN; no finite logit makes it 0. Such a row samples
+    # nothing and finishes with FINISH_NONFINITE, which the engine reports (it reads finish back
+    # anyway, so the check costs nothing).
+    nonfinite = (z != z) | (z <= 0.0) | (z == float("inf"))
     sampled = best_idx
-    if (phase != _FORCING) & (temperature > 0.0):
+    if (phase != _FORCING) & (temperature > 0.0) & (nonfinite == 0):
         u = tl.max(tl.rand(tl.load(seed_ptr + row), tl.full([1], 0, tl.int32) + tl.load(generated_ptr + row)), axis=0)
         top_k = tl.load(top_k_ptr + row)
         top_p = tl.load(top_p_ptr + row)
@@ -755,13 +764,13 @@ def _finish_kernel(
     tl.store(generated_ptr + row, generated)
     finish_len = finish_len | ((finish_stop == 0) & (generated >= tl.load(max_new_ptr + row)))
     finish = tl.where(finish_stop, _FINISH_STOP, tl.where(finish_len, _FINISH_LENGTH, tl.load(finish_ptr + row)))
-    tl.store(finish_ptr + row, finish)
-    tl.store(phase_ptr + row, tl.where(finish_stop | finish_len, _DONE, new_phase))
-    tl.store(tokens_ptr + row, token.to(tl.int64))
+    tl.store(finish_ptr + row, tl.where(nonfinite, _FINISH_NONFINITE, finish))
+    tl.store(phase_ptr + row, tl.where(finish_stop | finish_len | nonfinite, _DONE, new_phase))
+    tl.store(tokens_ptr + row, tl.where(nonfinite, _PAD_TOKEN, token.to(tl.int64)))
     # Honest logprob of the emitted token (forced ones too) under softmax(masked / t_eff).
     x_tok = tl.load(logits_ptr + row_off + token).to(tl.float32)
     x_tok = tl.where(token == sup_tok, float("-inf"), x_tok)
-    tl.store(logprobs_ptr + row, x_tok / t_eff - m - tl.log(z))
+    tl.store(logprobs_ptr + row, tl.where(nonfinite, 0.0, x_tok / t_eff - m - tl.log(z)))
 
 
 # -- launcher ----------------------------------------------------------------------------------
@@ -822,6 +831,6 @@ def sample_with_budget(
         solution_ptr=state.solution_count, generated_ptr=state.generated, force_pos_ptr=state.force_pos,
         forced_end_ptr=state.forced_end, forced_ptr=state.forced, finish_ptr=state.finish,
         stat_ptr=stats, count_ptr=counts, buf_idx_ptr=buf_idx, buf_val_ptr=buf_val, num_chunks=num_chunks,
-        MAX_TILES=MAX_TILES, STOP_BLOCK=STOP_BLOCK, num_warps=FINISH_WARPS, **common,
+        MAX_TILES=MAX_TILES, STOP_BLOCK=STOP_BLOCK, num_warps=FINISH_WARPS, maxnreg=FINISH_REGISTERS, **common,
     )
     return tokens, logprobs

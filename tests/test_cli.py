@@ -111,3 +111,94 @@ def test_chat_template_on_a_model_without_one(tiny_llama, tmp_path):
     assert_clean_error(run_cli("--model", plain, "--prompt", "hi"), "this model has no chat template")
     ok = run_cli("--model", plain, "--prompt", "hi", "--no-chat-template", "--max-tokens", "4")
     assert ok.returncode == 0, ok.stderr
+
+
+# -- nothing a user can give loses finished work or ends in a traceback (in-process: quicker) ----
+
+def main_error(capsys, argv, message, module="elastic_decode.generate"):
+    import importlib
+
+    code = importlib.import_module(module).main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], err
+
+
+def test_output_paths_are_checked_before_the_model_loads(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    no_model = "/no/such/model"  # were the model loaded first, this would be the error
+    for output, message in [(tmp_path, "is a folder; give a file path"),
+                            (tmp_path / "missing" / "out.jsonl", "folder " + str(tmp_path / "missing") + " does not exist"),
+                            (a_file / "out.jsonl", f"{a_file} is a file, not a folder")]:
+        main_error(capsys, ["--prompt", "hi", "--output", output, "--model", no_model], message)
+    main_error(capsys, ["--prompt", "hi", "--seed", 2**64], "seed must be an integer in [0, 9223372036854775807]")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_a_read_only_output_is_refused_up_front(tmp_path, capsys):
+    tmp_path.chmod(0o555)
+    try:
+        main_error(capsys, ["--prompt", "hi", "--output", tmp_path / "out.jsonl"], "is not writable")
+    finally:
+        tmp_path.chmod(0o755)
+
+
+def test_prompts_file_rows_that_cannot_be_served(tmp_path, capsys):
+    rows = tmp_path / "p.jsonl"
+    for text, message in [
+        (json.dumps({"messages": [{"role": "user", "content": ""}]}), "line 1: a message has empty content"),
+        (json.dumps({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}),
+         'line 1: give "prompt" or "messages", not both'),
+        ("", "holds no prompts"),
+        ("\n   \n", "holds no prompts"),
+    ]:
+        rows.write_text(text)
+        main_error(capsys, ["--prompts-file", rows], message)
+
+
+def test_an_interrupt_keeps_every_finished_row(tiny_llama, tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the first prompt finished: its row is in --output (with its prompt's index),
+    the summary says how many were written, the exit status is 130."""
+    from elastic_decode import generate
+    from elastic_decode.engine import LLMEngine
+
+    step = LLMEngine.step
+    finished = []
+
+    def interrupted_step(self):
+        if finished:
+            raise KeyboardInterrupt
+        out = step(self)
+        finished.extend(out)
+        return out
+
+    monkeypatch.setattr(LLMEngine, "step", interrupted_step)
+    out = tmp_path / "out.jsonl"
+    # No chat template, a 24-token window: the long prompt has the least room and finishes first.
+    code = generate.main(["--model", str(tiny_llama), "--prompt", "short", "--prompt",
+                          "a much longer prompt than the other two, with room for fewer tokens",
+                          "--prompt", "third", "--output", str(out), "--no-chat-template", "--max-model-len", "24",
+                          "--think-budget", "none", "--solution-budget", "none", "--temperature", "0"])
+    err = capsys.readouterr().err
+    assert code == 130
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and len(rows) == len(finished) < 3
+    assert {r["index"] for r in rows} <= {0, 1, 2} and all(r["completions"] for r in rows)
+    assert f"wrote the {len(rows)} of 3 rows that finished to {out}" in err
+
+
+def test_eval_and_train_check_their_output_folder_first(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    main_error(capsys, ["--model", "/no/such/model", "--output-dir", a_file, "--task", "arithmetic:1:+"],
+               "model path not found", module="elastic_decode.eval")  # a bad model is caught first there
+    from elastic_decode.train.tasks import make_task  # noqa: F401  (the task exists)
+
+    main_error(capsys, ["--output-dir", a_file, "--task", "arithmetic:1:+", "--num-problems", "2"],
+               f"--output-dir {a_file} is a file; give a folder", module="elastic_decode.eval")
+    main_error(capsys, ["--output-dir", a_file / "run"], f"--output-dir {a_file / 'run'}: {a_file} is a file",
+               module="elastic_decode.train.__main__")
+    main_error(capsys, ["--output-dir", a_file], f"--output-dir {a_file} is a file; give a folder",
+               module="elastic_decode.train.__main__")

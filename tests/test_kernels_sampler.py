@@ -254,3 +254,27 @@ def test_markers_up_to_the_widest_the_engine_accepts():
     got = drive(sample_with_budget, rows, [[9] * 60, [9] * 60], device=DEVICE)
     assert got[0]["tokens"][2:42] == marker and got[0]["forced"][2:42] == [1] * 40
     assert got[1]["tokens"][5] == 3
+
+
+def test_rows_with_non_finite_logits_finish_flagged_and_sample_nothing():
+    """NaN or +inf anywhere in a row, or no finite logit: the row emits PAD, finishes with
+    FINISH_NONFINITE (the engine reports it), and the other rows are untouched; the reference too."""
+    from elastic_decode.kernels import DONE, FINISH_NONFINITE, PAD_TOKEN
+
+    torch.manual_seed(11)
+    logits = torch.randn(5, 3000)
+    logits[1, 17] = float("nan")
+    logits[2, 2999] = float("inf")
+    logits[3] = float("-inf")
+    for settings in [(0.0, 0, 1.0, 0.0), (0.8, 20, 0.9, 0.0), (1.0, 0, 1.0, 0.0)]:
+        results = []
+        for fn, device in ((sample_with_budget, DEVICE), (reference.sample_with_budget, "cpu")):
+            params, state = sampling_batch(5, *settings, seeds=range(5), device=device)
+            tokens, logprobs = fn(logits.to(device), params, state)
+            results.append((tokens.cpu().tolist(), state.finish.cpu().tolist(), state.phase.cpu().tolist()))
+            assert [tokens[i].item() for i in (1, 2, 3)] == [PAD_TOKEN] * 3
+            assert [state.finish[i].item() for i in (1, 2, 3)] == [FINISH_NONFINITE] * 3
+            assert [state.phase[i].item() for i in (1, 2, 3)] == [DONE] * 3
+            assert torch.isfinite(logprobs).all()
+            assert state.finish[0].item() != FINISH_NONFINITE and tokens[0].item() >= 0
+        assert results[0] == results[1], settings

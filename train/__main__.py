@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from elastic_decode.errors import ElasticDecodeError
 from elastic_decode.generate import OneLineErrorParser
+from elastic_decode.outpaths import check_output_dir
 
 from .config import GRPOConfig
 
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = GRPOConfig.from_json(args.config).to_dict() if args.config else {}
         config = GRPOConfig.from_dict({**base, **overrides})
+        check_output_dir(Path(config.output_dir), "--output-dir")  # before seconds of model loading
         # Imported after validation: importing transformers takes seconds.
         if config.mode == "grpo":
             from .trainer import GRPOTrainer

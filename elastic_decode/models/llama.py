@@ -220,25 +220,48 @@ class LlamaForCausalLM(nn.Module):
         self.rope_sin = emb.sin() * scaling
 
     @torch.no_grad()
-    def load_weights(self, named_tensors) -> int:
+    def load_weights(self, named_tensors, all_or_nothing: bool = False) -> int:
         """Copy HF-named tensors into the parameters in place; returns how many were copied.
 
-        Unknown names raise ModelLoadError; a tied lm_head.weight and rotary buffers of old
-        checkpoints are skipped.
+        Unknown names and wrong shapes raise ModelLoadError; a tied lm_head.weight and rotary
+        buffers of old checkpoints are skipped. all_or_nothing (weight updates from a trainer or a
+        user): every name, shape and value is checked first (non-finite values refused) and
+        nothing changes unless all pass; without it tensors stream in one at a time (checkpoint
+        loading, where a failure fails the whole engine anyway).
         """
         params = dict(self.named_parameters())
-        count = 0
-        for name, tensor in named_tensors:
+
+        def target_of(name, tensor):
             if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.spec.tie_word_embeddings):
-                continue
+                return None
             target = params.get(name)
             if target is None:
                 raise ModelLoadError(f"unexpected weight {name!r} for a {self.spec.model_type} model")
+            if not isinstance(tensor, torch.Tensor):
+                raise ModelLoadError(f"weight {name!r} must be a tensor, got {type(tensor).__name__}")
             if tuple(target.shape) != tuple(tensor.shape):
                 raise ModelLoadError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+            return target
+
+        if not all_or_nothing:
+            count = 0
+            for name, tensor in named_tensors:
+                target = target_of(name, tensor)
+                if target is not None:
+                    target.copy_(tensor)
+                    count += 1
+            return count
+        pairs = [(name, tensor, target_of(name, tensor)) for name, tensor in named_tensors]
+        pairs = [(name, tensor, target) for name, tensor, target in pairs if target is not None]
+        if pairs:
+            finite = torch.stack([torch.isfinite(t).all().to(target.device) for _, t, target in pairs])  # one sync
+            if not bool(finite.all()):
+                bad = [name for (name, _, _), ok in zip(pairs, finite.tolist()) if not ok]
+                raise ModelLoadError(f"weight {bad[0]!r} has non-finite values (NaN or inf)"
+                                     + (f", and {len(bad) - 1} more" if len(bad) > 1 else "") + "; nothing was loaded")
+        for _, tensor, target in pairs:
             target.copy_(tensor)
-            count += 1
-        return count
+        return len(pairs)
 
     def forward(
         self,
