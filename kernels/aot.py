@@ -300,6 +300,20 @@ def _constexprs(compiled) -> dict:
     return out
 
 
+def _each_launch(shapes, dtypes, **plan_kwargs):
+    """Run every plan's launches; yields (shape, dtype, label) after each."""
+    for shape in shapes:
+        for dtype in dtypes:
+            for label, thunk in launch_plan(shape, dtype, **plan_kwargs):
+                thunk()
+                yield shape, dtype, label
+
+
+def _compiled(fn: JITFunction) -> list:
+    """The variants a kernel has compiled on the (stand-in) device 0."""
+    return list(fn.device_caches[0][0].values()) if fn.device_caches else []
+
+
 def compile_plans(arch: int, shapes=SHAPES, dtypes=DTYPES, **plan_kwargs) -> list[Variant]:
     """Run every plan under the stand-in driver for `arch`; each new compiled variant is
     returned once, labelled with the first plan that reached it. A compile error propagates."""
@@ -307,19 +321,14 @@ def compile_plans(arch: int, shapes=SHAPES, dtypes=DTYPES, **plan_kwargs) -> lis
     seen: set[int] = set()
     with stand_in_driver(arch):
         kernels = jit_kernels()
-        for shape in shapes:
-            for dtype in dtypes:
-                for label, thunk in launch_plan(shape, dtype, **plan_kwargs):
-                    thunk()
-                    for name, fn in kernels.items():
-                        for compiled in fn.device_caches[0][0].values() if fn.device_caches else ():
-                            if id(compiled) in seen:
-                                continue
-                            seen.add(id(compiled))
-                            variants.append(Variant(kernel=name, arch=arch, dtype=str(dtype).replace("torch.", ""),
-                                                    shape=shape.name, launch=label,
-                                                    constexprs=_constexprs(compiled), compiled=compiled,
-                                                    shared=compiled.metadata.shared))
+        for shape, dtype, label in _each_launch(shapes, dtypes, **plan_kwargs):
+            for name, fn in kernels.items():
+                for compiled in _compiled(fn):
+                    if id(compiled) not in seen:
+                        seen.add(id(compiled))
+                        variants.append(Variant(kernel=name, arch=arch, dtype=str(dtype).replace("torch.", ""),
+                                                shape=shape.name, launch=label, constexprs=_constexprs(compiled),
+                                                compiled=compiled, shared=compiled.metadata.shared))
     for v in variants:
         for key, value in resource_usage(v.compiled.asm["ptx"], arch).items():
             setattr(v, key, value)
@@ -328,16 +337,10 @@ def compile_plans(arch: int, shapes=SHAPES, dtypes=DTYPES, **plan_kwargs) -> lis
 
 def variant_counts(arch: int, **plan_kwargs) -> dict[str, int]:
     """How many compiled variants each kernel needs for every plan (shapes x dtypes)."""
-    counts: dict[str, int] = {}
     with stand_in_driver(arch):
-        kernels = jit_kernels()
-        for shape in SHAPES:
-            for dtype in DTYPES:
-                for _, thunk in launch_plan(shape, dtype, **plan_kwargs):
-                    thunk()
-        for name, fn in kernels.items():
-            counts[name] = len(fn.device_caches[0][0]) if fn.device_caches else 0
-    return counts
+        for _ in _each_launch(SHAPES, DTYPES, **plan_kwargs):
+            pass
+        return {name: len(_compiled(fn)) for name, fn in jit_kernels().items()}
 
 
 def main(argv: list[str] | None = None) -> int:
