@@ -117,9 +117,8 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks(block_size, probe, graphs)
         if self.memory_plan is not None and self.memory_plan.graph_bytes is None:
             graphs = None  # the capture failed while measuring it: decode eagerly
-        shape = (num_blocks, block_size, self.spec.num_kv_heads, self.spec.head_dim)
-        self._kv_shape = shape
-        kv_caches = self._allocate_kv_caches()
+        self.num_kv_blocks = num_blocks
+        kv_caches = self._allocate_kv_caches(num_blocks)
         self.kv_capacity_tokens = num_blocks * block_size
         if self.kv_capacity_tokens < self.max_model_len:
             log.warning("the KV cache holds %d tokens, fewer than the %d-token context window: a prompt and its "
@@ -142,10 +141,12 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
 
-    def _allocate_kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _allocate_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's (k_cache, v_cache) of `num_blocks` blocks."""
+        shape = (num_blocks, self.config.block_size, self.spec.num_kv_heads, self.spec.head_dim)
         return [
-            (torch.zeros(self._kv_shape, dtype=self.dtype, device=self.device),
-             torch.zeros(self._kv_shape, dtype=self.dtype, device=self.device))
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
             for _ in range(self.spec.num_layers)
         ]
 
@@ -167,7 +168,7 @@ class LLMEngine:
     def wake_up(self) -> None:
         """Allocate the KV cache again after `sleep`."""
         if self.sleeping:
-            self.runner.kv_caches = self._allocate_kv_caches()
+            self.runner.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -202,8 +203,7 @@ class LLMEngine:
         block_size = self.config.block_size
         batch, blocks = startup.largest_prefill(self._prefill_tokens, self.config.max_num_seqs, self.max_model_len,
                                                 block_size, self.spec.vocab_size)
-        self._kv_shape = (blocks + 1, block_size, self.spec.num_kv_heads, self.spec.head_dim)
-        temporary = self._allocate_kv_caches()
+        temporary = self._allocate_kv_caches(blocks + 1)
         runner = ModelRunner(self.model, temporary, self.ops, block_size)
         step_peak = startup.profile_step(lambda: runner.run(batch), probe)
         graph_bytes = 0

@@ -25,8 +25,6 @@ from dataclasses import dataclass
 
 import torch
 
-from elastic_decode.kernels import aot
-
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch
 from .sequence import Sequence, SequenceStatus
@@ -75,6 +73,8 @@ class MemoryPlan:
 
 def compile_kernels(spec, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
     """Run every kernel variant the engine launches once at this model's shapes (a compile each)."""
+    from elastic_decode.kernels import aot  # CUDA only: `python -m elastic_decode.kernels.aot` imports this package
+
     shape = aot.ModelShape("engine", num_q_heads=spec.num_q_heads, num_kv_heads=spec.num_kv_heads,
                            head_dim=spec.head_dim, hidden=spec.hidden_size, intermediate=spec.intermediate_size,
                            vocab=spec.vocab_size, block_size=block_size)
@@ -87,13 +87,13 @@ def largest_prefill(num_tokens: int, max_num_seqs: int, max_model_len: int, bloc
     """The largest prefill batch the scheduler can form (num_tokens tokens over as many
     sequences as it may run, each within max_model_len), with block tables numbered from 0 on a
     cache of the returned number of blocks. Token ids cycle through the vocabulary."""
-    num_seqs = max(1, min(max_num_seqs, num_tokens, num_tokens // 1))
-    num_seqs = max(num_seqs, -(-num_tokens // max_model_len))
-    base, extra = divmod(num_tokens, num_seqs)
+    num_tokens = min(num_tokens, max_num_seqs * max_model_len)
+    num_seqs = max(1, min(max_num_seqs, num_tokens))
+    base, extra = divmod(num_tokens, num_seqs)  # base + 1 <= max_model_len whenever extra > 0
     seqs, next_block = [], 0
     greedy = SamplingParams(temperature=0.0, max_tokens=1)
     for i in range(num_seqs):
-        length = min(max_model_len, base + (i < extra))
+        length = base + (i < extra)
         blocks = -(-length // block_size)
         seq = Sequence(seq_id=-1 - i, request_id=-1, sample_index=0,
                        token_ids=[(i * 7919 + t) % vocab_size for t in range(length)], num_prompt_tokens=length,

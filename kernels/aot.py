@@ -240,7 +240,6 @@ class Variant:
     dtype: str  # the dtype of the plan that first compiled it
     shape: str  # the model shape of that plan
     launch: str  # the plan label
-    constexprs: dict
     compiled: object  # triton CompiledKernel (asm: ttir, ttgir, llir, ptx, cubin)
     registers: int = 0
     spill_stores: int = 0
@@ -289,17 +288,6 @@ def resource_usage(ptx: str, arch: int) -> dict[str, int]:
                 stack=num(r"(\d+) bytes stack frame"))
 
 
-def _constexprs(compiled) -> dict:
-    consts = getattr(compiled.src, "constants", {}) or {}
-    names = compiled.src.fn.arg_names
-    out = {}
-    for key, value in consts.items():
-        index = key[0] if isinstance(key, tuple) else key
-        name = names[index] if isinstance(index, int) and index < len(names) else str(key)
-        out[name] = value.value if hasattr(value, "value") else value
-    return out
-
-
 def _each_launch(shapes, dtypes, **plan_kwargs):
     """Run every plan's launches; yields (shape, dtype, label) after each."""
     for shape in shapes:
@@ -327,8 +315,8 @@ def compile_plans(arch: int, shapes=SHAPES, dtypes=DTYPES, **plan_kwargs) -> lis
                     if id(compiled) not in seen:
                         seen.add(id(compiled))
                         variants.append(Variant(kernel=name, arch=arch, dtype=str(dtype).replace("torch.", ""),
-                                                shape=shape.name, launch=label, constexprs=_constexprs(compiled),
-                                                compiled=compiled, shared=compiled.metadata.shared))
+                                                shape=shape.name, launch=label, compiled=compiled,
+                                                shared=compiled.metadata.shared))
     for v in variants:
         for key, value in resource_usage(v.compiled.asm["ptx"], arch).items():
             setattr(v, key, value)

@@ -10,11 +10,17 @@ kernel recompile.
 """
 from __future__ import annotations
 
+import torch
 import triton
 
 MAX_SPLITS = 32  # split-KV parts per row at most
 MAX_CHUNKS = 16  # sampler programs per logits row at most
 MIN_CHUNK = 8192  # a logits row is split into chunks of at least this many tokens
+
+
+def num_sms(tensor: torch.Tensor) -> int:
+    """The SM count of the tensor's GPU; 1 elsewhere (interpreter runs on CPU tensors)."""
+    return torch.cuda.get_device_properties(tensor.device).multi_processor_count if tensor.is_cuda else 1
 
 
 def rows_class(num_rows: int) -> int:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_policy import choose_num_splits
+from .launch_policy import choose_num_splits, num_sms
 from .paged_checks import check_paged_attention_inputs
 
 # Tokens per loop iteration: several cache blocks per K/V tile, looked up token by token, so
@@ -176,8 +176,7 @@ def paged_decode_attention(
     group = num_q_heads // num_kv_heads
     min_split_tokens = 1
     if num_splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, sms)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, num_sms(q))
         min_split_tokens = MIN_TOKENS_PER_SPLIT
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")

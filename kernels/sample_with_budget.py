@@ -56,7 +56,7 @@ from .budget_state import (
     BudgetState,
     SamplerParams,
 )
-from .launch_policy import choose_num_chunks
+from .launch_policy import choose_num_chunks, num_sms
 
 # The budget machine's codes as constexprs: a kernel may read module globals only if they are
 # tl.constexpr (the interpreter does not enforce it; the compiler raises NameError).
@@ -800,8 +800,7 @@ def sample_with_budget(
     if num_seqs == 0:
         return tokens, logprobs
     if num_chunks is None:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if logits.is_cuda else 1
-        num_chunks = choose_num_chunks(num_seqs, vocab, sms)
+        num_chunks = choose_num_chunks(num_seqs, vocab, num_sms(logits))
     chunk_len = triton.cdiv(triton.cdiv(vocab, num_chunks), BLOCK_V) * BLOCK_V
     num_chunks = triton.cdiv(vocab, chunk_len)  # no empty chunk
     num_tiles = triton.cdiv(vocab, BLOCK_V)
