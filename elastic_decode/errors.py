@@ -13,7 +13,13 @@ class ModelLoadError(ElasticDecodeError):
 
 
 class InvalidRequestError(ElasticDecodeError):
-    """A prompt or sampling setting that cannot be served (empty, too long, out of range)."""
+    """A prompt or sampling setting that cannot be served (empty, too long, out of range).
+
+    `param` names the offending field where one is to blame (the server puts it in its error JSON)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class NonFiniteLogitsError(ElasticDecodeError):

@@ -40,6 +40,37 @@ class RolloutBatch:
     solution_texts: list[str]  # one per row: the text after it (where answers are graded)
 
 
+def rollout_batch(outputs: Sequence[RequestOutput], pad_id: int) -> RolloutBatch:
+    """The padded tensors of finished requests (each prompt's completions in a row)."""
+    rows = [(i, o, c) for i, o in enumerate(outputs) for c in o.outputs]
+    width = max(1, max(len(c.token_ids) for _, _, c in rows))
+    n = len(rows)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    logprobs = torch.zeros(n, width, dtype=torch.float32)
+    mask = torch.zeros(n, width, dtype=torch.int32)
+    forced = torch.zeros(n, width, dtype=torch.int32)
+    for r, (_, _, c) in enumerate(rows):
+        length = len(c.token_ids)
+        ids[r, :length] = torch.tensor(c.token_ids, dtype=torch.long)
+        logprobs[r, :length] = torch.tensor(c.logprobs, dtype=torch.float32)
+        mask[r, :length] = 1
+        forced[r, :length] = torch.tensor(c.forced_mask, dtype=torch.int32)
+    return RolloutBatch(
+        prompt_ids=[o.prompt_token_ids for _, o, _ in rows],
+        completion_ids=ids,
+        logprobs=logprobs,
+        completion_mask=mask,
+        forced_mask=forced,
+        think_tokens=torch.tensor([c.think_tokens for _, _, c in rows], dtype=torch.long),
+        solution_tokens=torch.tensor([c.solution_tokens for _, _, c in rows], dtype=torch.long),
+        forced_end=torch.tensor([c.forced_end for _, _, c in rows], dtype=torch.bool),
+        truncated=torch.tensor([c.finish_reason == "length" for _, _, c in rows], dtype=torch.bool),
+        prompt_index=torch.tensor([i for i, _, _ in rows], dtype=torch.long),
+        thinking_texts=[c.thinking_text for _, _, c in rows],
+        solution_texts=[c.solution_text for _, _, c in rows],
+    )
+
+
 class LLM:
     """Offline budgeted generation.
 
@@ -146,34 +177,7 @@ class LLM:
     ) -> RolloutBatch:
         """Token ids in, padded tensors out (rows grouped by prompt, `params.n` per prompt)."""
         outputs = self._run([(None, list(p)) for p in prompt_token_ids], params, use_tqdm)
-        rows = [(i, o, c) for i, o in enumerate(outputs) for c in o.outputs]
-        width = max(1, max(len(c.token_ids) for _, _, c in rows))
-        n = len(rows)
-        pad = self.engine.tokenizer.pad_id
-        ids = torch.full((n, width), pad, dtype=torch.long)
-        logprobs = torch.zeros(n, width, dtype=torch.float32)
-        mask = torch.zeros(n, width, dtype=torch.int32)
-        forced = torch.zeros(n, width, dtype=torch.int32)
-        for r, (_, _, c) in enumerate(rows):
-            length = len(c.token_ids)
-            ids[r, :length] = torch.tensor(c.token_ids, dtype=torch.long)
-            logprobs[r, :length] = torch.tensor(c.logprobs, dtype=torch.float32)
-            mask[r, :length] = 1
-            forced[r, :length] = torch.tensor(c.forced_mask, dtype=torch.int32)
-        return RolloutBatch(
-            prompt_ids=[o.prompt_token_ids for _, o, _ in rows],
-            completion_ids=ids,
-            logprobs=logprobs,
-            completion_mask=mask,
-            forced_mask=forced,
-            think_tokens=torch.tensor([c.think_tokens for _, _, c in rows], dtype=torch.long),
-            solution_tokens=torch.tensor([c.solution_tokens for _, _, c in rows], dtype=torch.long),
-            forced_end=torch.tensor([c.forced_end for _, _, c in rows], dtype=torch.bool),
-            truncated=torch.tensor([c.finish_reason == "length" for _, _, c in rows], dtype=torch.bool),
-            prompt_index=torch.tensor([i for i, _, _ in rows], dtype=torch.long),
-            thinking_texts=[c.thinking_text for _, _, c in rows],
-            solution_texts=[c.solution_text for _, _, c in rows],
-        )
+        return rollout_batch(outputs, self.engine.tokenizer.pad_id)
 
     def encode(self, text: str) -> list[int]:
         """A raw text prompt's token ids (with the model's special tokens, as `generate` does)."""

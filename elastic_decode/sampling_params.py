@@ -17,20 +17,23 @@ def _check_int(name: str, value, minimum: int, allow_none: bool, maximum: int = 
     if value is None:
         if allow_none:
             return
-        raise InvalidRequestError(f"{name} must be {allowed}, got None")
+        raise InvalidRequestError(f"{name} must be {allowed}, got None", param=name)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(f"{name} must be {allowed}, got {value!r}")
+        raise InvalidRequestError(f"{name} must be {allowed}, got {value!r}", param=name)
     if not minimum <= value <= maximum:
-        raise InvalidRequestError(f"{name} must be {allowed}, got {value}")
+        raise InvalidRequestError(f"{name} must be {allowed}, got {value}", param=name)
 
 
 def _check_ids(name: str, value) -> tuple[int, ...]:
     """A sequence of token ids (each an int32 >= 0) as a tuple."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise InvalidRequestError(f"{name} must be a sequence of token ids, got {value!r}")
+        raise InvalidRequestError(f"{name} must be a sequence of token ids, got {value!r}", param=name)
     ids = tuple(value)
     for tok in ids:
-        _check_int(f"{name}[i]", tok, 0, allow_none=False)
+        try:
+            _check_int(f"{name}[i]", tok, 0, allow_none=False)
+        except InvalidRequestError as e:
+            raise InvalidRequestError(str(e), param=name) from None
     return ids
 
 
@@ -40,7 +43,7 @@ def _check_float(name: str, value, lo: float, hi: float, lo_open: bool, hi_open:
         ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
         interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise InvalidRequestError(f"{name} must be a number in {interval}, got {value!r}")
+        raise InvalidRequestError(f"{name} must be a number in {interval}, got {value!r}", param=name)
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,12 @@ class SamplingParams:
         _check_float("top_p", self.top_p, 0.0, 1.0, lo_open=True, hi_open=False)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not -1 <= self.top_k <= INT32_MAX:
             raise InvalidRequestError(
-                f"top_k must be an integer in [0, {INT32_MAX}] (or -1 to disable), got {self.top_k!r}")
+                f"top_k must be an integer in [0, {INT32_MAX}] (or -1 to disable), got {self.top_k!r}", param="top_k")
         _check_float("min_p", self.min_p, 0.0, 1.0, lo_open=False, hi_open=False)
         if self.seed is not None:
             _check_int("seed", self.seed, 0, allow_none=False, maximum=SEED_MAX)
         if not isinstance(self.ignore_eos, bool):
-            raise InvalidRequestError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+            raise InvalidRequestError(f"ignore_eos must be True or False, got {self.ignore_eos!r}", param="ignore_eos")
         _check_int("max_tokens", self.max_tokens, 1, allow_none=True)
         _check_int("think_budget", self.think_budget, 0, allow_none=True)
         # With a thinking phase, s = 0 means "stop right after the marker"; without one it
@@ -95,18 +98,17 @@ class SamplingParams:
         _check_int("solution_budget", self.solution_budget, 0 if self.think_budget is not None else 1, allow_none=True)
         _check_int("min_think", self.min_think, 0, allow_none=False)
         if self.min_think and self.think_budget is None:
-            raise InvalidRequestError("min_think needs a think_budget (it bounds the thinking phase)")
+            raise InvalidRequestError("min_think needs a think_budget (it bounds the thinking phase)", param="min_think")
         if self.think_budget is not None and self.min_think > self.think_budget:
             raise InvalidRequestError(
-                f"min_think ({self.min_think}) must not exceed think_budget ({self.think_budget})"
-            )
+                f"min_think ({self.min_think}) must not exceed think_budget ({self.think_budget})", param="min_think")
         object.__setattr__(self, "stop_token_ids", _check_ids("stop_token_ids", self.stop_token_ids))
         if self.end_think is not None:
             if isinstance(self.end_think, str):
                 if not self.end_think:
-                    raise InvalidRequestError("end_think must not be empty")
+                    raise InvalidRequestError("end_think must not be empty", param="end_think")
             else:
                 ids = _check_ids("end_think", self.end_think)
                 if not ids:
-                    raise InvalidRequestError("end_think must not be empty")
+                    raise InvalidRequestError("end_think must not be empty", param="end_think")
                 object.__setattr__(self, "end_think", ids)

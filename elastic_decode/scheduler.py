@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from elastic_decode.kernels import DONE
+from elastic_decode.kernels import DONE, FINISH_STOP
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
@@ -76,6 +76,21 @@ class Scheduler:
             if seq.block_table:
                 self.block_manager.free(seq)
             seq.status = SequenceStatus.FINISHED
+
+    def stop(self, seq: Sequence) -> None:
+        """End a sequence as if it had met a stop token (its caller found a stop string)."""
+        self.abort([seq])
+        seq.phase, seq.finish = DONE, FINISH_STOP
+
+    def recompute_running(self) -> None:
+        """Send every running sequence back to the front of the queue (in order) with its tokens and
+        budget state: its K/V is computed again at its next prefill (after a weight update, the
+        cached K/V belong to the old weights)."""
+        for seq in reversed(self.running):
+            self.block_manager.free(seq)
+            seq.status = SequenceStatus.WAITING
+            self.waiting.appendleft(seq)
+        self.running = []
 
     def schedule(self) -> ScheduledBatch:
         admitted: list[Sequence] = []

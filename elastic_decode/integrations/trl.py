@@ -24,6 +24,7 @@ import importlib.metadata
 import time
 from collections.abc import Callable
 
+from ..client import RolloutClient
 from ..errors import ElasticDecodeError
 from ..llm import LLM
 from ..sampling_params import SamplingParams
@@ -48,7 +49,7 @@ def check_trl() -> str:
 
 
 def make_rollout_func(
-    llm: LLM,
+    llm: LLM | RolloutClient,
     *,
     think_budget: int | None,
     solution_budget: int | None,
@@ -59,7 +60,9 @@ def make_rollout_func(
     seed: int | None = None,
     sync_weights: bool = True,
 ) -> Callable:
-    """A `rollout_func` for `trl.GRPOTrainer` that decodes with Elastic Reasoning budgets.
+    """A `rollout_func` for `trl.GRPOTrainer` that decodes with Elastic Reasoning budgets, on an
+    in-process `LLM` or on a rollout server through a `RolloutClient` (TRL's server setup: trainer
+    and engine in two processes).
 
     `seed` makes rollouts reproducible (each call gets its own derived seed); `sync_weights=False`
     leaves the engine's weights alone (for a frozen policy or a test). The returned function keeps
@@ -119,7 +122,7 @@ def _groups(prompts: list, group: int) -> tuple[list, int]:
     return list(prompts), 1
 
 
-def _encode(llm: LLM, prompt) -> list[int]:
+def _encode(llm: LLM | RolloutClient, prompt) -> list[int]:
     if isinstance(prompt, list):  # conversational: the chat template is applied here, as TRL asks
         return llm.encode_chat(prompt)
     if isinstance(prompt, str):

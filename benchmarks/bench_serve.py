@@ -1,0 +1,163 @@
+"""The server under load: N concurrent streaming clients (the `openai` async client) against
+`python -m elastic_decode.serve` on loopback for a bounded time, and the same requests through
+`LLM.chat` in-process (in waves of N, the batch the server sees) as the baseline.
+
+Each client sends budgeted chat requests back to back (thinking and solution budgets, a distinct
+seed per request). Reported: requests/s, output tokens/s, time to first token and latency (p50 /
+p99), errors (must be 0), and the server's output tokens/s over the in-process run's (its overhead).
+Prints a markdown table for benchmarks/RESULTS.md.
+
+    .venv/bin/python benchmarks/bench_serve.py --clients 16 --duration 30
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+QUESTIONS = [
+    "What is 17 * 23?",
+    "Name three prime numbers larger than 50.",
+    "Why is the sky blue?",
+    "What is the derivative of x^3 + 2x?",
+    "If a train travels 120 km at 80 km/h, how long does it take?",
+    "Translate 'good morning' into French.",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "elastic_decode.serve", "--port", str(port), "--log-level", "warning",
+           "--device", args.device, "--served-model-name", "bench", "--max-num-seqs", str(max(args.clients, 1))]
+    if args.model:
+        cmd += ["--model", args.model]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited: {proc.stderr.read()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the server did not start within 300 s")
+
+
+async def load(url: str, args) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    ttft, latency, tokens, errors, done = [], [], [], [], []
+    stop_at = time.perf_counter() + args.duration
+    counter = iter(range(10**9))
+
+    async def worker() -> None:
+        while time.perf_counter() < stop_at:
+            i = next(counter)
+            start = time.perf_counter()
+            first = None
+            try:
+                stream = await client.chat.completions.create(
+                    model="bench", messages=[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                    temperature=0.7, seed=i, stream=True, stream_options={"include_usage": True},
+                    extra_body={"thinking_budget": args.think_budget, "solution_budget": args.solution_budget})
+                async for chunk in stream:
+                    if first is None and chunk.choices:
+                        delta = chunk.choices[0].delta
+                        if delta.content or (delta.model_extra or {}).get("reasoning"):
+                            first = time.perf_counter() - start
+                    if chunk.usage is not None:
+                        tokens.append(chunk.usage.completion_tokens)
+                latency.append(time.perf_counter() - start)
+                ttft.append(first if first is not None else latency[-1])
+                done.append(i)
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                errors.append(f"{type(e).__name__}: {e}")
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(args.clients)))
+    seconds = time.perf_counter() - start
+    await client.close()
+    return {"seconds": seconds, "requests": len(done), "tokens": sum(tokens), "ttft": ttft, "latency": latency,
+            "errors": errors, "seeds": done}
+
+
+def in_process(args, seeds: list[int]) -> dict:
+    """The server's finished requests, through LLM.chat in waves of `clients` (its batch)."""
+    from elastic_decode import LLM, SamplingParams
+
+    llm = LLM(args.model, device=args.device, max_num_seqs=max(args.clients, 1))
+    convs = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in seeds]
+    params = [SamplingParams(temperature=0.7, seed=i, think_budget=args.think_budget,
+                             solution_budget=args.solution_budget) for i in seeds]
+    llm.chat(convs[:1], params[:1], use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    tokens = 0
+    for w in range(0, len(convs), args.clients):
+        outs = llm.chat(convs[w:w + args.clients], params[w:w + args.clients], use_tqdm=False)
+        tokens += sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return {"seconds": time.perf_counter() - start, "requests": len(convs), "tokens": tokens}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="checkpoint (default: the embedded model)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    parser.add_argument("--duration", type=float, default=30, help="seconds of load")
+    parser.add_argument("--think-budget", type=int, default=32)
+    parser.add_argument("--solution-budget", type=int, default=16)
+    args = parser.parse_args()
+
+    port = free_port()
+    server = start_server(args, port)
+    try:
+        served = asyncio.run(load(f"http://127.0.0.1:{port}", args))
+    finally:
+        server.send_signal(2)
+        server.wait(timeout=60)
+    base = in_process(args, served["seeds"])
+    rate = served["tokens"] / served["seconds"]
+    base_rate = base["tokens"] / base["seconds"]
+    print(f"device: {args.device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores); "
+          f"model: {args.model or 'embedded SmolLM2-135M-Instruct'}; {args.clients} clients, {args.duration:g} s; "
+          f"budgets think {args.think_budget} / solution {args.solution_budget}, temperature 0.7")
+    print()
+    print("| path | requests | req/s | output tok/s | TTFT p50 / p99 (s) | latency p50 / p99 (s) | errors |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| server (HTTP, streaming) | {served['requests']} | {served['requests'] / served['seconds']:.2f} | "
+          f"{rate:.1f} | {percentile(served['ttft'], 0.5):.2f} / {percentile(served['ttft'], 0.99):.2f} | "
+          f"{percentile(served['latency'], 0.5):.2f} / {percentile(served['latency'], 0.99):.2f} | "
+          f"{len(served['errors'])} |")
+    print(f"| LLM.chat in-process, waves of {args.clients} | {base['requests']} | "
+          f"{base['requests'] / base['seconds']:.2f} | {base_rate:.1f} | - | - | 0 |")
+    print()
+    print(f"server / in-process output tokens/s: {rate / base_rate:.2f}"
+          + (f"; mean latency {statistics.mean(served['latency']):.2f} s" if served["latency"] else ""))
+    if served["errors"]:
+        print("errors:", *sorted(set(served["errors"]))[:5], sep="\n  ")
+
+
+if __name__ == "__main__":
+    main()

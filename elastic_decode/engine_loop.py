@@ -1,0 +1,360 @@
+"""An engine that runs on its own: a background thread owns an LLMEngine and steps it while
+requests come and go (continuous batching across callers, as vLLM's AsyncLLM does).
+
+Callers on any thread submit requests, abort them, pause, resume and update weights; each call
+is a command the loop thread runs between two steps, so the engine keeps one owner (STYLE rule 7)
+and no step sees a half-applied change. After every step each live request hears, through its
+callback (called on the loop thread), what its completions gained: new token ids with their
+logprobs and forced flags, and the budget machine's counts.
+
+Pausing (`pause(mode)`, as RL trainers pause a rollout server to update it):
+- "abort": in-flight requests end at once with finish_reason "abort" and their partial tokens;
+- "wait": in-flight requests run to completion, then the loop pauses;
+- "keep": in-flight requests stay where they are and continue after `resume()`.
+Requests submitted while paused wait for `resume()`. A weight update (`update_weights`, paused
+or not) copies the weights in place and prefills the in-flight sequences again, so from that
+point they continue exactly as a fresh engine with the new weights would (PipelineRL's in-flight
+update, with the stale K/V recomputed rather than kept).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from elastic_decode.kernels import FINISH_STOP, FORCING, THINKING
+
+from .engine import LLMEngine, Request
+from .errors import ElasticDecodeError, InvalidRequestError
+from .sampling_params import SamplingParams
+
+log = logging.getLogger("elastic_decode")
+
+PAUSE_MODES = ("abort", "wait", "keep")
+
+
+@dataclass(frozen=True)
+class CompletionDelta:
+    """What one completion gained since its last delta, and where its budget machine stands."""
+
+    index: int  # which of the request's n completions
+    token_ids: list[int]  # new tokens
+    logprobs: list[float]  # of the new tokens (forced ones too)
+    forced_mask: list[int]  # 1 where a new token was forced
+    num_tokens: int  # all tokens so far
+    think_tokens: int  # so far
+    solution_tokens: int  # so far
+    thinking: bool  # still before the end-of-thinking marker (THINKING or FORCING)
+    forcing: bool  # the marker is being forced: thinking tokens are final
+    marker_len: int
+    forced_end: bool
+    finish_reason: str | None  # None while it runs; "stop", "length" or "abort"
+
+
+@dataclass(frozen=True)
+class RequestUpdate:
+    completions: list[CompletionDelta]  # the completions that changed
+    finished: bool  # the last update of this request
+    error: Exception | None = None  # the request failed (the engine step raised)
+
+
+@dataclass(eq=False)
+class _Live:
+    """A submitted request as the loop tracks it."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    callback: Callable[[RequestUpdate], None]
+    submitted: float
+    request: Request | None = None  # set once the engine holds it
+    sent: list[int] = field(default_factory=list)  # tokens reported, per completion
+    done: list[bool] = field(default_factory=list)  # completion ended (reported as such)
+
+
+@dataclass
+class LoopMetrics:
+    """Counters since start (read by /metrics; written by the loop thread only)."""
+
+    requests_finished: dict[str, int] = field(default_factory=dict)  # by finish reason of the request
+    requests_failed: int = 0
+    output_tokens: int = 0
+    forced_tokens: int = 0
+    forced_ends: int = 0
+    steps: int = 0
+    batch_sequences: int = 0  # summed over steps: the mean batch is this / steps
+    largest_batch: int = 0
+    # Request latency (submit to last token) as a cumulative histogram, Prometheus-style.
+    latency_buckets: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+    latency_counts: list[int] = field(default_factory=lambda: [0] * 12)  # one per bucket, then +Inf
+    latency_sum: float = 0.0
+
+    def observe_latency(self, seconds: float) -> None:
+        for i, bound in enumerate((*self.latency_buckets, float("inf"))):
+            if seconds <= bound:
+                self.latency_counts[i] += 1
+        self.latency_sum += seconds
+
+
+class EngineLoop:
+    """Owns `engine` on a background thread. `start()` it (or use it as a context manager)."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.metrics = LoopMetrics()
+        self._commands: queue.SimpleQueue[tuple[Callable, Future]] = queue.SimpleQueue()
+        self._live: dict[int, _Live] = {}  # handle -> request
+        self._held: list[int] = []  # handles submitted while paused
+        self._next_handle = 0
+        self._handle_lock = threading.Lock()
+        self._paused = False
+        self._draining: list[Future] = []  # pause("wait") calls waiting for in-flight requests
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="elastic-decode-engine", daemon=True)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> EngineLoop:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the loop; requests still in flight end with finish_reason "abort"."""
+        if self._thread.is_alive():
+            self._call(self._close_in_loop).result()
+            self._thread.join()
+
+    def __enter__(self) -> EngineLoop:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    # -- requests -------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               callback: Callable[[RequestUpdate], None]) -> int:
+        """Queue a request; returns its handle. The request is checked here (InvalidRequestError
+        for what the engine cannot serve), so a bad one never reaches the loop."""
+        self.engine.check_request(prompt_ids, params)
+        with self._handle_lock:
+            handle = self._next_handle
+            self._next_handle += 1
+        live = _Live(list(prompt_ids), params, callback, time.perf_counter(),
+                     sent=[0] * params.n, done=[False] * params.n)
+        self._call(lambda: self._admit(handle, live))
+        return handle
+
+    def abort(self, handle: int) -> None:
+        """End a request now (its blocks are freed); it reports finish_reason "abort". Ending an
+        unknown or finished request does nothing."""
+        self._call(lambda: self._end(handle, "abort"))
+
+    def stop_completion(self, handle: int, index: int) -> None:
+        """End one completion as a stop would (its caller found a stop string in its text)."""
+        self._call(lambda: self._stop_one(handle, index))
+
+    # -- control --------------------------------------------------------------------------
+
+    def pause(self, mode: str = "keep") -> None:
+        """Pause the loop (see the module docstring); returns once paused."""
+        if mode not in PAUSE_MODES:
+            raise InvalidRequestError(f"mode must be one of {', '.join(PAUSE_MODES)}, got {mode!r}", param="mode")
+        done: Future = Future()
+        self._call(lambda: self._pause(mode, done))
+        done.result()
+
+    def resume(self) -> None:
+        self._call(self._resume).result()
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy HF-named weights in place between two steps, all or nothing; in-flight sequences
+        continue under the new weights (their K/V recomputed). Returns how many were copied."""
+        return self._call(lambda: self.engine.load_weights(named_tensors)).result()
+
+    def call(self, fn: Callable[[LLMEngine], object]) -> object:
+        """Run `fn(engine)` on the loop thread between two steps; returns its result."""
+        return self._call(lambda: fn(self.engine)).result()
+
+    def stats(self) -> dict[str, int]:
+        """What the engine holds now (read without stopping the loop)."""
+        scheduler, blocks = self.engine.scheduler, self.engine.block_manager
+        total = blocks.allocator.num_blocks
+        return {
+            "running": len(scheduler.running),
+            "waiting": len(scheduler.waiting) + len(self._held),
+            "kv_blocks_used": total - blocks.num_free,
+            "kv_blocks_total": total,
+            "preemptions": scheduler.num_preemptions,
+        }
+
+    # -- the loop thread ------------------------------------------------------------------
+
+    def _call(self, fn: Callable) -> Future:
+        if self._closed:
+            raise ElasticDecodeError("the engine loop is closed")
+        future: Future = Future()
+        self._commands.put((fn, future))
+        return future
+
+    def _run(self) -> None:
+        while not self._closed:
+            busy = not self._paused and self.engine.has_unfinished()
+            try:
+                command = self._commands.get_nowait() if busy else self._commands.get()
+            except queue.Empty:
+                command = None
+            if command is not None:
+                fn, future = command
+                try:
+                    future.set_result(fn())
+                except BaseException as e:  # the caller gets it; the loop goes on
+                    future.set_exception(e)
+                continue  # every waiting command runs before the next step
+            self._step()
+
+    def _step(self) -> None:
+        engine = self.engine
+        try:
+            engine.step()  # finished requests are read from their sequences below
+        except Exception as e:  # noqa: BLE001 - one failed step fails its requests, not the loop
+            log.error("engine step failed: %s: %s", type(e).__name__, e)
+            for handle in list(self._live):
+                if self._live[handle].request is not None:
+                    self._end(handle, "abort", error=e)
+            return
+        batch = len(engine.scheduler.running)
+        self.metrics.steps += 1
+        self.metrics.batch_sequences += batch
+        self.metrics.largest_batch = max(self.metrics.largest_batch, batch)
+        for handle in list(self._live):
+            if self._live[handle].request is not None:
+                self._report(handle)
+        self._check_drained()
+
+    def _admit(self, handle: int, live: _Live) -> None:
+        self._live[handle] = live
+        if self._paused or self._draining:
+            self._held.append(handle)
+        else:
+            self._add(handle)
+
+    def _add(self, handle: int) -> None:
+        live = self._live[handle]
+        try:
+            request_id = self.engine.add_request(live.prompt_ids, live.params)
+        except Exception as e:  # noqa: BLE001 - e.g. a window that shrank while it was held: this request only
+            self._forget(handle)
+            self.metrics.requests_failed += 1
+            live.callback(RequestUpdate([], True, e))
+            return
+        live.request = self.engine.requests[request_id]
+
+    def _report(self, handle: int, final_reason: str | None = None, error: Exception | None = None) -> None:
+        """Send the request's deltas; `final_reason` ends every completion still running."""
+        live = self._live[handle]
+        deltas = []
+        for seq in live.request.seqs:
+            i = seq.sample_index
+            if live.done[i]:
+                continue
+            out = seq.output_ids
+            new = slice(live.sent[i], len(out))
+            ended = seq.status.name == "FINISHED" and final_reason is None
+            reason = final_reason or (("stop" if seq.finish == FINISH_STOP else "length") if ended else None)
+            if new.start == new.stop and reason is None:
+                continue
+            live.sent[i] = len(out)
+            live.done[i] = reason is not None
+            forced = seq.forced_mask[new]
+            self.metrics.output_tokens += len(out) - new.start
+            self.metrics.forced_tokens += sum(forced)
+            if reason is not None:
+                self.metrics.forced_ends += bool(seq.forced_end)
+            deltas.append(CompletionDelta(
+                index=i, token_ids=out[new], logprobs=seq.logprobs[new], forced_mask=forced, num_tokens=len(out),
+                think_tokens=seq.think_count if seq.params.think_budget is not None else 0,
+                solution_tokens=seq.solution_count,
+                thinking=seq.params.think_budget is not None and seq.phase in (THINKING, FORCING),
+                forcing=seq.phase == FORCING, marker_len=len(seq.marker), forced_end=bool(seq.forced_end),
+                finish_reason=reason))
+        finished = all(live.done)
+        if finished:
+            self._forget(handle)
+            if error is not None:
+                self.metrics.requests_failed += 1
+            else:
+                reasons = {d.finish_reason for d in deltas} or {"stop"}
+                key = "abort" if "abort" in reasons else "length" if "length" in reasons else "stop"
+                self.metrics.requests_finished[key] = self.metrics.requests_finished.get(key, 0) + 1
+            self.metrics.observe_latency(time.perf_counter() - live.submitted)
+        if deltas or finished:
+            try:
+                live.callback(RequestUpdate(deltas, finished, error))
+            except Exception as e:  # noqa: BLE001 - a caller's bug must not stop the others' requests
+                log.error("a request callback raised %s: %s; the request is aborted", type(e).__name__, e)
+                if not finished:
+                    self._end(handle, "abort")
+
+    def _forget(self, handle: int) -> None:
+        del self._live[handle]
+
+    def _end(self, handle: int, reason: str, error: Exception | None = None) -> None:
+        live = self._live.get(handle)
+        if live is None:
+            return
+        if live.request is None:  # held while paused: nothing ran
+            self._held.remove(handle)
+            self._forget(handle)
+            live.callback(RequestUpdate([], True, error))
+            return
+        self.engine.abort_request(live.request.request_id)
+        self._report(handle, final_reason=reason, error=error)
+        self._check_drained()
+
+    def _stop_one(self, handle: int, index: int) -> None:
+        live = self._live.get(handle)
+        if live is None or live.request is None:
+            return
+        self.engine.stop_sequence(live.request.request_id, index)
+        self._report(handle)
+        self._check_drained()
+
+    def _pause(self, mode: str, done: Future) -> None:
+        if mode == "abort":
+            for handle in [h for h, live in self._live.items() if live.request is not None]:
+                self._end(handle, "abort")
+        if mode == "wait" and self.engine.has_unfinished():
+            self._draining.append(done)
+            return
+        self._paused = True
+        done.set_result(None)
+
+    def _check_drained(self) -> None:
+        if self._draining and not self.engine.has_unfinished():
+            self._paused = True
+            for done in self._draining:
+                done.set_result(None)
+            self._draining = []
+
+    def _resume(self) -> None:
+        self._paused = False
+        held, self._held = self._held, []
+        for handle in held:
+            self._add(handle)
+
+    def _close_in_loop(self) -> None:
+        for handle in list(self._live):
+            self._end(handle, "abort")
+        for done in self._draining:
+            done.set_result(None)
+        self._closed = True

@@ -1,0 +1,194 @@
+"""From token deltas to text deltas: one completion's thinking / marker / solution text as it grows,
+and stop strings found in its solution text.
+
+Text grows incrementally: each new stretch of tokens is decoded together with the stretch before
+it, and the difference is the new text (vLLM's prefix / read offsets), so a completion of L tokens
+costs O(L) decoding rather than O(L^2); a character still split across tokens is held back until
+complete. While a completion thinks, its last `len(marker) - 1` tokens are held back: they may be
+the start of the end-of-thinking marker, which is not thinking. While a stop string may still be
+completing at the end of the solution, that tail is held back too (as vLLM does), so streamed text
+never has to be taken back. The final text of a finished completion is decoded whole, as `LLM`
+decodes it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..engine_loop import CompletionDelta
+
+_SPLIT_CHAR = "\ufffd"  # what a decoder gives for a character whose bytes are not all there yet
+
+
+@dataclass
+class TextDelta:
+    reasoning: str = ""
+    marker: str = ""  # the end-of-thinking marker's text, once
+    content: str = ""
+
+
+class _Detokenizer:
+    """The text of a growing list of token ids, decoded a stretch at a time."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.text = ""  # text of ids[:read]
+        self.prefix = 0  # ids[prefix:read]: the stretch decoded last, context for the next one
+        self.read = 0
+
+    def extend(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        self.ids += ids
+        before = self.decode(self.ids[self.prefix:self.read])
+        after = self.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith(_SPLIT_CHAR):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+
+    def full(self) -> str:
+        """All the text, a character still split across tokens included."""
+        if self.read == len(self.ids):
+            return self.text
+        before = self.decode(self.ids[self.prefix:self.read])
+        return self.text + self.decode(self.ids[self.prefix:])[len(before):]
+
+
+class CompletionText:
+    """Accumulates one completion's deltas; `feed` returns the new text (when `stream`)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], thinks: bool, stop: Sequence[str] = (),
+                 stream: bool = True):
+        self.decode = decode
+        self.thinks = thinks  # the request has a thinking budget: tokens before the marker are reasoning
+        self.stop = tuple(s for s in stop if s)
+        self.stream = stream  # text is wanted as it grows (else only at the end)
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.forced_mask: list[int] = []
+        self.last: CompletionDelta | None = None
+        self.kept: int | None = None  # tokens kept when a stop string ended the completion
+        self.content_start: int | None = None  # token index where the solution starts, once known
+        self._reasoning = _Detokenizer(decode)
+        self._content = _Detokenizer(decode)
+        self._cut: int | None = None  # where the stop string starts in the solution text
+        self._sent = TextDelta()  # text sent so far
+        self._marker_sent = False
+
+    @property
+    def stopped(self) -> bool:
+        return self.kept is not None
+
+    @property
+    def finish_reason(self) -> str | None:
+        if self.stopped:
+            return "stop"
+        return self.last.finish_reason if self.last is not None else None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def think_tokens(self) -> int:
+        return min(self.last.think_tokens, len(self.token_ids)) if self.last is not None else 0
+
+    def feed(self, delta: CompletionDelta) -> TextDelta:
+        if self.stopped:  # tokens the engine made before it heard of the stop: dropped
+            return TextDelta()
+        self.last = delta
+        if not self.thinks:
+            self.content_start = 0
+        elif not delta.thinking:
+            self.content_start = min(delta.think_tokens + delta.marker_len, delta.num_tokens)
+        new = len(delta.token_ids)
+        if self.stream or self.stop:
+            new = self._grow_text(delta)
+        self.token_ids += delta.token_ids[:new]
+        self.logprobs += delta.logprobs[:new]
+        self.forced_mask += delta.forced_mask[:new]
+        if new < len(delta.token_ids) or (self.stop and self._cut is not None):
+            self.kept = len(self.token_ids)
+        return self._emit() if self.stream else TextDelta()
+
+    def _grow_text(self, delta: CompletionDelta) -> int:
+        """Extend the reasoning and solution texts by the delta; returns how many of its tokens are
+        kept (fewer when a stop string ends the solution inside it)."""
+        ids = self.token_ids + delta.token_ids
+        final = delta.finish_reason is not None
+        if self.thinks:
+            if delta.thinking and not delta.forcing and not final:
+                visible = max(0, len(ids) - (delta.marker_len - 1))  # the tail may be the marker's start
+            else:
+                visible = min(delta.think_tokens, len(ids))
+            self._reasoning.extend(ids[len(self._reasoning.ids):max(visible, len(self._reasoning.ids))])
+        if self.content_start is None:
+            return len(delta.token_ids)
+        pending = ids[self.content_start + len(self._content.ids):]
+        if not self.stop:
+            self._content.extend(pending)
+            return len(delta.token_ids)
+        # Stop strings: token by token, so the completion ends at the token that completed one.
+        longest = max(len(s) for s in self.stop)
+        for token in pending:
+            window = max(0, len(self._content.text) - longest)
+            self._content.extend([token])
+            hits = [i for i in (self._content.text.find(s, window) for s in self.stop) if i >= 0]
+            if hits:
+                self._cut = min(hits)
+                return self.content_start + len(self._content.ids) - len(self.token_ids)
+        return len(delta.token_ids)
+
+    def _emit(self) -> TextDelta:
+        out = TextDelta()
+        final = self.finished
+        reasoning = self._reasoning.full() if final else self._reasoning.text
+        out.reasoning = self._take("reasoning", reasoning)
+        if self.content_start is None:
+            return out
+        if self.thinks and not self._marker_sent:
+            out.marker = self.decode(self.token_ids[self.think_tokens:self.content_start])
+            self._marker_sent = True
+        content = self._content.full() if final else self._content.text
+        if self._cut is not None:
+            content = content[:self._cut]
+        elif not final and self.stop:
+            content = content[:len(content) - self._partial_stop(content)]
+        out.content = self._take("content", content)
+        return out
+
+    def _take(self, part: str, text: str) -> str:
+        sent = getattr(self._sent, part)
+        if len(text) <= len(sent) or not text.startswith(sent):
+            return ""
+        setattr(self._sent, part, text)
+        return text[len(sent):]
+
+    def _partial_stop(self, content: str) -> int:
+        """Length of the longest tail of `content` that begins a stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(content)), best, -1):
+                if content.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+    # -- the finished completion -------------------------------------------------------------
+
+    def full_text(self) -> tuple[str | None, str, str]:
+        """(thinking text, or None without a thinking phase; marker text; solution text), each
+        decoded whole, the solution cut before a stop string."""
+        ids = self.token_ids
+        if not self.thinks:
+            return None, "", self._cut_at_stop(self.decode(ids))
+        start = self.content_start if self.content_start is not None else len(ids)
+        think = self.think_tokens
+        return self.decode(ids[:think]), self.decode(ids[think:start]), self._cut_at_stop(self.decode(ids[start:]))
+
+    def _cut_at_stop(self, content: str) -> str:
+        if not self.stopped:
+            return content
+        hits = [i for i in (content.find(s) for s in self.stop) if i >= 0]
+        return content[:min(hits)] if hits else content
