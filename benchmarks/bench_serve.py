@@ -103,6 +103,39 @@ async def load(url: str, args) -> dict:
             "errors": errors, "seeds": done}
 
 
+def engine_counters(url: str) -> dict:
+    """Steps, prefill steps, sequences stepped and seconds inside steps, from /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as reply:
+        lines = reply.read().decode().splitlines()
+    names = {"engine_steps_total": "steps", "engine_prefill_steps_total": "prefills",
+             "engine_step_sequences_total": "sequences", "engine_step_seconds_total": "seconds"}
+    out = {}
+    for line in lines:
+        name, _, value = line.partition(" ")
+        key = names.get(name.removeprefix("elastic_decode_"))
+        if key:
+            out[key] = float(value)
+    return out
+
+
+def counting(engine) -> dict:
+    """Wrap engine.step to count what the in-process run steps (as the server's /metrics does)."""
+    counts = {"steps": 0, "prefills": 0, "sequences": 0, "seconds": 0.0}
+    step = engine.step
+
+    def counted():
+        start = time.perf_counter()
+        out = step()
+        counts["seconds"] += time.perf_counter() - start
+        counts["steps"] += 1
+        counts["prefills"] += engine.last_batch.is_prefill
+        counts["sequences"] += len(engine.last_batch.seqs)
+        return out
+
+    engine.step = counted
+    return counts
+
+
 def in_process(args, seeds: list[int]) -> dict:
     """The server's finished requests, through LLM.chat in waves of `clients` (its batch)."""
     from elastic_decode import LLM, SamplingParams
@@ -112,12 +145,13 @@ def in_process(args, seeds: list[int]) -> dict:
     params = [SamplingParams(temperature=0.7, seed=i, think_budget=args.think_budget,
                              solution_budget=args.solution_budget) for i in seeds]
     llm.chat(convs[:1], params[:1], use_tqdm=False)  # warm-up
+    counts = counting(llm.engine)
     start = time.perf_counter()
     tokens = 0
     for w in range(0, len(convs), args.clients):
         outs = llm.chat(convs[w:w + args.clients], params[w:w + args.clients], use_tqdm=False)
         tokens += sum(len(c.token_ids) for o in outs for c in o.outputs)
-    return {"seconds": time.perf_counter() - start, "requests": len(convs), "tokens": tokens}
+    return {"seconds": time.perf_counter() - start, "requests": len(convs), "tokens": tokens, "engine": counts}
 
 
 def main() -> None:
@@ -134,6 +168,7 @@ def main() -> None:
     server = start_server(args, port)
     try:
         served = asyncio.run(load(f"http://127.0.0.1:{port}", args))
+        served["engine"] = engine_counters(f"http://127.0.0.1:{port}")
     finally:
         server.send_signal(2)
         server.wait(timeout=60)
@@ -152,6 +187,14 @@ def main() -> None:
           f"{len(served['errors'])} |")
     print(f"| LLM.chat in-process, waves of {args.clients} | {base['requests']} | "
           f"{base['requests'] / base['seconds']:.2f} | {base_rate:.1f} | - | - | 0 |")
+    print()
+    print()
+    print("| path | engine steps | of them prefills | mean sequences per step | engine busy (s in steps / wall s) |")
+    print("| --- | --- | --- | --- | --- |")
+    for label, run in (("server", served), ("in-process", base)):
+        e = run["engine"]
+        print(f"| {label} | {e['steps']:.0f} | {e['prefills']:.0f} | {e['sequences'] / max(e['steps'], 1):.1f} | "
+              f"{e['seconds']:.1f} / {run['seconds']:.1f} = {e['seconds'] / run['seconds']:.2f} |")
     print()
     print(f"server / in-process output tokens/s: {rate / base_rate:.2f}"
           + (f"; mean latency {statistics.mean(served['latency']):.2f} s" if served["latency"] else ""))

@@ -38,11 +38,7 @@ class RolloutClient:
         `LLM.generate_tensors` returns them."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
-        body = dataclasses.asdict(params)
-        body["stop_token_ids"] = list(params.stop_token_ids)
-        if isinstance(params.end_think, tuple):
-            body["end_think"] = list(params.end_think)
-        body["prompt_token_ids"] = [list(p) for p in prompt_token_ids]
+        body = {**dataclasses.asdict(params), "prompt_token_ids": [list(p) for p in prompt_token_ids]}
         reply = self._post("/generate", body)
         outputs = [
             RequestOutput(

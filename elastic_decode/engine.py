@@ -25,7 +25,7 @@ from .model_runner import ModelRunner
 from .models import LlamaForCausalLM, ModelSpec, rope_inv_freq
 from .outputs import CompletionOutput, RequestOutput
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SequenceStatus
 from .tokenizer import Tokenizer
 
@@ -140,6 +140,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
+        self.last_batch: ScheduledBatch | None = None  # what the latest step ran (for metrics)
 
     def _allocate_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every layer's (k_cache, v_cache) of `num_blocks` blocks."""
@@ -328,7 +329,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns the requests that finished with it."""
-        batch = self.scheduler.schedule()
+        batch = self.last_batch = self.scheduler.schedule()
         result = self.runner.run(batch)
         bad = result.finish.count(FINISH_NONFINITE)
         if bad:

@@ -87,6 +87,8 @@ class LoopMetrics:
     forced_tokens: int = 0
     forced_ends: int = 0
     steps: int = 0
+    prefill_steps: int = 0
+    step_seconds: float = 0.0  # inside engine steps: over the wall time, how busy the engine was
     batch_sequences: int = 0  # summed over steps: the mean batch is this / steps
     largest_batch: int = 0
     # Request latency (submit to last token) as a cumulative histogram, Prometheus-style.
@@ -224,6 +226,7 @@ class EngineLoop:
 
     def _step(self) -> None:
         engine = self.engine
+        start = time.perf_counter()
         try:
             engine.step()  # finished requests are read from their sequences below
         except Exception as e:  # noqa: BLE001 - one failed step fails its requests, not the loop
@@ -232,7 +235,9 @@ class EngineLoop:
                 if self._live[handle].request is not None:
                     self._end(handle, "abort", error=e)
             return
-        batch = len(engine.scheduler.running)
+        self.metrics.step_seconds += time.perf_counter() - start
+        batch = len(engine.last_batch.seqs)
+        self.metrics.prefill_steps += engine.last_batch.is_prefill
         self.metrics.steps += 1
         self.metrics.batch_sequences += batch
         self.metrics.largest_batch = max(self.metrics.largest_batch, batch)
@@ -348,6 +353,9 @@ class EngineLoop:
 
     def _resume(self) -> None:
         self._paused = False
+        for done in self._draining:  # a pause("wait") still draining is called off
+            done.set_exception(ElasticDecodeError("resumed before the in-flight requests finished; not paused"))
+        self._draining = []
         held, self._held = self._held, []
         for handle in held:
             self._add(handle)

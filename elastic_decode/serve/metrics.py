@@ -26,6 +26,10 @@ def render_metrics(loop: EngineLoop) -> str:
     metric("preemptions_total", "counter", "Sequences preempted for KV space (recomputed later).",
            [("", stats["preemptions"])])
     metric("engine_steps_total", "counter", "Engine steps run.", [("", m.steps)])
+    metric("engine_prefill_steps_total", "counter", "Engine steps that were prefills.", [("", m.prefill_steps)])
+    metric("engine_step_sequences_total", "counter", "Sequences stepped, summed over steps (over steps: the mean "
+           "batch).", [("", m.batch_sequences)])
+    metric("engine_step_seconds_total", "counter", "Seconds spent inside engine steps.", [("", m.step_seconds)])
     metric("requests_finished_total", "counter", "Requests finished, by finish reason.",
            [(f'{{finish_reason="{r}"}}', c) for r, c in sorted(m.requests_finished.items())])
     metric("requests_failed_total", "counter", "Requests that failed in the engine.", [("", m.requests_failed)])

@@ -9,9 +9,11 @@ their neutral values.
 """
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..errors import InvalidRequestError
 from ..sampling_params import SamplingParams
@@ -159,23 +161,8 @@ class CompletionRequest(_Budgets):
         return list(p)
 
 
-class GenerateRequest(_Body):
-    """POST /generate: token ids in, per-token results out (SamplingParams' own field names)."""
-
+class _GenerateBase(_Body):
     prompt_token_ids: list[list[int]] | list[int] = Field(min_length=1)
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    max_tokens: int | None = None
-    ignore_eos: bool = False
-    stop_token_ids: list[int] = []
-    think_budget: int | None = None
-    solution_budget: int | None = None
-    end_think: str | list[int] | None = None
-    min_think: int = 0
     return_text: bool = True  # decode each completion's thinking and solution text too
 
     def prompts(self) -> list[list[int]]:
@@ -183,11 +170,22 @@ class GenerateRequest(_Body):
         return [list(p)] if all(isinstance(x, int) for x in p) else [list(x) for x in p]
 
     def params(self) -> SamplingParams:
-        fields = self.model_dump(exclude={"prompt_token_ids", "return_text"})
-        fields["stop_token_ids"] = tuple(fields["stop_token_ids"])
-        if isinstance(fields["end_think"], list):
-            fields["end_think"] = tuple(fields["end_think"])
-        return SamplingParams(**fields)
+        return SamplingParams(**self.model_dump(exclude={"prompt_token_ids", "return_text"}))
+
+
+def _sampling_fields() -> dict:
+    """SamplingParams' fields (types and defaults) as pydantic field definitions."""
+    hints = typing.get_type_hints(SamplingParams)
+    fields = {}
+    for f in dataclasses.fields(SamplingParams):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        fields[f.name] = (hints[f.name], default)
+    return fields
+
+
+# POST /generate: token ids in, per-token results out; the sampling fields are SamplingParams' own
+# (names, types, defaults), so the route and the Python API cannot drift apart.
+GenerateRequest = create_model("GenerateRequest", __base__=_GenerateBase, **_sampling_fields())
 
 
 class TokenizeRequest(_Body):
