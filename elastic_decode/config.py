@@ -45,11 +45,17 @@ class EngineConfig:
     # Saves the host's kernel launches; costs a capture per bucket on first use and GPU memory
     # for the graphs' pool. Off by default until it has been measured on a GPU.
     cuda_graphs: bool = False
+    # Ranks the model is split over (Megatron-style tensor parallelism, parallel.py): the LLM
+    # starts tensor_parallel_size - 1 worker processes, one per extra GPU (or CPU process).
+    tensor_parallel_size: int = 1
+    # Seconds a collective may wait on a worker before the engine gives up with an error.
+    tensor_parallel_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ElasticDecodeError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_scheduler_steps"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_scheduler_steps",
+                     "tensor_parallel_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ElasticDecodeError(f"{name} must be a positive integer, got {value!r}")
@@ -59,5 +65,7 @@ class EngineConfig:
                 raise ElasticDecodeError(f"{name} must be a positive integer or None, got {value!r}")
         if not isinstance(self.cuda_graphs, bool):
             raise ElasticDecodeError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
+        if not self.tensor_parallel_timeout_s > 0:
+            raise ElasticDecodeError(f"tensor_parallel_timeout_s must be > 0, got {self.tensor_parallel_timeout_s!r}")
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
             raise ElasticDecodeError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")

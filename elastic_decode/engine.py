@@ -7,13 +7,15 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from elastic_decode.kernels import FINISH_NONFINITE, FINISH_STOP, MAX_MARKER_TOKENS
 
-from . import startup
+from . import parallel, startup
 from .backend import select_ops
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -79,9 +81,79 @@ def _pick_dtype(name: str, device: torch.device, hf_config) -> torch.dtype:
     return ckpt if ckpt in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
+def build_model(path: Path, hf_config, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                max_model_len: int, tp: parallel.Group | None = None) -> LlamaForCausalLM:
+    """The model (or this rank's shard of it) with the checkpoint's weights; a shard reads only its
+    slices from the safetensors files."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(spec, tp)
+    model = model.to_empty(device=device).to(dtype)
+    inv_freq, rope_scaling = rope_inv_freq(hf_config, spec.head_dim)
+    model.set_rope(inv_freq, rope_scaling, max_model_len)
+    expected = {n for n, _ in model.named_parameters()}
+    loaded = 0
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            names = [k for k in f.keys() if k in expected]
+            if model.shard is None:
+                loaded += model.load_weights((k, f.get_tensor(k)) for k in names)
+            else:
+                loaded += model.load_weights(((k, model.shard.read(k, f.get_slice(k))) for k in names), local=True)
+    if loaded != len(expected):
+        raise ElasticDecodeError(f"checkpoint {path} holds {loaded} of the model's {len(expected)} weights")
+    return model.eval()
+
+
+def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, ...]]:
+    """Every layer's (k_cache, v_cache) of `num_blocks` blocks (this rank's kv heads)."""
+    spec, weight = model.spec, model.model.norm.weight
+    kv_heads = model.shard.kv_heads if model.shard else spec.num_kv_heads
+    shape = (num_blocks, block_size, kv_heads, spec.head_dim)
+    return [(torch.zeros(shape, dtype=weight.dtype, device=weight.device),
+             torch.zeros(shape, dtype=weight.dtype, device=weight.device)) for _ in range(spec.num_layers)]
+
+
+class ShardWorker:
+    """A tensor-parallel rank other than 0: its shard of the model and KV cache, running what rank 0
+    sends (parallel.py)."""
+
+    def __init__(self, spec: parallel.WorkerSpec, group: parallel.Group):
+        from transformers import AutoConfig
+
+        self.spec, self.group = spec, group
+        path = Path(spec.path)
+        hf_config = AutoConfig.from_pretrained(path)
+        self.device = torch.device(spec.device)
+        self.model = build_model(path, hf_config, ModelSpec.from_hf_config(hf_config), getattr(torch, spec.dtype),
+                                 self.device, spec.max_model_len, group)
+        command, self.num_blocks = group.recv()  # rank 0 sends the cache size first
+        if command != "kv":
+            raise RuntimeError(f"tensor-parallel worker: expected the KV cache size, got {command!r}")
+        self.runner = ModelRunner(self.model, allocate_kv_caches(self.model, self.num_blocks, spec.block_size),
+                                  select_ops(self.device, spec.backend), spec.block_size)
+
+    def serve(self) -> None:
+        while True:
+            command, *args = self.group.recv()
+            if command == "step":
+                self.runner.execute(args[0])
+            elif command == "load":
+                params = dict(self.model.named_parameters())
+                for name, shape, dtype in args[0]:
+                    full = self.group.broadcast(torch.empty(shape, dtype=dtype, device=self.device))
+                    params[name].data.copy_(self.model.shard.take(name, full))
+            elif command == "sleep":
+                self.runner.kv_caches = []
+            elif command == "wake":
+                self.runner.kv_caches = allocate_kv_caches(self.model, self.num_blocks, self.spec.block_size)
+            elif command == "stop":
+                return
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
-        from safetensors import safe_open
         from transformers import AutoConfig
 
         self.config = config
@@ -95,19 +167,21 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
                                  self.spec.max_position_embeddings)
 
-        with torch.device("meta"):
-            model = LlamaForCausalLM(self.spec)
-        model = model.to_empty(device=self.device).to(self.dtype)
-        inv_freq, rope_scaling = rope_inv_freq(hf_config, self.spec.head_dim)
-        model.set_rope(inv_freq, rope_scaling, self.max_model_len)
-        expected = {n for n, _ in model.named_parameters()}
-        loaded = 0
-        for file in sorted(path.glob("*.safetensors")):
-            with safe_open(str(file), framework="pt", device=str(self.device)) as f:
-                loaded += model.load_weights((k, f.get_tensor(k)) for k in f.keys() if k in expected)
-        if loaded != len(expected):
-            raise ElasticDecodeError(f"checkpoint {path} holds {loaded} of the model's {len(expected)} weights")
-        self.model = model.eval()
+        parallel.check_sizes(self.spec, config.tensor_parallel_size, self.device)
+        self.workers = None
+        if config.tensor_parallel_size > 1:
+            self._check_parallel_settings(config)
+            self.workers = parallel.Workers(config.tensor_parallel_size, parallel.WorkerSpec(
+                path=str(path), dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
+                backend=config.backend, block_size=config.block_size, max_model_len=self.max_model_len,
+                timeout_s=config.tensor_parallel_timeout_s), self.device)
+            self._finalizer = weakref.finalize(self, self.workers.stop)
+        try:
+            self.model = build_model(path, hf_config, self.spec, self.dtype, self.device, self.max_model_len,
+                                     self.workers.group if self.workers else None)
+        except BaseException:
+            self.close()
+            raise
 
         block_size = config.block_size
         graphs = self._graphs()
@@ -118,6 +192,8 @@ class LLMEngine:
         if self.memory_plan is not None and self.memory_plan.graph_bytes is None:
             graphs = None  # the capture failed while measuring it: decode eagerly
         self.num_kv_blocks = num_blocks
+        if self.workers is not None:
+            self.workers.send(("kv", num_blocks))
         kv_caches = self._allocate_kv_caches(num_blocks)
         self.kv_capacity_tokens = num_blocks * block_size
         if self.kv_capacity_tokens < self.max_model_len:
@@ -131,7 +207,7 @@ class LLMEngine:
             max_num_batched_tokens=self._prefill_tokens,
             num_steps=config.num_scheduler_steps,
         )
-        self.runner = ModelRunner(self.model, kv_caches, self.ops, block_size, graphs)
+        self.runner = ModelRunner(self.model, kv_caches, self.ops, block_size, graphs, self.workers)
         if graphs is not None and not startup.capture_or_eager(
                 lambda: graphs.capture_buckets(kv_caches, self._graph_template(graphs))):
             graphs.release()
@@ -143,13 +219,22 @@ class LLMEngine:
         self.last_batch: ScheduledBatch | None = None  # what the latest step ran (for metrics)
 
     def _allocate_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every layer's (k_cache, v_cache) of `num_blocks` blocks."""
-        shape = (num_blocks, self.config.block_size, self.spec.num_kv_heads, self.spec.head_dim)
-        return [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(self.spec.num_layers)
-        ]
+        return allocate_kv_caches(self.model, num_blocks, self.config.block_size)
+
+    @staticmethod
+    def _check_parallel_settings(config: EngineConfig) -> None:
+        if config.cuda_graphs:
+            raise ElasticDecodeError("cuda_graphs with tensor_parallel_size > 1 is not supported yet")
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and config.num_kv_blocks is None and config.kv_cache_memory_gb is None:
+            raise ElasticDecodeError("with tensor_parallel_size > 1 on CUDA, give kv_cache_memory_gb (per GPU) or "
+                                     "num_kv_blocks: the start-up memory profile runs on one device only")
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (also done when the engine is garbage-collected)."""
+        if getattr(self, "workers", None) is not None:
+            self._finalizer.detach()
+            self.workers.stop()
 
     @property
     def sleeping(self) -> bool:
@@ -160,6 +245,8 @@ class LLMEngine:
         if self.has_unfinished():
             raise ElasticDecodeError("cannot sleep with requests in flight")
         self.runner.kv_caches = []
+        if self.workers is not None:
+            self.workers.send(("sleep",))
         if self.runner.graphs is not None:
             self.runner.graphs.reset()  # the graphs point at the freed cache
         self.block_manager.reset_prefix_cache()  # its cached K/V are gone with the memory
@@ -169,6 +256,8 @@ class LLMEngine:
     def wake_up(self) -> None:
         """Allocate the KV cache again after `sleep`."""
         if self.sleeping:
+            if self.workers is not None:
+                self.workers.send(("wake",))
             self.runner.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
 
     # -- start-up -----------------------------------------------------------------------
@@ -223,7 +312,8 @@ class LLMEngine:
         self.memory_plan = None
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
-        per_block = 2 * self.spec.num_layers * block_size * self.spec.num_kv_heads * self.spec.head_dim
+        kv_heads = self.model.shard.kv_heads if self.model.shard else self.spec.num_kv_heads  # this rank's
+        per_block = 2 * self.spec.num_layers * block_size * kv_heads * self.spec.head_dim
         per_block *= torch.empty((), dtype=self.dtype).element_size()
         if self.config.kv_cache_memory_gb is not None:
             budget = self.config.kv_cache_memory_gb * 2**30
@@ -382,7 +472,16 @@ class LLMEngine:
 
     def load_weights(self, named_tensors) -> int:
         """Update weights in place (HF names), all or nothing; K/V of the old weights is dropped."""
-        count = self.model.load_weights(named_tensors, all_or_nothing=True)
+        if self.workers is None:
+            count = self.model.load_weights(named_tensors, all_or_nothing=True)
+        else:  # checked whole here, then every rank takes its slice of each full tensor
+            pairs = self.model.check_weights(named_tensors)
+            self.workers.send(("load", [(name, tuple(t.shape), t.dtype) for name, t, _ in pairs]))
+            with torch.no_grad():
+                for name, tensor, target in pairs:
+                    full = self.workers.group.broadcast(tensor.detach().to(self.device).contiguous())
+                    target.copy_(self.model.shard.take(name, full))
+            count = len(pairs)
         # K/V computed under the old weights, cached or in flight, is stale: running sequences are
         # prefilled again (with their tokens and budget state) at the next step.
         self.scheduler.recompute_running()

@@ -101,6 +101,8 @@ def add_engine_arguments(group) -> None:
                        help="decode steps run on the device between host syncs; same output for any value (default 1)")
     group.add_argument("--cuda-graphs", action="store_true",
                        help="replay decode steps from CUDA graphs captured per batch-size bucket (CUDA only)")
+    group.add_argument("--tensor-parallel-size", type=int, default=1,
+                       help="split the model over this many GPUs (or CPU processes), Megatron-style (default 1)")
 
 
 def read_prompts(args) -> list[dict]:
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
 
         llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
                   max_model_len=args.max_model_len, num_scheduler_steps=args.num_scheduler_steps,
-                  budget_mode=args.budget_mode, cuda_graphs=args.cuda_graphs)
+                  budget_mode=args.budget_mode, cuda_graphs=args.cuda_graphs,
+                  tensor_parallel_size=args.tensor_parallel_size)
         tok = llm.engine.tokenizer
         encoded = []
         for i, row in enumerate(rows):

@@ -96,6 +96,7 @@ class LLM:
         num_scheduler_steps: int = 1,
         budget_mode: str = "in-kernel",
         cuda_graphs: bool = False,
+        tensor_parallel_size: int = 1,
     ):
         if budget_mode not in BUDGET_MODES:
             raise InvalidRequestError(f"budget_mode must be one of {', '.join(BUDGET_MODES)}, got {budget_mode!r}")
@@ -115,6 +116,7 @@ class LLM:
                 kv_cache_memory_gb=kv_cache_memory_gb,
                 num_scheduler_steps=num_scheduler_steps,
                 cuda_graphs=cuda_graphs,
+                tensor_parallel_size=tensor_parallel_size,
             )
         )
         self.last_stats: GenerationStats | None = None
@@ -209,6 +211,11 @@ class LLM:
     def wake_up(self) -> None:
         with self._lock:
             self.engine.wake_up()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes now (otherwise done when the LLM is collected)."""
+        with self._lock:
+            self.engine.close()
 
     # -- the loop ---------------------------------------------------------------------
 

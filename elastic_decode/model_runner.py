@@ -12,7 +12,7 @@ size bucket (cuda_graphs.py).
 from __future__ import annotations
 
 import math
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -30,6 +30,16 @@ def _rows(values: list[list[int]], width: int, fill: int) -> list[list[int]]:
     return [[fill] * (width - len(v)) + list(v) for v in values]
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """One step or decode chunk as host values: what rank 0 sends the tensor-parallel workers."""
+
+    is_prefill: bool
+    host: dict  # name -> (dtype, flat values, shape), uploaded by `_upload`
+    num_steps: int
+    graphs: bool  # replay the CUDA graphs (decode, where the batch fits them)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -38,7 +48,9 @@ class ModelRunner:
         ops: KernelOps,
         block_size: int,
         graphs: DecodeGraphs | None = None,
+        workers=None,
     ):
+        self.workers = workers  # parallel.Workers: the other tensor-parallel ranks, sent every plan
         self.model = model
         self.kv_caches = kv_caches
         self.ops = ops
@@ -120,77 +132,102 @@ class ModelRunner:
         return (SamplerParams(**{f.name: dev[f.name] for f in fields(SamplerParams)}),
                 BudgetState(**{f.name: dev[f.name] for f in fields(BudgetState)}))
 
-    def _prepare_prefill(self, seqs: tuple[Sequence, ...]):
+    @staticmethod
+    def _prefill_host(seqs: tuple[Sequence, ...]) -> dict[str, tuple[torch.dtype, list, tuple[int, ...]]]:
         """Packed new tokens of every sequence (after its cached prefix) and the sampler rows."""
         starts = [s.num_cached_tokens for s in seqs]
         cu = [0]
         for s, a in zip(seqs, starts):
             cu.append(cu[-1] + len(s) - a)
         num_tokens = cu[-1]
-        dev = self._upload({
+        return {
             "input_ids": (torch.long, [t for s, a in zip(seqs, starts) for t in s.token_ids[a:]], (num_tokens,)),
             "positions": (torch.long, [p for s, a in zip(seqs, starts) for p in range(a, len(s))], (num_tokens,)),
             "owner": (torch.long, [i for i, (s, a) in enumerate(zip(seqs, starts)) for _ in range(a, len(s))],
                       (num_tokens,)),
             "cu_seqlens_q": (torch.int32, cu, (len(seqs) + 1,)),
             "context_lens": (torch.int32, [len(s) for s in seqs], (len(seqs),)),
-            "block_tables": self._block_table_rows(seqs),
-            **self._sampler_fields(seqs),
-        })
+            "block_tables": ModelRunner._block_table_rows(seqs),
+            **ModelRunner._sampler_fields(seqs),
+        }
+
+    def _prepare_prefill(self, host: dict):
+        dev = self._upload(host)
         pos, block_tables = dev["positions"], dev["block_tables"]  # [num_tokens], int32 [num_seqs, max_blocks]
         slot_mapping = block_tables[dev["owner"], pos // self.block_size].long() * self.block_size + pos % self.block_size
+        cu = host["cu_seqlens_q"][1]
         attn = AttentionBatch(
             is_prefill=True,
             slot_mapping=slot_mapping,
             block_tables=block_tables,
             context_lens=dev["context_lens"],
             cu_seqlens_q=dev["cu_seqlens_q"],
-            max_new_tokens=max(len(s) - a for s, a in zip(seqs, starts)),
+            max_new_tokens=max(b - a for a, b in zip(cu, cu[1:])),
         )
         logits_rows = dev["cu_seqlens_q"][1:].long() - 1  # last new token of each sequence
         return dev["input_ids"], pos, attn, logits_rows, *self._sampler_inputs(dev)
 
     # -- step -------------------------------------------------------------------------
 
-    @torch.inference_mode()
+    def plan(self, batch: ScheduledBatch) -> StepPlan:
+        """What a step runs, as host values (the same on every tensor-parallel rank)."""
+        if batch.is_prefill:
+            return StepPlan(True, self._prefill_host(batch.seqs), 1, False)
+        graphs = self.graphs is not None and self.graphs.fits(batch.seqs)
+        widths = (self.graphs.marker_width, self.graphs.stop_width) if graphs else (None, None)
+        return StepPlan(False, self._decode_host(batch.seqs, widths), batch.num_steps, graphs)
+
     def run(self, batch: ScheduledBatch) -> StepResult:
-        if not batch.is_prefill:
-            return self._run_decode(batch)
-        input_ids, positions, attn, logits_rows, params, state = self._prepare_prefill(batch.seqs)
+        plan = self.plan(batch)
+        if self.workers is not None:
+            self.workers.send(("step", plan))  # the other ranks run the same plan
+        return self._result(*self.execute(plan))
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan):
+        """Run a plan: (tokens [steps, seqs], logprobs, forced, final budget state) on the device."""
+        if not plan.is_prefill:
+            return self._run_decode(plan)
+        input_ids, positions, attn, logits_rows, params, state = self._prepare_prefill(plan.host)
         hidden = self.model(input_ids, positions, self.kv_caches, attn, self.ops)  # [num_tokens, hidden]
         logits = self.model.compute_logits(hidden[logits_rows])  # [num_seqs, vocab]
         tokens, logprobs = self.ops.sample_with_budget(logits, params, state)
-        return self._result(tokens[None], logprobs[None], state.forced[None], state)
+        return tokens[None], logprobs[None], state.forced[None], state
+
+    @staticmethod
+    def _decode_host(seqs: tuple[Sequence, ...], widths: tuple[int | None, int | None] = (None, None)) -> dict:
+        n = len(seqs)
+        return {
+            "input_ids": (torch.long, [s.token_ids[-1] for s in seqs], (n,)),
+            "positions": (torch.long, [len(s) - 1 for s in seqs], (n,)),
+            "context_lens": (torch.int32, [len(s) for s in seqs], (n,)),
+            "block_tables": ModelRunner._block_table_rows(seqs),  # the chunk's slots are reserved
+            **ModelRunner._sampler_fields(seqs, *widths),
+        }
 
     def decode_inputs(self, seqs: tuple[Sequence, ...], widths: tuple[int | None, int | None] = (None, None)
                       ) -> DecodeInputs:
         """A decode chunk's device inputs (marker and stop columns of the given widths, else as
         wide as the batch needs)."""
-        n = len(seqs)
-        dev = self._upload({
-            "input_ids": (torch.long, [s.token_ids[-1] for s in seqs], (n,)),
-            "positions": (torch.long, [len(s) - 1 for s in seqs], (n,)),
-            "context_lens": (torch.int32, [len(s) for s in seqs], (n,)),
-            "block_tables": self._block_table_rows(seqs),  # the chunk's slots are reserved
-            **self._sampler_fields(seqs, *widths),
-        })
+        return self._decode_inputs(self._decode_host(seqs, widths))
+
+    def _decode_inputs(self, host: dict) -> DecodeInputs:
+        dev = self._upload(host)
         params, state = self._sampler_inputs(dev)
         return DecodeInputs(input_ids=dev["input_ids"], positions=dev["positions"], context_lens=dev["context_lens"],
                             block_tables=dev["block_tables"], params=params, state=state)
 
-    def _run_decode(self, batch: ScheduledBatch) -> StepResult:
-        seqs = batch.seqs
-        graphs = self.graphs if self.graphs is not None and self.graphs.fits(seqs) else None
-        inp = self.decode_inputs(seqs, (graphs.marker_width, graphs.stop_width) if graphs else (None, None))
-        if graphs is not None:
-            return self._result(*graphs.run(self.kv_caches, inp, batch.num_steps))
+    def _run_decode(self, plan: StepPlan):
+        inp = self._decode_inputs(plan.host)
+        if plan.graphs:
+            return self.graphs.run(self.kv_caches, inp, plan.num_steps)
         tokens_k, logprobs_k, forced_k = [], [], []
-        for _ in range(batch.num_steps):
+        for _ in range(plan.num_steps):
             tokens, logprobs = decode_step(self.model, self.ops, self.kv_caches, self.block_size, inp)
             tokens_k.append(tokens)
             logprobs_k.append(logprobs)
             forced_k.append(inp.state.forced.clone())
-        return self._result(torch.stack(tokens_k), torch.stack(logprobs_k), torch.stack(forced_k), inp.state)
+        return torch.stack(tokens_k), torch.stack(logprobs_k), torch.stack(forced_k), inp.state
 
     @staticmethod
     def _result(

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from elastic_decode.kernels import reference
 
 from ..errors import ModelLoadError
+from ..parallel import Group, Shard, vocab_parallel_embedding
 from .batch import AttentionBatch, KernelOps
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -113,11 +114,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def _row_parallel(linear: nn.Linear, x: torch.Tensor, tp: Group | None) -> torch.Tensor:
+    """A row-parallel linear (Megatron): each rank's partial product, summed over ranks, then the bias."""
+    if tp is None:
+        return linear(x)
+    y = tp.all_reduce(F.linear(x, linear.weight))
+    return y if linear.bias is None else y + linear.bias
+
+
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, shard: Shard | None = None, tp: Group | None = None):
         super().__init__()
-        self.spec = spec
-        d, hq, hkv = spec.head_dim, spec.num_q_heads, spec.num_kv_heads
+        self.spec, self.tp = spec, tp
+        d = spec.head_dim
+        hq, hkv = (shard.q_heads, shard.kv_heads) if shard else (spec.num_q_heads, spec.num_kv_heads)
+        self.num_q_heads, self.num_kv_heads = hq, hkv  # this rank's
         self.q_proj = nn.Linear(spec.hidden_size, hq * d, bias=spec.qkv_bias)
         self.k_proj = nn.Linear(spec.hidden_size, hkv * d, bias=spec.qkv_bias)
         self.v_proj = nn.Linear(spec.hidden_size, hkv * d, bias=spec.qkv_bias)
@@ -137,9 +148,9 @@ class Attention(nn.Module):
         ops: KernelOps,
     ) -> torch.Tensor:
         n, d = x.shape[0], self.spec.head_dim
-        q = self.q_proj(x).view(n, self.spec.num_q_heads, d)  # [num_tokens, num_q_heads, head_dim]
-        k = self.k_proj(x).view(n, self.spec.num_kv_heads, d)  # [num_tokens, num_kv_heads, head_dim]
-        v = self.v_proj(x).view(n, self.spec.num_kv_heads, d)
+        q = self.q_proj(x).view(n, self.num_q_heads, d)  # [num_tokens, num_q_heads, head_dim] (this rank's)
+        k = self.k_proj(x).view(n, self.num_kv_heads, d)  # [num_tokens, num_kv_heads, head_dim]
+        v = self.v_proj(x).view(n, self.num_kv_heads, d)
         if self.spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -153,25 +164,27 @@ class Attention(nn.Module):
         else:
             o = ops.paged_decode_attention(
                 q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale)
-        return self.o_proj(o.reshape(n, -1))
+        return _row_parallel(self.o_proj, o.reshape(n, -1), self.tp)
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, shard: Shard | None = None, tp: Group | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
-        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.tp = tp
+        width = shard.intermediate if shard else spec.intermediate_size
+        self.gate_proj = nn.Linear(spec.hidden_size, width, bias=spec.mlp_bias)
+        self.up_proj = nn.Linear(spec.hidden_size, width, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(width, spec.hidden_size, bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
-        return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return _row_parallel(self.down_proj, ops.silu_mul(self.gate_proj(x), self.up_proj(x)), self.tp)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, shard: Shard | None = None, tp: Group | None = None):
         super().__init__()
-        self.self_attn = Attention(spec)
-        self.mlp = MLP(spec)
+        self.self_attn = Attention(spec, shard, tp)
+        self.mlp = MLP(spec, shard, tp)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
@@ -191,22 +204,27 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, shard: Shard | None = None, tp: Group | None = None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.embed_tokens = nn.Embedding(shard.vocab if shard else spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, shard, tp) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    """The whole decoder; `forward` returns hidden states, `compute_logits` the chosen rows."""
+    """The whole decoder; `forward` returns hidden states, `compute_logits` the chosen rows.
 
-    def __init__(self, spec: ModelSpec):
+    With `tp` (parallel.Group), this rank's shard of it (parallel.py): parameter names stay HF's,
+    shapes are the local slices, and `load_weights` takes full HF tensors and keeps its slice."""
+
+    def __init__(self, spec: ModelSpec, tp: Group | None = None):
         super().__init__()
-        self.spec = spec
-        self.model = Backbone(spec)
+        self.spec, self.tp = spec, tp
+        self.shard = Shard.of(spec, tp.rank, tp.size) if tp is not None else None
+        self.model = Backbone(spec, self.shard, tp)
         if not spec.tie_word_embeddings:
-            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+            vocab = self.shard.vocab if self.shard else spec.vocab_size
+            self.lm_head = nn.Linear(spec.hidden_size, vocab, bias=False)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -220,38 +238,31 @@ class LlamaForCausalLM(nn.Module):
         self.rope_sin = emb.sin() * scaling
 
     @torch.no_grad()
-    def load_weights(self, named_tensors, all_or_nothing: bool = False) -> int:
+    def load_weights(self, named_tensors, all_or_nothing: bool = False, local: bool = False) -> int:
         """Copy HF-named tensors into the parameters in place; returns how many were copied.
 
         Unknown names and wrong shapes raise ModelLoadError; a tied lm_head.weight and rotary
         buffers of old checkpoints are skipped. all_or_nothing (weight updates from a trainer or a
         user): every name, shape and value is checked first (non-finite values refused) and
         nothing changes unless all pass; without it tensors stream in one at a time (checkpoint
-        loading, where a failure fails the whole engine anyway).
+        loading, where a failure fails the whole engine anyway). A tensor-parallel shard takes full
+        HF tensors and keeps its slice, or (`local`) tensors that are its slices already.
         """
-        params = dict(self.named_parameters())
+        if all_or_nothing:
+            pairs = self.check_weights(named_tensors)
+        else:
+            pairs = ((name, tensor, self._target(name, tensor, local)) for name, tensor in named_tensors)
+        count = 0
+        for name, tensor, target in pairs:
+            if target is not None:
+                target.copy_(self.shard.take(name, tensor) if self.shard and not local else tensor)
+                count += 1
+        return count
 
-        def target_of(name, tensor):
-            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.spec.tie_word_embeddings):
-                return None
-            target = params.get(name)
-            if target is None:
-                raise ModelLoadError(f"unexpected weight {name!r} for a {self.spec.model_type} model")
-            if not isinstance(tensor, torch.Tensor):
-                raise ModelLoadError(f"weight {name!r} must be a tensor, got {type(tensor).__name__}")
-            if tuple(target.shape) != tuple(tensor.shape):
-                raise ModelLoadError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
-            return target
-
-        if not all_or_nothing:
-            count = 0
-            for name, tensor in named_tensors:
-                target = target_of(name, tensor)
-                if target is not None:
-                    target.copy_(tensor)
-                    count += 1
-            return count
-        pairs = [(name, tensor, target_of(name, tensor)) for name, tensor in named_tensors]
+    def check_weights(self, named_tensors) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(name, full tensor, parameter) of every weight to load, after checking every name, shape
+        and value (non-finite values refused); tied and rotary names left out."""
+        pairs = [(name, tensor, self._target(name, tensor)) for name, tensor in named_tensors]
         pairs = [(name, tensor, target) for name, tensor, target in pairs if target is not None]
         if pairs:
             finite = torch.stack([torch.isfinite(t).all().to(target.device) for _, t, target in pairs])  # one sync
@@ -259,9 +270,22 @@ class LlamaForCausalLM(nn.Module):
                 bad = [name for (name, _, _), ok in zip(pairs, finite.tolist()) if not ok]
                 raise ModelLoadError(f"weight {bad[0]!r} has non-finite values (NaN or inf)"
                                      + (f", and {len(bad) - 1} more" if len(bad) > 1 else "") + "; nothing was loaded")
-        for _, tensor, target in pairs:
-            target.copy_(tensor)
-        return len(pairs)
+        return pairs
+
+    def _target(self, name: str, tensor, local: bool = False) -> torch.Tensor | None:
+        """The parameter `name` loads into (None: skipped), after checking the tensor's shape."""
+        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.spec.tie_word_embeddings):
+            return None
+        target = dict(self.named_parameters()).get(name)
+        if target is None:
+            raise ModelLoadError(f"unexpected weight {name!r} for a {self.spec.model_type} model")
+        if not isinstance(tensor, torch.Tensor):
+            raise ModelLoadError(f"weight {name!r} must be a tensor, got {type(tensor).__name__}")
+        shape = tuple(target.shape)
+        expected = self.shard.full_shape(name, shape) if self.shard and not local else shape
+        if expected != tuple(tensor.shape):
+            raise ModelLoadError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {expected}")
+        return target
 
     def forward(
         self,
@@ -271,7 +295,10 @@ class LlamaForCausalLM(nn.Module):
         batch: AttentionBatch,
         ops: KernelOps,
     ) -> torch.Tensor:  # [num_tokens, hidden]
-        x = self.model.embed_tokens(input_ids)
+        if self.tp is None:
+            x = self.model.embed_tokens(input_ids)  # [num_tokens, hidden]
+        else:
+            x = vocab_parallel_embedding(input_ids, self.model.embed_tokens.weight, self.shard, self.tp)
         cos = self.rope_cos[positions].to(x.dtype)  # [num_tokens, head_dim]
         sin = self.rope_sin[positions].to(x.dtype)
         residual = None
@@ -284,4 +311,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [rows, vocab]
         weight = self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.tp is None:
+            return F.linear(hidden, weight)
+        logits = self.tp.all_gather_last(F.linear(hidden, weight))  # [rows, padded vocab]
+        return logits if logits.shape[1] == self.spec.vocab_size else logits[:, : self.spec.vocab_size].contiguous()
