@@ -103,6 +103,9 @@ def add_engine_arguments(group) -> None:
                        help="replay decode steps from CUDA graphs captured per batch-size bucket (CUDA only)")
     group.add_argument("--tensor-parallel-size", type=int, default=1,
                        help="split the model over this many GPUs (or CPU processes), Megatron-style (default 1)")
+    group.add_argument("--data-parallel-size", type=int, default=1,
+                       help="run this many engine replicas (each --tensor-parallel-size GPUs) and deal the prompts "
+                            "among them (default 1)")
 
 
 def read_prompts(args) -> list[dict]:
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
                   max_model_len=args.max_model_len, num_scheduler_steps=args.num_scheduler_steps,
                   budget_mode=args.budget_mode, cuda_graphs=args.cuda_graphs,
-                  tensor_parallel_size=args.tensor_parallel_size)
+                  tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size)
         tok = llm.engine.tokenizer
         encoded = []
         for i, row in enumerate(rows):

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .config import BUDGET_MODES, EngineConfig
 from .engine import LLMEngine
-from .errors import InvalidRequestError
+from .errors import ElasticDecodeError, InvalidRequestError
 from .outputs import GenerationStats, RequestOutput
 from .sampling_params import SamplingParams
 
@@ -97,6 +97,7 @@ class LLM:
         budget_mode: str = "in-kernel",
         cuda_graphs: bool = False,
         tensor_parallel_size: int = 1,
+        data_parallel_size: int = 1,
     ):
         if budget_mode not in BUDGET_MODES:
             raise InvalidRequestError(f"budget_mode must be one of {', '.join(BUDGET_MODES)}, got {budget_mode!r}")
@@ -121,6 +122,42 @@ class LLM:
         )
         self.last_stats: GenerationStats | None = None
         self._lock = threading.RLock()  # one caller at a time (see _run)
+        self.replicas = None
+        if isinstance(data_parallel_size, bool) or not isinstance(data_parallel_size, int) or data_parallel_size < 1:
+            raise InvalidRequestError(f"data_parallel_size must be a positive integer, got {data_parallel_size!r}")
+        if data_parallel_size > 1:
+            if budget_mode == "two-call":
+                raise InvalidRequestError("budget_mode two-call runs on one replica: use data_parallel_size 1")
+            self._start_replicas(data_parallel_size, dict(
+                model=model, dtype=dtype, device=device, backend=backend, seed=seed, block_size=block_size,
+                max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                num_kv_blocks=num_kv_blocks, kv_cache_memory_gb=kv_cache_memory_gb,
+                num_scheduler_steps=num_scheduler_steps, budget_mode=budget_mode, cuda_graphs=cuda_graphs,
+                tensor_parallel_size=tensor_parallel_size))
+
+    def _start_replicas(self, size: int, kwargs: dict) -> None:
+        """Replicas 1..size-1 of this engine in processes of their own (this LLM's engine is replica 0);
+        on CUDA replica r takes the GPUs from r * tensor_parallel_size on."""
+        from .parallel import Replicas
+
+        tp, device = kwargs["tensor_parallel_size"], self.engine.device
+        if device.type == "cuda" and size * tp > torch.cuda.device_count():
+            self.engine.close()
+            raise InvalidRequestError(f"data_parallel_size {size} x tensor_parallel_size {tp} needs {size * tp} GPUs; "
+                                      f"this machine has {torch.cuda.device_count()}")
+        replicas = []
+        for r in range(1, size):
+            replica = dict(kwargs)
+            if device.type == "cuda":
+                replica["device"] = f"cuda:{(device.index or 0) + r * tp}"
+            if kwargs["seed"] is not None:  # unseeded requests get different random seeds on each replica
+                replica["seed"] = kwargs["seed"] + r
+            replicas.append(replica)
+        try:
+            self.replicas = Replicas(size, replicas, self.engine.config.tensor_parallel_timeout_s)
+        except BaseException:
+            self.engine.close()
+            raise
 
     @property
     def tokenizer(self):
@@ -200,22 +237,40 @@ class LLM:
         """Copy HF-named weights (e.g. a trainer model's `named_parameters()`) in place. All or
         nothing: every name, shape and value is checked before any weight changes."""
         with self._lock:
-            return self.engine.load_weights(named_tensors)
+            if self.replicas is None:
+                return self.engine.load_weights(named_tensors)
+            # Checked here first (all or nothing), then every replica loads the same tensors.
+            named = [(name, t.detach().to("cpu")) for name, t in named_tensors]
+            self.engine.model.check_weights(named)
+            self.replicas.everywhere(("load", named))
+            return self.engine.load_weights(named)
 
     def sleep(self) -> None:
         """Free the KV cache while something else needs the memory (e.g. a trainer's backward
         pass); the weights stay. The next generate call (or `wake_up`) allocates it again."""
         with self._lock:
             self.engine.sleep()
+            if self.replicas is not None:
+                self.replicas.everywhere(("sleep",))
 
     def wake_up(self) -> None:
         with self._lock:
             self.engine.wake_up()
+            if self.replicas is not None:
+                self.replicas.everywhere(("wake",))
 
     def close(self) -> None:
-        """Stop the tensor-parallel worker processes now (otherwise done when the LLM is collected)."""
+        """Stop the worker and replica processes now (otherwise done when the LLM is collected)."""
         with self._lock:
+            if self.replicas is not None:
+                self.replicas.stop()
+                self.replicas = None
             self.engine.close()
+
+    def __del__(self) -> None:
+        replicas = getattr(self, "replicas", None)
+        if replicas is not None:
+            replicas.stop()
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -255,6 +310,8 @@ class LLM:
                 if on_finished is not None:
                     for i, out in enumerate(results):
                         on_finished(i, out)
+            elif self.replicas is not None:
+                results = self._generate_data_parallel(encoded, params, use_tqdm, on_finished)
             else:
                 results = self._generate_once(encoded, params, use_tqdm, on_finished)
         except BaseException:
@@ -277,6 +334,43 @@ class LLM:
             seconds=time.perf_counter() - start,
         )
         return results
+
+    def _generate_data_parallel(self, encoded, params: list[SamplingParams], use_tqdm: bool,
+                                on_finished) -> list[RequestOutput]:
+        """Prompts dealt round-robin to the replicas (a prompt's n completions stay together, sharing
+        its KV on one replica); this process decodes its share while the others decode theirs."""
+        size = self.replicas.size
+        shares = [list(range(r, len(encoded), size)) for r in range(size)]
+        for r in range(1, size):
+            if shares[r]:
+                self.replicas.send(r, ("generate", [encoded[i] for i in shares[r]], [params[i] for i in shares[r]]))
+        results: dict[int, RequestOutput] = {}
+        local = shares[0]
+
+        def keep(j: int, out: RequestOutput) -> None:
+            results[local[j]] = out
+            if on_finished is not None:
+                on_finished(local[j], out)
+
+        try:
+            if local:
+                self._generate_once([encoded[i] for i in local], [params[i] for i in local], use_tqdm, keep)
+        finally:  # the replicas' answers are read even when this share failed, so none is left unread
+            answers = {r: self._reply(r) for r in range(1, size) if shares[r]}
+        for r, answer in answers.items():
+            if isinstance(answer, BaseException):
+                raise answer
+            for i, out in zip(shares[r], answer):
+                results[i] = out
+                if on_finished is not None:
+                    on_finished(i, out)
+        return [results[i] for i in range(len(encoded))]
+
+    def _reply(self, rank: int):
+        try:
+            return self.replicas.reply(rank)
+        except ElasticDecodeError as e:
+            return e
 
     def _generate_once(self, encoded: list[tuple[str | None, list[int]]], params: list[SamplingParams],
                        use_tqdm: bool, on_finished: Callable[[int, RequestOutput], None] | None = None

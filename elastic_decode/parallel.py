@@ -189,6 +189,20 @@ class Group:
         self.control.broadcast(data, 0).wait()
         return pickle.loads(data.numpy().tobytes())
 
+    # objects between two ranks (control group): data-parallel replicas
+
+    def send_to(self, rank: int, obj) -> None:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        self.control.send([torch.tensor([len(data)], dtype=torch.long)], rank, 0).wait()
+        self.control.send([torch.frombuffer(bytearray(data), dtype=torch.uint8)], rank, 1).wait()
+
+    def recv_from(self, rank: int):
+        length = torch.zeros(1, dtype=torch.long)
+        self.control.recv([length], rank, 0).wait()
+        data = torch.empty(int(length), dtype=torch.uint8)
+        self.control.recv([data], rank, 1).wait()
+        return pickle.loads(data.numpy().tobytes())
+
 
 def vocab_parallel_embedding(ids: torch.Tensor, weight: torch.Tensor, shard: Shard, group: Group) -> torch.Tensor:
     """Rows of the full embedding from vocabulary shards: each rank looks up the ids it holds."""
@@ -230,21 +244,10 @@ class Workers:
 
     def __init__(self, size: int, spec: WorkerSpec, device: torch.device):
         self.size = size
-        port = free_port()
-        timeout = datetime.timedelta(seconds=CONNECT_TIMEOUT_S)
-        store = dist.TCPStore("127.0.0.1", port, size, True, timeout=timeout, wait_for_workers=False)
-        self.processes: list[subprocess.Popen] = []
-        for rank in range(1, size):
-            worker_device = f"cuda:{(device.index or 0) + rank}" if device.type == "cuda" else "cpu"
-            payload = base64.b64encode(pickle.dumps((rank, size, port, replace(spec, device=worker_device))))
-            command = [sys.executable, "-m", "elastic_decode._tp_worker", payload.decode()]
-            self.processes.append(subprocess.Popen(command, stdin=subprocess.DEVNULL))
-        try:
-            self.group = _connect(0, size, store, device, spec.timeout_s, self.check)
-        except BaseException as e:
-            self.stop()
-            raise ElasticDecodeError(f"the tensor-parallel workers did not start: {e}{self.exit_codes()}") from None
-        self._store = store
+        payloads = [(replace(spec, device=f"cuda:{(device.index or 0) + rank}" if device.type == "cuda" else "cpu"),)
+                    for rank in range(1, size)]
+        self.processes, self.group, self._store = _start_ranks("elastic_decode._tp_worker", payloads, device,
+                                                               spec.timeout_s, self, "tensor-parallel workers")
 
     def exit_codes(self) -> str:
         return "".join(f"; worker {rank} exited with code {p.returncode}"
@@ -277,6 +280,26 @@ class Workers:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout_s)
+
+
+def _start_ranks(module: str, payloads: list[tuple], device: torch.device, timeout_s: float, owner,
+                 what: str) -> tuple[list[subprocess.Popen], Group, dist.Store]:
+    """Start `python -m module` for ranks 1..len(payloads) (each given (rank, size, port, *payload))
+    and connect rank 0's group to them."""
+    size = len(payloads) + 1
+    port = free_port()
+    timeout = datetime.timedelta(seconds=CONNECT_TIMEOUT_S)
+    store = dist.TCPStore("127.0.0.1", port, size, True, timeout=timeout, wait_for_workers=False)
+    owner.processes = []
+    for rank, payload in enumerate(payloads, 1):
+        encoded = base64.b64encode(pickle.dumps((rank, size, port, *payload))).decode()
+        owner.processes.append(subprocess.Popen([sys.executable, "-m", module, encoded], stdin=subprocess.DEVNULL))
+    try:
+        group = _connect(0, size, store, device, timeout_s, owner.check)
+    except BaseException as e:
+        owner.stop()
+        raise ElasticDecodeError(f"the {what} did not start: {e}{owner.exit_codes()}") from None
+    return owner.processes, group, store
 
 
 def _connect(rank: int, size: int, store: dist.Store, device: torch.device, timeout_s: float,
@@ -314,10 +337,14 @@ def _die_with_parent() -> None:
         pass
 
 
+def unpack(payload: str) -> tuple:
+    return pickle.loads(base64.b64decode(payload))
+
+
 def worker_main(payload: str) -> int:
     """A worker rank: build its shard, then run what rank 0 sends until it says stop (or goes away)."""
     _die_with_parent()
-    rank, size, port, spec = pickle.loads(base64.b64decode(payload))
+    rank, size, port, spec = unpack(payload)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     from .engine import ShardWorker
 
@@ -334,3 +361,112 @@ def worker_main(payload: str) -> int:
         print(f"elastic_decode tensor-parallel worker {rank}: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+# -- data parallelism ----------------------------------------------------------------------------
+
+
+class Replicas:
+    """Data-parallel engine replicas 1..N-1 (replica 0 is the LLM's own engine), each a process
+    `python -m elastic_decode._dp_replica` with a whole engine of its own (tensor-parallel itself if
+    asked). Rank 0 hands each a share of a call's prompts and collects its outputs over a gloo group."""
+
+    def __init__(self, size: int, engine_kwargs: list[dict], timeout_s: float):
+        self.size = size
+        self.processes, self.group, self._store = _start_ranks(
+            "elastic_decode._dp_replica", [(kwargs, timeout_s) for kwargs in engine_kwargs], torch.device("cpu"),
+            timeout_s, self, "data-parallel replicas")
+        for rank in range(1, size):  # each replica says when its engine is up (or why it is not)
+            self.reply(rank)
+
+    exit_codes = Workers.exit_codes
+
+    def check(self) -> None:
+        for rank, p in enumerate(self.processes, 1):
+            if p.poll() is not None:
+                raise ElasticDecodeError(f"data-parallel replica {rank} exited (code {p.returncode}); this LLM cannot "
+                                         "go on (create it again)")
+
+    def send(self, rank: int, obj) -> None:
+        self.check()
+        try:
+            self.group.send_to(rank, obj)
+        except RuntimeError as e:
+            raise ElasticDecodeError(f"data-parallel replica {rank} stopped answering: {e}{self.exit_codes()}") from None
+
+    def reply(self, rank: int):
+        """Replica `rank`'s answer to the last command: its value, or its error raised here."""
+        try:
+            status, value = self.group.recv_from(rank)
+        except RuntimeError as e:
+            raise ElasticDecodeError(f"data-parallel replica {rank} stopped answering: {e}{self.exit_codes()}") from None
+        if status == "error":
+            kind, message = value
+            raise kind(f"data-parallel replica {rank}: {message}")
+        return value
+
+    def everywhere(self, command: tuple) -> list:
+        """Send every replica `command`; their answers."""
+        for rank in range(1, self.size):
+            self.send(rank, command)
+        return [self.reply(rank) for rank in range(1, self.size)]
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if getattr(self, "group", None) is not None and all(p.poll() is None for p in self.processes):
+            for rank in range(1, self.size):
+                try:
+                    self.group.send_to(rank, ("stop",))
+                except Exception:  # noqa: BLE001 - the processes are killed below
+                    pass
+        for p in self.processes:
+            try:
+                p.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout_s)
+
+
+def replica_main(payload: str) -> int:
+    """A data-parallel replica: its own LLM, serving the commands of rank 0 until stop."""
+    _die_with_parent()
+    rank, size, port, kwargs, timeout_s = unpack(payload)
+    store = dist.TCPStore("127.0.0.1", port, size, False, timeout=datetime.timedelta(seconds=CONNECT_TIMEOUT_S))
+    group = Group(rank, size, store, torch.device("cpu"), timeout_s)
+    from .errors import ElasticDecodeError as UserError
+    from .llm import LLM
+
+    def answer(fn) -> None:
+        try:
+            group.send_to(0, ("ok", fn()))
+        except UserError as e:  # the user's mistake or the model's state: rank 0 raises it as it is
+            group.send_to(0, ("error", (type(e), str(e))))
+        except Exception as e:  # noqa: BLE001 - anything else, reported in one line by rank 0
+            group.send_to(0, ("error", (ElasticDecodeError, f"{type(e).__name__}: {e}")))
+
+    llm = None
+
+    def start():
+        nonlocal llm
+        llm = LLM(**kwargs)
+
+    answer(start)
+    if llm is None:
+        return 1
+    try:
+        while True:
+            command, *args = group.recv_from(0)
+            if command == "generate":
+                answer(lambda: llm._run(args[0], args[1], use_tqdm=False))
+            elif command == "load":
+                answer(lambda: llm.load_weights(args[0]))
+            elif command == "sleep":
+                answer(llm.sleep)
+            elif command == "wake":
+                answer(llm.wake_up)
+            elif command == "stop":
+                llm.close()
+                return 0
+    except RuntimeError as e:  # rank 0 went away
+        print(f"elastic_decode data-parallel replica {rank}: {e}", file=sys.stderr)
+        llm.close()
+        return 1

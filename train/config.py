@@ -98,11 +98,13 @@ class GRPOConfig:
     num_scheduler_steps: int = _help(
         "decode steps the rollout engine runs on the device per host sync (same rollouts for any value)", 1)
     cuda_graphs: bool = _help("the rollout engine replays decode steps from CUDA graphs (CUDA only)", False)
+    tensor_parallel_size: int = _help(
+        "split the rollout engine's model over this many GPUs (or CPU processes), Megatron-style", 1)
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
         positive = ("steps", "prompts_per_step", "num_iterations", "micro_batch_size", "epochs", "batch_size",
-                    "distill_prompts", "num_scheduler_steps")
+                    "distill_prompts", "num_scheduler_steps", "tensor_parallel_size")
         for name in positive:
             _int_at_least(name, getattr(self, name), 1)
         if self.mode == "grpo":

@@ -186,6 +186,7 @@ class GRPOTrainer:
             kv_cache_memory_gb=kv_gb,
             num_scheduler_steps=config.num_scheduler_steps,
             cuda_graphs=config.cuda_graphs,
+            tensor_parallel_size=config.tensor_parallel_size,
         )
         # Left padding of prompts is masked out, so any valid id serves.
         self.pad_id = 0

@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ElasticDecodeError("--max-tokens must be at least 1")
         if args.max_body_mb <= 0 or args.max_weights_gb <= 0:
             raise ElasticDecodeError("--max-body-mb and --max-weights-gb must be positive")
+        if args.data_parallel_size != 1:
+            raise ElasticDecodeError("the server drives one engine (tensor-parallel if asked): for data parallelism "
+                                     "start one server per replica (each on its own --port) behind a load balancer")
         if not 0 <= args.port <= 65535:
             raise ElasticDecodeError(f"--port must be in [0, 65535], got {args.port}")
         _check_port(args.host, args.port)
