@@ -23,6 +23,7 @@ from elastic_decode import LLM, SamplingParams
 from elastic_decode.loader import resolve_checkpoint
 
 from .config import GRPOConfig
+from .data_parallel import DataParallel
 from .loss import grpo_loss, group_advantages, loss_mask, token_entropy, token_logprobs
 from .tasks import make_task
 
@@ -166,6 +167,13 @@ class GRPOTrainer:
 
         torch.manual_seed(config.seed)
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dp = DataParallel.from_env(self.device.type)  # under torchrun: this rank's share of each step
+        if self.dp is not None:
+            self.device = DataParallel.local_device(self.device)
+            if config.prompts_per_step < self.dp.size:
+                raise ValueError(f"prompts_per_step ({config.prompts_per_step}) must be at least the number of "
+                                 f"ranks ({self.dp.size}): each rank rolls out whole prompts")
+        self.is_main = self.dp is None or self.dp.is_main
         if config.cuda_graphs and self.device.type != "cuda":  # before any model loads
             raise ValueError(f"cuda_graphs needs a CUDA device; the trainer runs on {self.device}")
         engine_dtype, self.autocast_dtype = resolve_dtypes(config.dtype, self.device)
@@ -200,8 +208,9 @@ class GRPOTrainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.step = int(state["step"])
             torch.set_rng_state(state["torch_rng"])
-            _truncate_metrics(metrics_path, self.step)
-        elif metrics_path.exists():
+            if self.is_main:
+                _truncate_metrics(metrics_path, self.step)
+        elif metrics_path.exists() and self.is_main:
             metrics_path.unlink()  # --overwrite
 
     # -- one step ------------------------------------------------------------------------
@@ -210,6 +219,8 @@ class GRPOTrainer:
         cfg = self.config
         rng = random.Random(f"{cfg.seed}-{step}")
         examples = self.task.sample(rng, cfg.prompts_per_step)
+        if self.dp is not None:
+            examples = self.dp.share(examples)
         prompt_ids = [self.engine.encode_chat(list(ex.messages)) for ex in examples]
         params = SamplingParams(
             n=cfg.group_size,
@@ -229,19 +240,31 @@ class GRPOTrainer:
         mask = loss_mask(batch.completion_mask, batch.forced_mask, batch.truncated,
                          cfg.mask_forced_tokens, cfg.mask_truncated)
         stats = self.engine.last_stats
-        metrics = {
-            "reward_mean": rewards.mean().item(),
-            "reward_std": rewards.std().item(),
-            "accuracy": sum(s.correct for s in scores) / len(scores),
-            "format_rate": sum(s.formatted for s in scores) / len(scores),
-            "think_tokens": batch.think_tokens.float().mean().item(),
-            "solution_tokens": batch.solution_tokens.float().mean().item(),
-            "forced_tokens": batch.forced_mask.sum(1).float().mean().item(),
-            "forced_end_rate": batch.forced_end.float().mean().item(),
-            "truncated_rate": batch.truncated.float().mean().item(),
-            "rollout_tokens": stats.output_tokens,
-            "rollout_tokens_per_s": stats.output_tokens / max(stats.seconds, 1e-9),
+        # Sums over this rank's rows (over all ranks' under torchrun), then means.
+        sums = {
+            "reward_mean": rewards.sum().item(),
+            "reward_sq": (rewards**2).sum().item(),
+            "accuracy": float(sum(s.correct for s in scores)),
+            "format_rate": float(sum(s.formatted for s in scores)),
+            "think_tokens": batch.think_tokens.float().sum().item(),
+            "solution_tokens": batch.solution_tokens.float().sum().item(),
+            "forced_tokens": batch.forced_mask.sum().float().item(),
+            "forced_end_rate": batch.forced_end.float().sum().item(),
+            "truncated_rate": batch.truncated.float().sum().item(),
+            "rows": float(len(scores)),
+            "rollout_tokens": float(stats.output_tokens),
         }
+        seconds = stats.seconds
+        if self.dp is not None:
+            sums = dict(zip(sums, self.dp.sum(list(sums.values()))))
+            seconds = self.dp.max(seconds)
+        rows = sums.pop("rows")
+        sq = sums.pop("reward_sq")
+        metrics = {name: value / rows for name, value in sums.items() if name != "rollout_tokens"}
+        variance = (sq - rows * metrics["reward_mean"] ** 2) / max(rows - 1, 1)  # unbiased, as torch.std
+        metrics["reward_std"] = max(variance, 0.0) ** 0.5
+        metrics["rollout_tokens"] = sums["rollout_tokens"]
+        metrics["rollout_tokens_per_s"] = sums["rollout_tokens"] / max(seconds, 1e-9)
         return Rollout(
             prompt_ids=batch.prompt_ids,
             completion_ids=batch.completion_ids,
@@ -267,6 +290,10 @@ class GRPOTrainer:
         num_rows = rollout.completion_ids.shape[0]
         slices = [slice(i, min(i + cfg.micro_batch_size, num_rows)) for i in range(0, num_rows, cfg.micro_batch_size)]
         total_tokens = rollout.loss_mask.sum().item()
+        total_rows = num_rows
+        if self.dp is not None:  # each rank's loss is its share of the whole step's
+            total_tokens, total_rows = self.dp.sum([total_tokens, total_rows])
+            total_rows = int(total_rows)
         old = ref = None
         with torch.no_grad():
             if cfg.num_iterations > 1:  # ratios of later iterations are against the rollout policy
@@ -301,16 +328,23 @@ class GRPOTrainer:
                     entropy_coef=cfg.entropy_coef,
                     max_completion_length=cfg.max_completion_length,
                     total_tokens=total_tokens,
-                    total_rows=num_rows,
+                    total_rows=total_rows,
                 )
                 loss.backward()
                 loss_total += loss.item()
                 tokens = metrics.pop("loss_tokens").item()
                 for name, value in metrics.items():  # token-weighted means over the batch
                     sums[name] = sums.get(name, 0.0) + value.item() * tokens
+            if self.dp is not None:
+                self.dp.sum_gradients(self.policy.parameters())
             limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), limit).item()
             self.optimizer.step()
+        if self.dp is not None:
+            names = sorted(sums)
+            totals = self.dp.sum([sums[n] for n in names] + [loss_total, gap_sum, gap_tokens])
+            sums = dict(zip(names, totals))
+            loss_total, gap_sum, gap_tokens = totals[len(names):]
         weight = max(total_tokens * cfg.num_iterations, 1.0)
         out = {name: value / weight for name, value in sums.items()}
         out.update(loss=loss_total, grad_norm=grad_norm, loss_tokens=total_tokens,
@@ -337,9 +371,10 @@ class GRPOTrainer:
         self.step = step
         row = {"step": step, **rollout.metrics, **loss_metrics,
                "rollout_seconds": t1 - t0, "train_seconds": t2 - t1, "weight_sync_seconds": sync}
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(row) + "\n")
         return row
 
     # -- the run -------------------------------------------------------------------------
@@ -349,7 +384,8 @@ class GRPOTrainer:
         cfg = self.config
         start = time.perf_counter()
         rows = []
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="grpo", unit="step", disable=not self.use_tqdm)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="grpo", unit="step",
+                   disable=not self.use_tqdm or not self.is_main)
         try:
             while self.step < cfg.steps:
                 row = self.train_step()
@@ -367,12 +403,17 @@ class GRPOTrainer:
             raise
         bar.close()
         path = self.save_checkpoint()
-        plot = self.write_plot()
-        print(self.summary(rows, time.perf_counter() - start, path, plot))
+        if self.is_main:
+            plot = self.write_plot()
+            print(self.summary(rows, time.perf_counter() - start, path, plot))
+        if self.dp is not None:
+            self.dp.close()
         return path
 
     def save_checkpoint(self) -> Path:
         """HF format (loadable by the engine and transformers) plus the optimizer state."""
+        if not self.is_main:  # every rank holds the same weights; rank 0 writes them
+            return self.output_dir / f"checkpoint-{self.step}"
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                  "config": self.config.to_dict()}
         return write_checkpoint(self.output_dir, self.step, self.policy, self.engine.tokenizer, self.config, state)
