@@ -174,7 +174,7 @@ class LLMEngine:
             self.workers = parallel.Workers(config.tensor_parallel_size, parallel.WorkerSpec(
                 path=str(path), dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
                 backend=config.backend, block_size=config.block_size, max_model_len=self.max_model_len,
-                timeout_s=config.tensor_parallel_timeout_s), self.device)
+                timeout_s=config.tensor_parallel_timeout_s, threads=torch.get_num_threads()), self.device)
             self._finalizer = weakref.finalize(self, self.workers.stop)
         try:
             self.model = build_model(path, hf_config, self.spec, self.dtype, self.device, self.max_model_len,

@@ -1,6 +1,7 @@
 """The public API: `LLM(...).generate / chat / generate_tensors / load_weights`."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -102,6 +103,12 @@ class LLM:
         if budget_mode not in BUDGET_MODES:
             raise InvalidRequestError(f"budget_mode must be one of {', '.join(BUDGET_MODES)}, got {budget_mode!r}")
         self.budget_mode = budget_mode
+        processes = tensor_parallel_size * data_parallel_size if all(
+            isinstance(x, int) and x >= 1 for x in (tensor_parallel_size, data_parallel_size)) else 1
+        on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+        if on_cpu and processes > 1:
+            # The engine's processes share the cores: oversubscribed torch threads spin against each other.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
         self.engine = LLMEngine(
             EngineConfig(
                 model=model,

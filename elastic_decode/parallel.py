@@ -227,6 +227,7 @@ class WorkerSpec:
     block_size: int
     max_model_len: int
     timeout_s: float
+    threads: int  # torch CPU threads (rank 0's count: the processes of one engine share the cores)
 
 
 def free_port() -> int:
@@ -345,7 +346,7 @@ def worker_main(payload: str) -> int:
     """A worker rank: build its shard, then run what rank 0 sends until it says stop (or goes away)."""
     _die_with_parent()
     rank, size, port, spec = unpack(payload)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    torch.set_num_threads(spec.threads)
     from .engine import ShardWorker
 
     device = torch.device(spec.device)
@@ -374,7 +375,8 @@ class Replicas:
     def __init__(self, size: int, engine_kwargs: list[dict], timeout_s: float):
         self.size = size
         self.processes, self.group, self._store = _start_ranks(
-            "elastic_decode._dp_replica", [(kwargs, timeout_s) for kwargs in engine_kwargs], torch.device("cpu"),
+            "elastic_decode._dp_replica", [(kwargs, timeout_s, torch.get_num_threads()) for kwargs in engine_kwargs],
+            torch.device("cpu"),
             timeout_s, self, "data-parallel replicas")
         for rank in range(1, size):  # each replica says when its engine is up (or why it is not)
             self.reply(rank)
@@ -429,7 +431,8 @@ class Replicas:
 def replica_main(payload: str) -> int:
     """A data-parallel replica: its own LLM, serving the commands of rank 0 until stop."""
     _die_with_parent()
-    rank, size, port, kwargs, timeout_s = unpack(payload)
+    rank, size, port, kwargs, timeout_s, threads = unpack(payload)
+    torch.set_num_threads(threads)
     store = dist.TCPStore("127.0.0.1", port, size, False, timeout=datetime.timedelta(seconds=CONNECT_TIMEOUT_S))
     group = Group(rank, size, store, torch.device("cpu"), timeout_s)
     from .errors import ElasticDecodeError as UserError
