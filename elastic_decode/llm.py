@@ -277,7 +277,10 @@ class LLM:
     def __del__(self) -> None:
         replicas = getattr(self, "replicas", None)
         if replicas is not None:
-            replicas.stop()
+            try:
+                replicas.stop()
+            except Exception:  # noqa: BLE001 - at interpreter exit; the replicas die with this process anyway
+                pass
 
     # -- the loop ---------------------------------------------------------------------
 

@@ -275,12 +275,17 @@ class Workers:
                 self.group.send(("stop",))
             except Exception:  # noqa: BLE001 - a broken group: the processes are killed below
                 pass
-        for p in self.processes:
-            try:
-                p.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout_s)
+        _reap(self.processes, timeout_s)
+
+
+def _reap(processes: list[subprocess.Popen], timeout_s: float) -> None:
+    """Wait for processes asked to exit; kill those that do not."""
+    for p in processes:
+        try:
+            p.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout_s)
 
 
 def _start_ranks(module: str, payloads: list[tuple], device: torch.device, timeout_s: float, owner,
@@ -378,8 +383,12 @@ class Replicas:
             "elastic_decode._dp_replica", [(kwargs, timeout_s, torch.get_num_threads()) for kwargs in engine_kwargs],
             torch.device("cpu"),
             timeout_s, self, "data-parallel replicas")
-        for rank in range(1, size):  # each replica says when its engine is up (or why it is not)
-            self.reply(rank)
+        try:
+            for rank in range(1, size):  # each replica says when its engine is up (or why it is not)
+                self.reply(rank)
+        except BaseException:
+            self.stop()
+            raise
 
     exit_codes = Workers.exit_codes
 
@@ -414,18 +423,14 @@ class Replicas:
         return [self.reply(rank) for rank in range(1, self.size)]
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if getattr(self, "group", None) is not None and all(p.poll() is None for p in self.processes):
-            for rank in range(1, self.size):
-                try:
-                    self.group.send_to(rank, ("stop",))
-                except Exception:  # noqa: BLE001 - the processes are killed below
-                    pass
-        for p in self.processes:
-            try:
-                p.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout_s)
+        if getattr(self, "group", None) is not None:
+            for rank, p in enumerate(self.processes, 1):
+                if p.poll() is None:
+                    try:
+                        self.group.send_to(rank, ("stop",))
+                    except Exception:  # noqa: BLE001 - the processes are killed below
+                        pass
+        _reap(self.processes, timeout_s)
 
 
 def replica_main(payload: str) -> int:
