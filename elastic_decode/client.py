@@ -48,7 +48,10 @@ class RolloutClient:
                     solution_text=c["solution_text"], token_ids=c["token_ids"], logprobs=c["logprobs"],
                     forced_mask=c["forced_mask"], think_tokens=c["think_tokens"],
                     solution_tokens=c["solution_tokens"], forced_end=c["forced_end"],
-                    finish_reason=c["finish_reason"]) for c in row["completions"]])
+                    finish_reason=c["finish_reason"],
+                    top_logprobs=None if c.get("top_logprobs") is None
+                    else [[tuple(pair) for pair in step] for step in c["top_logprobs"]])
+                    for c in row["completions"]])
             for i, row in enumerate(reply["outputs"])
         ]
         return rollout_batch(outputs, reply["pad_token_id"])

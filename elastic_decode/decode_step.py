@@ -34,8 +34,11 @@ def decode_step(
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     block_size: int,
     inp: DecodeInputs,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    top: int = 0,
+):
     """Returns (tokens int64 [num_seqs], logprobs float32 [num_seqs]); PAD_TOKEN for DONE rows.
+    With `top` > 0 also the `top` most likely tokens of each row's raw distribution:
+    (tokens, logprobs, (values float32 [num_seqs, top], ids int64 [num_seqs, top])).
 
     Rows already DONE write no KV (slot -1) and keep their position, so every read stays
     inside KV that was written; rows that finish in this step stop advancing.
@@ -56,9 +59,16 @@ def decode_step(
     )
     hidden = model(inp.input_ids, inp.positions, kv_caches, attn, ops)  # [num_seqs, hidden]
     logits = model.compute_logits(hidden)  # [num_seqs, vocab]
+    alternatives = top_logprobs(logits, top) if top else None
     tokens, logprobs = ops.sample_with_budget(logits, inp.params, inp.state)
     live = inp.state.phase != DONE  # bool [num_seqs]: rows that go on
     inp.input_ids.copy_(torch.where(live, tokens, inp.input_ids))
     inp.positions.add_(live.long())
     inp.context_lens.add_(live.int())
-    return tokens, logprobs
+    return (tokens, logprobs) if alternatives is None else (tokens, logprobs, alternatives)
+
+
+def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens of each row under log_softmax(logits): (values [rows, k], ids [rows, k])."""
+    values, ids = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+    return values, ids

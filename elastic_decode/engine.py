@@ -458,6 +458,7 @@ class LLMEngine:
             solution_tokens=seq.solution_count,
             forced_end=bool(seq.forced_end),
             finish_reason="stop" if seq.finish == FINISH_STOP else "length",
+            top_logprobs=[list(row) for row in seq.top_logprobs] if seq.params.logprobs else None,
         )
 
     def _request_output(self, request: Request) -> RequestOutput:

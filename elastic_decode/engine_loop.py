@@ -55,6 +55,7 @@ class CompletionDelta:
     marker_len: int
     forced_end: bool
     finish_reason: str | None  # None while it runs; "stop", "length" or "abort"
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # of the new tokens, with params.logprobs
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,7 @@ class EngineLoop:
                 solution_tokens=seq.solution_count,
                 thinking=seq.params.think_budget is not None and seq.phase in (THINKING, FORCING),
                 forcing=seq.phase == FORCING, marker_len=len(seq.marker), forced_end=bool(seq.forced_end),
-                finish_reason=reason))
+                finish_reason=reason, top_logprobs=seq.top_logprobs[new] if seq.params.logprobs else None))
         finished = all(live.done)
         if finished:
             self._forget(handle)

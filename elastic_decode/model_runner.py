@@ -19,10 +19,17 @@ import torch
 from elastic_decode.kernels import NO_LIMIT, PAD_TOKEN, BudgetState, SamplerParams
 
 from .cuda_graphs import DecodeGraphs
-from .decode_step import DecodeInputs, decode_step
+from .decode_step import DecodeInputs, decode_step, top_logprobs
 from .models import AttentionBatch, KernelOps, LlamaForCausalLM
 from .scheduler import ScheduledBatch, StepResult
 from .sequence import Sequence
+
+
+def _top_rows(top: tuple[torch.Tensor, torch.Tensor], keep: list[list[int]]) -> list:
+    """Per sequence, per kept step (padding of DONE rows dropped): [(token id, raw logprob)]."""
+    values = top[0].transpose(0, 1).tolist()  # [num_seqs][num_steps][k]
+    ids = top[1].transpose(0, 1).tolist()
+    return [[list(zip(ids[i][s], values[i][s])) for s in steps] for i, steps in enumerate(keep)]
 
 
 def _rows(values: list[list[int]], width: int, fill: int) -> list[list[int]]:
@@ -38,6 +45,7 @@ class StepPlan:
     host: dict  # name -> (dtype, flat values, shape), uploaded by `_upload`
     num_steps: int
     graphs: bool  # replay the CUDA graphs (decode, where the batch fits them)
+    top: int = 0  # alternatives per token to return (the most any sequence asked for); off the graphs
 
 
 class ModelRunner:
@@ -171,11 +179,12 @@ class ModelRunner:
 
     def plan(self, batch: ScheduledBatch) -> StepPlan:
         """What a step runs, as host values (the same on every tensor-parallel rank)."""
+        top = max(s.params.logprobs for s in batch.seqs)
         if batch.is_prefill:
-            return StepPlan(True, self._prefill_host(batch.seqs), 1, False)
-        graphs = self.graphs is not None and self.graphs.fits(batch.seqs)
+            return StepPlan(True, self._prefill_host(batch.seqs), 1, False, top)
+        graphs = not top and self.graphs is not None and self.graphs.fits(batch.seqs)
         widths = (self.graphs.marker_width, self.graphs.stop_width) if graphs else (None, None)
-        return StepPlan(False, self._decode_host(batch.seqs, widths), batch.num_steps, graphs)
+        return StepPlan(False, self._decode_host(batch.seqs, widths), batch.num_steps, graphs, top)
 
     def run(self, batch: ScheduledBatch) -> StepResult:
         plan = self.plan(batch)
@@ -185,14 +194,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan):
-        """Run a plan: (tokens [steps, seqs], logprobs, forced, final budget state) on the device."""
+        """Run a plan: (tokens [steps, seqs], logprobs, forced, final budget state, top alternatives
+        ((values, ids) [steps, seqs, top]) or None) on the device."""
         if not plan.is_prefill:
             return self._run_decode(plan)
         input_ids, positions, attn, logits_rows, params, state = self._prepare_prefill(plan.host)
         hidden = self.model(input_ids, positions, self.kv_caches, attn, self.ops)  # [num_tokens, hidden]
         logits = self.model.compute_logits(hidden[logits_rows])  # [num_seqs, vocab]
+        top = top_logprobs(logits, plan.top) if plan.top else None
         tokens, logprobs = self.ops.sample_with_budget(logits, params, state)
-        return tokens[None], logprobs[None], state.forced[None], state
+        return tokens[None], logprobs[None], state.forced[None], state, \
+            None if top is None else (top[0][None], top[1][None])
 
     @staticmethod
     def _decode_host(seqs: tuple[Sequence, ...], widths: tuple[int | None, int | None] = (None, None)) -> dict:
@@ -220,14 +232,16 @@ class ModelRunner:
     def _run_decode(self, plan: StepPlan):
         inp = self._decode_inputs(plan.host)
         if plan.graphs:
-            return self.graphs.run(self.kv_caches, inp, plan.num_steps)
-        tokens_k, logprobs_k, forced_k = [], [], []
+            return (*self.graphs.run(self.kv_caches, inp, plan.num_steps), None)
+        tokens_k, logprobs_k, forced_k, top_k = [], [], [], []
         for _ in range(plan.num_steps):
-            tokens, logprobs = decode_step(self.model, self.ops, self.kv_caches, self.block_size, inp)
+            tokens, logprobs, *top = decode_step(self.model, self.ops, self.kv_caches, self.block_size, inp, plan.top)
             tokens_k.append(tokens)
             logprobs_k.append(logprobs)
             forced_k.append(inp.state.forced.clone())
-        return torch.stack(tokens_k), torch.stack(logprobs_k), torch.stack(forced_k), inp.state
+            top_k += top
+        top = (torch.stack([v for v, _ in top_k]), torch.stack([i for _, i in top_k])) if top_k else None
+        return torch.stack(tokens_k), torch.stack(logprobs_k), torch.stack(forced_k), inp.state, top
 
     @staticmethod
     def _result(
@@ -235,6 +249,7 @@ class ModelRunner:
         logprobs: torch.Tensor,  # float32 [num_steps, num_seqs]
         forced: torch.Tensor,  # int32 [num_steps, num_seqs]
         state: BudgetState,  # after the last step
+        top: tuple[torch.Tensor, torch.Tensor] | None = None,  # float32 / int64 [num_steps, num_seqs, k]
     ) -> StepResult:
         """The device-to-host copies of a step or chunk: one for every int, one for the logprobs."""
         num_steps, n = tokens.shape
@@ -263,4 +278,5 @@ class ModelRunner:
             recent=recent,
             forced_end=forced_end,
             finish=finish,
+            top_logprobs=None if top is None else _top_rows(top, keep),
         )

@@ -19,6 +19,8 @@ class CompletionOutput:
     solution_tokens: int
     forced_end: bool  # the marker was forced (budget spent, or the model tried to stop)
     finish_reason: str  # "stop" (EOS / stop id) or "length" (a budget or cap was reached)
+    # With SamplingParams.logprobs = k: per token, the k most likely [(token id, raw logprob)].
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass

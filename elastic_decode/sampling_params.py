@@ -10,6 +10,7 @@ from .errors import InvalidRequestError
 INT32_MAX = 2**31 - 1
 SEED_MAX = 2**63 - 1
 MAX_N = 4096  # completions of one prompt; more is almost surely a typo (each is a sequence)
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's bound for top_logprobs)
 
 
 def _check_int(name: str, value, minimum: int, allow_none: bool, maximum: int = INT32_MAX) -> None:
@@ -78,6 +79,10 @@ class SamplingParams:
     end_think: str | tuple[int, ...] | None = None
     # m: the model may not close its thinking before m thinking tokens (s1-style minimum).
     min_think: int = 0
+    # Also return, for every emitted token, the `logprobs` most likely tokens with their logprobs
+    # under the model's raw distribution (log_softmax of the logits, before temperature and
+    # filters: vLLM's default "raw" mode). 0 = none (each token's own logprob is always returned).
+    logprobs: int = 0
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1, allow_none=False, maximum=MAX_N)
@@ -97,6 +102,7 @@ class SamplingParams:
         # would mean an empty completion, which is a mistake rather than a request.
         _check_int("solution_budget", self.solution_budget, 0 if self.think_budget is not None else 1, allow_none=True)
         _check_int("min_think", self.min_think, 0, allow_none=False)
+        _check_int("logprobs", self.logprobs, 0, allow_none=False, maximum=MAX_TOP_LOGPROBS)
         if self.min_think and self.think_budget is None:
             raise InvalidRequestError("min_think needs a think_budget (it bounds the thinking phase)", param="min_think")
         if self.think_budget is not None and self.min_think > self.think_budget:

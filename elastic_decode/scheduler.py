@@ -48,6 +48,9 @@ class StepResult:
     recent: list[list[int]]  # right-aligned, at least as wide as each sequence's marker
     forced_end: list[int]
     finish: list[int]
+    # Per sequence, per emitted token: the top alternatives [(token id, raw logprob)], when the
+    # batch asked for any (SamplingParams.logprobs); else None.
+    top_logprobs: list[list[list[tuple[int, float]]]] | None = None
 
 
 class Scheduler:
@@ -150,6 +153,8 @@ class Scheduler:
             seq.token_ids += result.tokens[i]
             seq.logprobs += result.logprobs[i]
             seq.forced_mask += result.forced[i]
+            if result.top_logprobs is not None and seq.params.logprobs:
+                seq.top_logprobs += [row[: seq.params.logprobs] for row in result.top_logprobs[i]]
             seq.phase = result.phase[i]
             seq.think_count = result.think_count[i]
             seq.solution_count = result.solution_count[i]

@@ -47,6 +47,7 @@ class Sequence:
 
     logprobs: list[float] = field(default_factory=list)
     forced_mask: list[int] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # with params.logprobs > 0
 
     def __post_init__(self) -> None:
         if self.params.think_budget is None:

@@ -156,6 +156,18 @@ def test_chat_matches_the_in_process_api(client, ref):
     assert reply.usage.prompt_tokens == len(ref.encode_chat(MESSAGES)) * 2
 
 
+def test_top_logprobs(client, ref):
+    params = SamplingParams(seed=2, max_tokens=6, temperature=0.9, logprobs=2)
+    want = ref.chat(MESSAGES, params, use_tqdm=False)[0].outputs[0]
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, seed=2, max_tokens=6, temperature=0.9,
+                                           logprobs=True, top_logprobs=2)
+    entries = reply.choices[0].logprobs.content
+    assert [[(a.token, a.logprob) for a in e.top_logprobs] for e in entries] == \
+           [[(ref.engine.tokenizer.decode([i]), pytest.approx(v, abs=1e-5)) for i, v in row] for row in want.top_logprobs]
+    done = client.completions.create(model=MODEL, prompt="Once upon", seed=2, max_tokens=4, logprobs=3)
+    assert all(len(row) == 3 for row in done.choices[0].logprobs.top_logprobs)
+
+
 def test_chat_stream_async_matches(url, ref):
     async def stream():
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
@@ -466,7 +478,8 @@ BAD = [
     ("/v1/chat/completions", {**CHAT, "seed": 2**64}, 400, "seed"),
     ("/v1/chat/completions", {**CHAT, "stop_token_ids": [10**7]}, 400, "stop_token_ids"),
     ("/v1/chat/completions", {**CHAT, "presence_penalty": 1.0}, 400, "presence_penalty"),
-    ("/v1/chat/completions", {**CHAT, "top_logprobs": 3, "logprobs": True}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 21, "logprobs": True}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {**CHAT, "end_think": ""}, 400, "end_think"),
     ("/v1/chat/completions", {**CHAT, "model": "gpt-9"}, 404, "model"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
@@ -476,7 +489,7 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "x " * 600}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": [1, -3]}, 400, "prompt"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ("/generate", {"prompt_token_ids": [[1, 2], [10**7]]}, 400, "prompt"),
     ("/generate", {"prompt_token_ids": [1, 2], "n": "many"}, 400, "n"),
     ("/generate", {"prompt_token_ids": [1, 2], "think_budget": 2**31}, 400, "think_budget"),

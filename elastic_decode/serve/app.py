@@ -222,11 +222,16 @@ def _usage(run: _Run) -> dict:
             "completion_tokens_details": {"reasoning_tokens": reasoning}}
 
 
-def _token_entries(decode, ids: list[int], logprobs: list[float], forced: list[int]) -> list[dict]:
+def _token_entries(decode, ids: list[int], logprobs: list[float], forced: list[int],
+                   top: list[list[tuple[int, float]]] | None = None) -> list[dict]:
+    """OpenAI's chat logprobs entries (`top_logprobs`: the raw distribution's alternatives)."""
     out = []
-    for t, lp, f in zip(ids, logprobs, forced):
+    for k, (t, lp, f) in enumerate(zip(ids, logprobs, forced)):
         s = decode([t])
-        out.append({"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": [], "forced": bool(f)})
+        alternatives = [{"token": (a := decode([i])), "logprob": v, "bytes": list(a.encode())}
+                        for i, v in top[k]] if top else []
+        out.append({"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": alternatives,
+                    "forced": bool(f)})
     return out
 
 
@@ -351,7 +356,8 @@ def build_app(loop: EngineLoop, config: ServerConfig) -> FastAPI:
                 message["reasoning"] = message["reasoning_content"] = reasoning
             choices.append({
                 "index": j, "message": message, "finish_reason": text.finish_reason, "budget": _budget(text),
-                "logprobs": {"content": _token_entries(decode, text.token_ids, text.logprobs, text.forced_mask)}
+                "logprobs": {"content": _token_entries(decode, text.token_ids, text.logprobs, text.forced_mask,
+                                                       text.top_logprobs)}
                 if body.logprobs else None,
             })
         return {"id": rid, "object": "chat.completion", "created": created, "model": config.model_name,
@@ -375,8 +381,9 @@ def build_app(loop: EngineLoop, config: ServerConfig) -> FastAPI:
                 if piece.content:
                     delta["content"] = piece.content
                 new = slice(before, len(text.token_ids))
-                lp = ({"content": _token_entries(decode, text.token_ids[new], text.logprobs[new],
-                                                 text.forced_mask[new])} if logprobs and new.start < new.stop else None)
+                lp = ({"content": _token_entries(decode, text.token_ids[new], text.logprobs[new], text.forced_mask[new],
+                                                 text.top_logprobs[new])}
+                      if logprobs and new.start < new.stop else None)
                 if delta or lp:
                     yield _sse(chunk(j, delta, extra=lp))
                 if text.finished and j not in announced:
@@ -424,8 +431,8 @@ def build_app(loop: EngineLoop, config: ServerConfig) -> FastAPI:
                 choices.append({
                     "index": k * run.n + j, "text": (reasoning or "") + marker + content,
                     "finish_reason": text.finish_reason, "budget": _budget(text),
-                    "logprobs": _completion_logprobs(decode, text.token_ids, text.logprobs, text.forced_mask)
-                    if want_logprobs else None,
+                    "logprobs": _completion_logprobs(decode, text.token_ids, text.logprobs, text.forced_mask,
+                                                     text.top_logprobs) if want_logprobs else None,
                 })
         return {"id": rid, "object": "text_completion", "created": created, "model": config.model_name,
                 "choices": choices, "usage": _usage(run)}
@@ -441,8 +448,8 @@ def build_app(loop: EngineLoop, config: ServerConfig) -> FastAPI:
                 text = run.texts[k][j]
                 new = slice(before, len(text.token_ids))
                 piece_text = piece.reasoning + piece.marker + piece.content
-                lp = (_completion_logprobs(decode, text.token_ids[new], text.logprobs[new], text.forced_mask[new])
-                      if logprobs and new.start < new.stop else None)
+                lp = (_completion_logprobs(decode, text.token_ids[new], text.logprobs[new], text.forced_mask[new],
+                                           text.top_logprobs[new]) if logprobs and new.start < new.stop else None)
                 if piece_text or lp:
                     yield _sse(chunk(k * run.n + j, piece_text, extra=lp))
                 if text.finished and (k, j) not in announced:
@@ -475,7 +482,8 @@ def build_app(loop: EngineLoop, config: ServerConfig) -> FastAPI:
             completions = []
             for j, text in enumerate(row):
                 item = {"index": j, "token_ids": text.token_ids, "logprobs": text.logprobs,
-                        "forced_mask": text.forced_mask, "finish_reason": text.finish_reason, **_budget(text)}
+                        "forced_mask": text.forced_mask, "finish_reason": text.finish_reason, **_budget(text),
+                        "top_logprobs": text.top_logprobs if params.logprobs else None}
                 if body.return_text:
                     reasoning, _, content = text.full_text()
                     item.update(text=decode(text.token_ids), thinking_text=reasoning or "", solution_text=content)
@@ -531,13 +539,15 @@ def build_app(loop: EngineLoop, config: ServerConfig) -> FastAPI:
     return app
 
 
-def _completion_logprobs(decode, ids: list[int], logprobs: list[float], forced: list[int]) -> dict:
+def _completion_logprobs(decode, ids: list[int], logprobs: list[float], forced: list[int],
+                         top: list[list[tuple[int, float]]] | None = None) -> dict:
     tokens = [decode([t]) for t in ids]
     offsets, at = [], 0
     for s in tokens:
         offsets.append(at)
         at += len(s)
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets,
+    alternatives = [{decode([i]): v for i, v in row} for row in top] if top else None
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": alternatives, "text_offset": offsets,
             "forced": [bool(f) for f in forced]}
 
 

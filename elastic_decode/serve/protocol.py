@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..errors import InvalidRequestError
-from ..sampling_params import SamplingParams
+from ..sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 
 class _Body(BaseModel):
@@ -63,7 +63,8 @@ class _Budgets(_Body):
             raise InvalidRequestError("stop takes at most 16 strings", param="stop")
         return stop
 
-    def sampling_params(self, max_tokens: int | None, default_max_tokens: int | None = None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, default_max_tokens: int | None = None,
+                        top: int = 0) -> SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) != 0:
                 raise InvalidRequestError(f"{name} is not supported by this server (leave it at 0)", param=name)
@@ -89,6 +90,7 @@ class _Budgets(_Body):
                 solution_budget=self.solution_budget,
                 end_think=tuple(self.end_think) if isinstance(self.end_think, list) else self.end_think,
                 min_think=self.min_think,
+                logprobs=top,
             )
         except InvalidRequestError as e:
             raise InvalidRequestError(str(e), param=_OPENAI_NAMES.get(e.param, e.param)) from None
@@ -123,17 +125,19 @@ class ChatCompletionRequest(_Budgets):
                 and self.max_tokens != self.max_completion_tokens:
             raise InvalidRequestError("max_tokens and max_completion_tokens disagree (give one)",
                                       param="max_completion_tokens")
-        if self.top_logprobs:
-            raise InvalidRequestError("top_logprobs is not supported (logprobs: true gives each token's logprob)",
-                                      param="top_logprobs")
+        top = self.top_logprobs or 0
+        if not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
+        if top and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
         cap = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self.sampling_params(cap, default_max_tokens)
+        return self.sampling_params(cap, default_max_tokens, top)
 
 
 class CompletionRequest(_Budgets):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's (and vLLM's) default for this route
-    logprobs: int | None = None  # 0: each token's logprob; more: top alternatives (not supported)
+    logprobs: int | None = None  # 0: each token's logprob; k: also the k most likely alternatives
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -145,10 +149,7 @@ class CompletionRequest(_Budgets):
             raise InvalidRequestError("suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequestError("best_of is not supported (use n)", param="best_of")
-        if self.logprobs:
-            raise InvalidRequestError("top alternatives are not supported: logprobs may be 0 (each token's logprob)",
-                                      param="logprobs")
-        return self.sampling_params(self.max_tokens, default_max_tokens)
+        return self.sampling_params(self.max_tokens, default_max_tokens, self.logprobs or 0)
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt

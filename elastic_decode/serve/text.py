@@ -67,6 +67,7 @@ class CompletionText:
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
         self.forced_mask: list[int] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []  # with SamplingParams.logprobs
         self.last: CompletionDelta | None = None
         self.kept: int | None = None  # tokens kept when a stop string ended the completion
         self.content_start: int | None = None  # token index where the solution starts, once known
@@ -108,6 +109,8 @@ class CompletionText:
         self.token_ids += delta.token_ids[:new]
         self.logprobs += delta.logprobs[:new]
         self.forced_mask += delta.forced_mask[:new]
+        if delta.top_logprobs is not None:
+            self.top_logprobs += delta.top_logprobs[:new]
         if new < len(delta.token_ids) or (self.stop and self._cut is not None):
             self.kept = len(self.token_ids)
         return self._emit() if self.stream else TextDelta()
