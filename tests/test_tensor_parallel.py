@@ -142,17 +142,24 @@ def test_a_dead_worker_is_one_clear_error(tiny_llama):
     llm.close()
 
 
-def test_workers_die_with_a_killed_parent(tiny_llama):
+@pytest.mark.parametrize("end", ["killed", "exception"])
+def test_workers_die_with_their_parent(tiny_llama, end):
     script = (f"from elastic_decode import LLM\n"
               f"llm = LLM({str(tiny_llama)!r}, device='cpu', dtype='float32', kv_cache_memory_gb=0.05, "
               f"max_model_len=256, tensor_parallel_size=2)\n"
               f"print(*[p.pid for p in llm.engine.workers.processes], flush=True)\n"
-              f"import time; time.sleep(600)\n")
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+              f"import sys; sys.stdin.readline()\n"
+              f"raise RuntimeError('the user script fails')\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
     pids = [int(x) for x in parent.stdout.readline().split()]
     assert pids and all(_alive(p) for p in pids)
-    parent.kill()
-    parent.wait(10)
+    if end == "killed":
+        parent.kill()
+    else:
+        parent.stdin.write("go\n")
+        parent.stdin.flush()
+    parent.wait(30)
     assert _gone(pids)
 
 
@@ -175,3 +182,17 @@ def test_generate_cli_takes_tensor_parallel_size(tiny_llama):
     assert two.returncode == 0, two.stderr
     strip = lambda out: [line for line in out.splitlines() if " in " not in line]  # noqa: E731 - not the timing line
     assert strip(two.stdout) == strip(one.stdout)
+
+
+def test_tp2_on_the_triton_kernels(tiny_models):
+    """The Triton kernels (interpreter on CPU) take each rank's local heads: qwen2 has 4 q heads and
+    2 kv heads, so each rank runs GQA 2:1 on its half."""
+    path = tiny_models["qwen2"]
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    want = _llm(path).generate(PROMPTS[:2], params, use_tqdm=False)
+    llm = _llm(path, tp=2, backend="triton")
+    try:
+        got = llm.generate(PROMPTS[:2], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    finally:
+        llm.close()
