@@ -120,3 +120,22 @@ def test_missing_or_old_trl_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", missing)
     with pytest.raises(ElasticDecodeError, match="elastic_decode\\[trl\\]"):
         integration.check_trl()
+
+
+def test_one_engine_per_rank_under_torchrun(tiny_llama, tmp_path):
+    """Two ranks (gloo), each with its own engine: every rank rolls out, syncs its engine each step, and
+    ends with the same trained weights in its engine as in its (DDP-synchronised) model."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("trl_data_parallel.py")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), str(tiny_llama), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for seen in ranks:
+        assert seen["world"] == 2 and seen["rollouts"] == [2, 2] and seen["syncs"] == 3
+        assert seen["engine"] == seen["trainer"]
+    assert ranks[0]["engine"] == ranks[1]["engine"]
