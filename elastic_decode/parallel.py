@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import datetime
-import os
 import pickle
 import socket
 import subprocess

@@ -13,7 +13,6 @@ import time
 
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
 
 from elastic_decode import LLM, ElasticDecodeError, SamplingParams
 
