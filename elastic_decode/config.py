@@ -42,9 +42,13 @@ class EngineConfig:
     # but finished sequences leave and new ones join only between chunks.
     num_scheduler_steps: int = 1
     # Replay each decode step from a CUDA graph captured per batch-size bucket (CUDA only).
-    # Saves the host's kernel launches; costs a capture per bucket on first use and GPU memory
-    # for the graphs' pool. Off by default until it has been measured on a GPU.
-    cuda_graphs: bool = False
+    # Saves the host's kernel launches; costs the captures at start-up and GPU memory for the
+    # graphs' pool. None (default): on where they can run (CUDA, the Triton kernels, one rank)
+    # unless enforce_eager; a capture that fails at start-up leaves the engine eager, with a
+    # warning. True: required (an error where they cannot run).
+    cuda_graphs: bool | None = None
+    # Never capture CUDA graphs (vLLM's name for the switch): decode step by step, eagerly.
+    enforce_eager: bool = False
     # Ranks the model is split over (Megatron-style tensor parallelism, parallel.py): the LLM
     # starts tensor_parallel_size - 1 worker processes, one per extra GPU (or CPU process).
     tensor_parallel_size: int = 1
@@ -63,8 +67,12 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ElasticDecodeError(f"{name} must be a positive integer or None, got {value!r}")
-        if not isinstance(self.cuda_graphs, bool):
-            raise ElasticDecodeError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise ElasticDecodeError(f"cuda_graphs must be True, False or None (auto), got {self.cuda_graphs!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ElasticDecodeError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
+        if self.cuda_graphs and self.enforce_eager:
+            raise ElasticDecodeError("cuda_graphs=True and enforce_eager=True contradict each other")
         if not self.tensor_parallel_timeout_s > 0:
             raise ElasticDecodeError(f"tensor_parallel_timeout_s must be > 0, got {self.tensor_parallel_timeout_s!r}")
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:

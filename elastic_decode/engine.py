@@ -81,6 +81,15 @@ def _pick_dtype(name: str, device: torch.device, hf_config) -> torch.dtype:
     return ckpt if ckpt in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
+def wants_cuda_graphs(config: EngineConfig, device_type: str, backend: str) -> bool:
+    """Whether the engine captures CUDA graphs: as asked, else (cuda_graphs None) wherever they can run
+    (CUDA, the Triton kernels, one rank) unless enforce_eager."""
+    if config.cuda_graphs is not None:
+        return config.cuda_graphs
+    return (not config.enforce_eager and device_type == "cuda" and backend == "triton"
+            and config.tensor_parallel_size == 1)
+
+
 def build_model(path: Path, hf_config, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
                 max_model_len: int, tp: parallel.Group | None = None) -> LlamaForCausalLM:
     """The model (or this rank's shard of it) with the checkpoint's weights; a shard reads only its
@@ -223,7 +232,7 @@ class LLMEngine:
 
     @staticmethod
     def _check_parallel_settings(config: EngineConfig) -> None:
-        if config.cuda_graphs:
+        if config.cuda_graphs:  # None (auto) turns them off with tensor parallelism
             raise ElasticDecodeError("cuda_graphs with tensor_parallel_size > 1 is not supported yet")
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and config.num_kv_blocks is None and config.kv_cache_memory_gb is None:
@@ -268,7 +277,8 @@ class LLMEngine:
         return max(self.config.max_num_batched_tokens, self.max_model_len)
 
     def _graphs(self) -> DecodeGraphs | None:
-        if not self.config.cuda_graphs:
+        self.cuda_graphs = wants_cuda_graphs(self.config, self.device.type, self.ops.name)
+        if not self.cuda_graphs:
             return None
         if self.device.type != "cuda":
             raise ElasticDecodeError(f"cuda_graphs needs a CUDA device; this engine runs on {self.device}")

@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         for model, label in zip(models, labels):
             llm = LLM(model, dtype=args.dtype, device=args.device, seed=args.seed,
                       kv_cache_memory_gb=args.kv_cache_memory_gb, num_scheduler_steps=args.num_scheduler_steps,
-                      cuda_graphs=args.cuda_graphs, tensor_parallel_size=args.tensor_parallel_size,
+                      cuda_graphs=args.cuda_graphs, enforce_eager=args.enforce_eager,
+                      tensor_parallel_size=args.tensor_parallel_size,
                       data_parallel_size=args.data_parallel_size)
             for budget in args.think_budgets:
                 bar.set_postfix(model=label[-20:], budget=_name(budget))

@@ -99,8 +99,13 @@ def add_engine_arguments(group) -> None:
     group.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     group.add_argument("--num-scheduler-steps", type=int, default=1,
                        help="decode steps run on the device between host syncs; same output for any value (default 1)")
-    group.add_argument("--cuda-graphs", action="store_true",
-                       help="replay decode steps from CUDA graphs captured per batch-size bucket (CUDA only)")
+    graphs = group.add_mutually_exclusive_group()
+    graphs.add_argument("--cuda-graphs", action="store_const", const=True, default=None,
+                        help="ask for CUDA graphs of the decode step, an error where they cannot run (default: on "
+                             "where they can: CUDA, Triton kernels, one rank; a capture that fails at start-up "
+                             "falls back to eager decoding with a warning)")
+    graphs.add_argument("--enforce-eager", action="store_true",
+                        help="never capture CUDA graphs: decode eagerly")
     group.add_argument("--tensor-parallel-size", type=int, default=1,
                        help="split the model over this many GPUs (or CPU processes), Megatron-style (default 1)")
     group.add_argument("--data-parallel-size", type=int, default=1,
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
         llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
                   max_model_len=args.max_model_len, num_scheduler_steps=args.num_scheduler_steps,
-                  budget_mode=args.budget_mode, cuda_graphs=args.cuda_graphs,
+                  budget_mode=args.budget_mode, cuda_graphs=args.cuda_graphs, enforce_eager=args.enforce_eager,
                   tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size)
         tok = llm.engine.tokenizer
         encoded = []

@@ -96,7 +96,8 @@ class LLM:
         kv_cache_memory_gb: float | None = None,
         num_scheduler_steps: int = 1,
         budget_mode: str = "in-kernel",
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
+        enforce_eager: bool = False,
         tensor_parallel_size: int = 1,
         data_parallel_size: int = 1,
     ):
@@ -124,6 +125,7 @@ class LLM:
                 kv_cache_memory_gb=kv_cache_memory_gb,
                 num_scheduler_steps=num_scheduler_steps,
                 cuda_graphs=cuda_graphs,
+                enforce_eager=enforce_eager,
                 tensor_parallel_size=tensor_parallel_size,
             )
         )
@@ -140,6 +142,7 @@ class LLM:
                 max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                 num_kv_blocks=num_kv_blocks, kv_cache_memory_gb=kv_cache_memory_gb,
                 num_scheduler_steps=num_scheduler_steps, budget_mode=budget_mode, cuda_graphs=cuda_graphs,
+                enforce_eager=enforce_eager,
                 tensor_parallel_size=tensor_parallel_size))
 
     def _start_replicas(self, size: int, kwargs: dict) -> None:

@@ -164,8 +164,29 @@ def test_triton_kernels_on_the_static_buffers(tiny_models):
 def test_cuda_graphs_need_a_cuda_device(tiny_llama):
     with pytest.raises(ElasticDecodeError, match="cuda_graphs needs a CUDA device"):
         LLM(str(tiny_llama), device="cpu", cuda_graphs=True)
-    with pytest.raises(ElasticDecodeError, match="cuda_graphs must be True or False"):
+    with pytest.raises(ElasticDecodeError, match="cuda_graphs must be True, False or None"):
         LLM(str(tiny_llama), device="cpu", cuda_graphs="yes")
+    with pytest.raises(ElasticDecodeError, match="contradict"):
+        LLM(str(tiny_llama), device="cpu", cuda_graphs=True, enforce_eager=True)
+    llm = LLM(str(tiny_llama), device="cpu", kv_cache_memory_gb=0.05)  # the default on CPU: eager, no error
+    assert llm.engine.runner.graphs is None and llm.engine.cuda_graphs is False
+
+
+@pytest.mark.parametrize("asked,eager,device,backend,tp,expected", [
+    (None, False, "cuda", "triton", 1, True),  # the GPU default
+    (None, True, "cuda", "triton", 1, False),  # --enforce-eager
+    (None, False, "cpu", "reference", 1, False),
+    (None, False, "cuda", "reference", 1, False),
+    (None, False, "cuda", "triton", 2, False),  # not with tensor parallelism (yet)
+    (True, False, "cpu", "reference", 1, True),  # asked: the engine then says why it cannot
+    (False, False, "cuda", "triton", 1, False),
+])
+def test_cuda_graphs_are_on_by_default_where_they_can_run(asked, eager, device, backend, tp, expected):
+    from elastic_decode.config import EngineConfig
+    from elastic_decode.engine import wants_cuda_graphs
+
+    config = EngineConfig(cuda_graphs=asked, enforce_eager=eager, tensor_parallel_size=tp)
+    assert wants_cuda_graphs(config, device, backend) is expected
 
 
 @pytest.mark.cuda
@@ -180,3 +201,12 @@ def test_graphs_give_the_eager_completions_on_the_gpu(tiny_models, k):
     again = llm.generate(PROMPTS, workload(), use_tqdm=False)
     same(again, eager)
     torch.cuda.synchronize()
+
+
+def test_the_cli_refuses_both_graph_switches():
+    from elastic_decode.generate import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--prompt", "x", "--cuda-graphs", "--enforce-eager"])
+    assert e.value.code == 2
+    assert build_parser().parse_args(["--prompt", "x"]).cuda_graphs is None  # auto

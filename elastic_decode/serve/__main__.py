@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
                   max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                   kv_cache_memory_gb=args.kv_cache_memory_gb, num_scheduler_steps=args.num_scheduler_steps,
-                  cuda_graphs=args.cuda_graphs, tensor_parallel_size=args.tensor_parallel_size)
+                  cuda_graphs=args.cuda_graphs, enforce_eager=args.enforce_eager,
+                  tensor_parallel_size=args.tensor_parallel_size)
         name = args.served_model_name or _served_name(args.model, embedded_gguf_path)
         config = ServerConfig(model_name=name, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20),
                               max_weights_bytes=int(args.max_weights_gb * 2**30), max_n=args.max_n,
