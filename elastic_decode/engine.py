@@ -101,7 +101,7 @@ def build_model(path: Path, hf_config, spec: ModelSpec, dtype: torch.dtype, devi
     model = model.to_empty(device=device).to(dtype)
     inv_freq, rope_scaling = rope_inv_freq(hf_config, spec.head_dim)
     model.set_rope(inv_freq, rope_scaling, max_model_len)
-    expected = {n for n, _ in model.named_parameters()}
+    expected = {n for n, _ in model.hf_named_parameters()}
     loaded = 0
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt", device=str(device)) as f:
@@ -149,10 +149,10 @@ class ShardWorker:
             if command == "step":
                 self.runner.execute(args[0])
             elif command == "load":
-                params = dict(self.model.named_parameters())
                 for name, shape, dtype in args[0]:
                     full = self.group.broadcast(torch.empty(shape, dtype=dtype, device=self.device))
-                    params[name].data.copy_(self.model.shard.take(name, full))
+                    with torch.no_grad():
+                        self.model.hf_parameter(name).copy_(self.model.shard.take(name, full))
             elif command == "sleep":
                 self.runner.kv_caches = []
             elif command == "wake":

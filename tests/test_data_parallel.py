@@ -42,7 +42,7 @@ def test_replicas_give_one_engines_outputs_in_order(tiny_llama, one):
         assert sorted(seen) == list(range(len(PROMPTS)))
         assert llm.last_stats.completions == 2 * len(PROMPTS)
         # Weight updates reach every replica: all prompts decode as one engine with the new weights.
-        new = {name: p.detach() + 0.05 * torch.randn_like(p) for name, p in one.engine.model.named_parameters()}
+        new = {name: p.detach() + 0.05 * torch.randn_like(p) for name, p in one.engine.model.hf_named_parameters()}
         assert llm.load_weights(new.items()) == one.load_weights(new.items())
         assert _ids(llm.generate(PROMPTS, PARAMS, use_tqdm=False)) == _ids(one.generate(PROMPTS, PARAMS,
                                                                                           use_tqdm=False))

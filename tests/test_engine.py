@@ -92,7 +92,7 @@ def test_load_weights_updates_in_place_and_drops_stale_prefix_cache(tiny_models,
     prompt = llm.engine.tokenizer.encode("one two three four five six seven eight nine")
     greedy = SamplingParams(temperature=0.0, max_tokens=10)
     llm.generate([prompt], greedy, use_tqdm=False)  # leaves the prompt's blocks in the prefix cache
-    assert llm.load_weights(other.named_parameters()) == len(list(llm.engine.model.parameters()))
+    assert llm.load_weights(other.named_parameters()) == len(list(llm.engine.model.hf_named_parameters()))
     got = llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids
     ids = torch.tensor([prompt])
     expected = other.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,

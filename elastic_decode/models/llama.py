@@ -20,6 +20,11 @@ from .batch import AttentionBatch, KernelOps
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
+# HF projections that live packed in one of this model's (a packed-modules mapping, as nano-vllm and
+# vLLM keep): HF module -> (packed module, its section). Checkpoints and load_weights use HF names.
+PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -129,9 +134,9 @@ class Attention(nn.Module):
         d = spec.head_dim
         hq, hkv = (shard.q_heads, shard.kv_heads) if shard else (spec.num_q_heads, spec.num_kv_heads)
         self.num_q_heads, self.num_kv_heads = hq, hkv  # this rank's
-        self.q_proj = nn.Linear(spec.hidden_size, hq * d, bias=spec.qkv_bias)
-        self.k_proj = nn.Linear(spec.hidden_size, hkv * d, bias=spec.qkv_bias)
-        self.v_proj = nn.Linear(spec.hidden_size, hkv * d, bias=spec.qkv_bias)
+        # q, k and v in one GEMM: HF's q_proj / k_proj / v_proj rows packed at load (PACKED below).
+        self.sections = (hq * d, hkv * d, hkv * d)
+        self.qkv_proj = nn.Linear(spec.hidden_size, sum(self.sections), bias=spec.qkv_bias)
         self.o_proj = nn.Linear(hq * d, spec.hidden_size, bias=spec.o_bias)
         if spec.qk_norm:
             self.q_norm = RMSNorm(d, spec.rms_norm_eps)
@@ -148,9 +153,10 @@ class Attention(nn.Module):
         ops: KernelOps,
     ) -> torch.Tensor:
         n, d = x.shape[0], self.spec.head_dim
-        q = self.q_proj(x).view(n, self.num_q_heads, d)  # [num_tokens, num_q_heads, head_dim] (this rank's)
-        k = self.k_proj(x).view(n, self.num_kv_heads, d)  # [num_tokens, num_kv_heads, head_dim]
-        v = self.v_proj(x).view(n, self.num_kv_heads, d)
+        q, k, v = self.qkv_proj(x).split(self.sections, dim=-1)  # views of [num_tokens, q + 2 kv columns]
+        q = q.view(n, self.num_q_heads, d)  # [num_tokens, num_q_heads, head_dim] (this rank's)
+        k = k.view(n, self.num_kv_heads, d)  # [num_tokens, num_kv_heads, head_dim]
+        v = v.view(n, self.num_kv_heads, d)
         if self.spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -172,12 +178,14 @@ class MLP(nn.Module):
         super().__init__()
         self.tp = tp
         width = shard.intermediate if shard else spec.intermediate_size
-        self.gate_proj = nn.Linear(spec.hidden_size, width, bias=spec.mlp_bias)
-        self.up_proj = nn.Linear(spec.hidden_size, width, bias=spec.mlp_bias)
+        # gate and up in one GEMM: HF's gate_proj / up_proj rows packed at load (PACKED below).
+        self.sections = (width, width)
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * width, bias=spec.mlp_bias)
         self.down_proj = nn.Linear(width, spec.hidden_size, bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
-        return _row_parallel(self.down_proj, ops.silu_mul(self.gate_proj(x), self.up_proj(x)), self.tp)
+        gate, up = self.gate_up_proj(x).split(self.sections, dim=-1)  # column views: silu_mul takes row strides
+        return _row_parallel(self.down_proj, ops.silu_mul(gate, up), self.tp)
 
 
 class DecoderLayer(nn.Module):
@@ -276,7 +284,7 @@ class LlamaForCausalLM(nn.Module):
         """The parameter `name` loads into (None: skipped), after checking the tensor's shape."""
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.spec.tie_word_embeddings):
             return None
-        target = dict(self.named_parameters()).get(name)
+        target = self.hf_parameter(name)
         if target is None:
             raise ModelLoadError(f"unexpected weight {name!r} for a {self.spec.model_type} model")
         if not isinstance(tensor, torch.Tensor):
@@ -286,6 +294,34 @@ class LlamaForCausalLM(nn.Module):
         if expected != tuple(tensor.shape):
             raise ModelLoadError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {expected}")
         return target
+
+    def hf_parameter(self, name: str) -> torch.Tensor | None:
+        """The parameter (or the rows of a packed one) that holds the HF weight `name`."""
+        params = dict(self.named_parameters())
+        if name in params:
+            return params[name]
+        prefix, module, kind = (name.rsplit(".", 2) + ["", ""])[:3]
+        if module not in PACKED:
+            return None
+        packed, index = PACKED[module]
+        param = params.get(f"{prefix}.{packed}.{kind}")
+        if param is None:
+            return None
+        sections = self.get_submodule(prefix).sections
+        start = sum(sections[:index])
+        return param[start : start + sections[index]]  # a view: copying into it fills the packed rows
+
+    def hf_named_parameters(self):
+        """(HF name, parameter or packed rows) of every weight, as a checkpoint names them."""
+        unpacked = {packed: [m for m, (p, _) in PACKED.items() if p == packed] for packed, _ in PACKED.values()}
+        for name, param in self.named_parameters():
+            prefix, module, kind = (name.rsplit(".", 2) + ["", ""])[:3]
+            if module in unpacked:
+                for hf_module in unpacked[module]:
+                    hf_name = f"{prefix}.{hf_module}.{kind}"
+                    yield hf_name, self.hf_parameter(hf_name)
+            else:
+                yield name, param
 
     def forward(
         self,

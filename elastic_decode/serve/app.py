@@ -64,6 +64,9 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
+DRAIN_BYTES = 64 * 2**20  # an oversized body up to this much past the bound is read before the 413
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -88,6 +91,11 @@ class _Guard:
         limit = self.config.max_weights_bytes if path == "/update_weights" else self.config.max_body_bytes
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
+            if length.isdigit() and int(length) <= limit + DRAIN_BYTES:
+                # Read (and drop) a moderately oversized body first: a client still sending it when the
+                # answer comes and the connection closes would see a broken pipe instead of the 413.
+                while (message := await receive())["type"] == "http.request" and message.get("more_body"):
+                    pass
             return await _too_large(limit)(scope, receive, send)
         seen = 0
 
