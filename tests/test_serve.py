@@ -340,8 +340,11 @@ def test_pause_wait_drains_and_holds_new_requests(url, loop):
     assert box1["value"][1]["choices"][0]["finish_reason"] == "length"  # it ran to the end
     assert box1["value"][1]["usage"]["completion_tokens"] == 30
     second, box2 = _in_thread(lambda: _post(url, "/v1/completions", {"prompt": "later", "max_tokens": 4}))
-    time.sleep(0.5)
-    assert second.is_alive() and loop.stats()["waiting"] == 1  # held while paused
+    deadline = time.monotonic() + 30
+    while loop.stats()["waiting"] != 1 and time.monotonic() < deadline:  # until the request has arrived
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert second.is_alive() and loop.stats()["waiting"] == 1  # held while paused, not run
     _post(url, "/resume", {})
     second.join(30)
     assert box2["value"][0] == 200 and box2["value"][1]["usage"]["completion_tokens"] == 4
