@@ -118,8 +118,7 @@ def build_model(path: Path, hf_config, spec: ModelSpec, dtype: torch.dtype, devi
 def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, ...]]:
     """Every layer's (k_cache, v_cache) of `num_blocks` blocks (this rank's kv heads)."""
     spec, weight = model.spec, model.model.norm.weight
-    kv_heads = model.shard.kv_heads if model.shard else spec.num_kv_heads
-    shape = (num_blocks, block_size, kv_heads, spec.head_dim)
+    shape = (num_blocks, block_size, model.kv_heads, spec.head_dim)
     return [(torch.zeros(shape, dtype=weight.dtype, device=weight.device),
              torch.zeros(shape, dtype=weight.dtype, device=weight.device)) for _ in range(spec.num_layers)]
 
@@ -149,10 +148,11 @@ class ShardWorker:
             if command == "step":
                 self.runner.execute(args[0])
             elif command == "load":
+                params = dict(self.model.named_parameters())
                 for name, shape, dtype in args[0]:
                     full = self.group.broadcast(torch.empty(shape, dtype=dtype, device=self.device))
                     with torch.no_grad():
-                        self.model.hf_parameter(name).copy_(self.model.shard.take(name, full))
+                        self.model.hf_parameter(name, params).copy_(self.model.shard.take(name, full))
             elif command == "sleep":
                 self.runner.kv_caches = []
             elif command == "wake":
@@ -179,7 +179,7 @@ class LLMEngine:
         parallel.check_sizes(self.spec, config.tensor_parallel_size, self.device)
         self.workers = None
         if config.tensor_parallel_size > 1:
-            self._check_parallel_settings(config)
+            self._check_parallel_settings()
             self.workers = parallel.Workers(config.tensor_parallel_size, parallel.WorkerSpec(
                 path=str(path), dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
                 backend=config.backend, block_size=config.block_size, max_model_len=self.max_model_len,
@@ -230,12 +230,11 @@ class LLMEngine:
     def _allocate_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return allocate_kv_caches(self.model, num_blocks, self.config.block_size)
 
-    @staticmethod
-    def _check_parallel_settings(config: EngineConfig) -> None:
+    def _check_parallel_settings(self) -> None:
+        config = self.config
         if config.cuda_graphs:  # None (auto) turns them off with tensor parallelism
             raise ElasticDecodeError("cuda_graphs with tensor_parallel_size > 1 is not supported yet")
-        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device.startswith("cuda") and config.num_kv_blocks is None and config.kv_cache_memory_gb is None:
+        if self.device.type == "cuda" and config.num_kv_blocks is None and config.kv_cache_memory_gb is None:
             raise ElasticDecodeError("with tensor_parallel_size > 1 on CUDA, give kv_cache_memory_gb (per GPU) or "
                                      "num_kv_blocks: the start-up memory profile runs on one device only")
 
@@ -322,8 +321,7 @@ class LLMEngine:
         self.memory_plan = None
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
-        kv_heads = self.model.shard.kv_heads if self.model.shard else self.spec.num_kv_heads  # this rank's
-        per_block = 2 * self.spec.num_layers * block_size * kv_heads * self.spec.head_dim
+        per_block = 2 * self.spec.num_layers * block_size * self.model.kv_heads * self.spec.head_dim
         per_block *= torch.empty((), dtype=self.dtype).element_size()
         if self.config.kv_cache_memory_gb is not None:
             budget = self.config.kv_cache_memory_gb * 2**30

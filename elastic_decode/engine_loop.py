@@ -33,6 +33,7 @@ from elastic_decode.kernels import FINISH_STOP, FORCING, THINKING
 from .engine import LLMEngine, Request
 from .errors import ElasticDecodeError, InvalidRequestError
 from .sampling_params import SamplingParams
+from .sequence import SequenceStatus
 
 log = logging.getLogger("elastic_decode")
 
@@ -275,7 +276,7 @@ class EngineLoop:
                 continue
             out = seq.output_ids
             new = slice(live.sent[i], len(out))
-            ended = seq.status.name == "FINISHED" and final_reason is None
+            ended = seq.status is SequenceStatus.FINISHED and final_reason is None
             reason = final_reason or (("stop" if seq.finish == FINISH_STOP else "length") if ended else None)
             if new.start == new.stop and reason is None:
                 continue

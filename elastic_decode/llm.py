@@ -5,13 +5,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from tqdm.auto import tqdm
 
 from .config import BUDGET_MODES, EngineConfig
-from .engine import LLMEngine
+from .engine import LLMEngine, _pick_device
 from .errors import ElasticDecodeError, InvalidRequestError
 from .outputs import GenerationStats, RequestOutput
 from .sampling_params import SamplingParams
@@ -106,8 +106,7 @@ class LLM:
         self.budget_mode = budget_mode
         processes = tensor_parallel_size * data_parallel_size if all(
             isinstance(x, int) and x >= 1 for x in (tensor_parallel_size, data_parallel_size)) else 1
-        on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
-        if on_cpu and processes > 1:
+        if processes > 1 and _pick_device(device).type == "cpu":
             # The engine's processes share the cores: oversubscribed torch threads spin against each other.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
         self.engine = LLMEngine(
@@ -137,13 +136,13 @@ class LLM:
         if data_parallel_size > 1:
             if budget_mode == "two-call":
                 raise InvalidRequestError("budget_mode two-call runs on one replica: use data_parallel_size 1")
-            self._start_replicas(data_parallel_size, dict(
-                model=model, dtype=dtype, device=device, backend=backend, seed=seed, block_size=block_size,
-                max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                num_kv_blocks=num_kv_blocks, kv_cache_memory_gb=kv_cache_memory_gb,
-                num_scheduler_steps=num_scheduler_steps, budget_mode=budget_mode, cuda_graphs=cuda_graphs,
-                enforce_eager=enforce_eager,
-                tensor_parallel_size=tensor_parallel_size))
+            # A replica is this LLM again: its engine's settings (LLM takes every EngineConfig field but
+            # the timeout) and the budget mode.
+            config = self.engine.config
+            self._start_replicas(data_parallel_size, {
+                **{f.name: getattr(config, f.name) for f in fields(config)
+                   if f.name != "tensor_parallel_timeout_s"},
+                "budget_mode": budget_mode})
 
     def _start_replicas(self, size: int, kwargs: dict) -> None:
         """Replicas 1..size-1 of this engine in processes of their own (this LLM's engine is replica 0);

@@ -236,6 +236,11 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
+    @property
+    def kv_heads(self) -> int:
+        """The kv heads this model (this rank's shard) holds: what its KV cache stores."""
+        return self.shard.kv_heads if self.shard else self.spec.num_kv_heads
+
     def set_rope(self, inv_freq: torch.Tensor, scaling: float, max_positions: int) -> None:
         """cos/sin for every position, in fp32 as HF computes them, rotate-half layout."""
         device = self.model.embed_tokens.weight.device
@@ -259,7 +264,8 @@ class LlamaForCausalLM(nn.Module):
         if all_or_nothing:
             pairs = self.check_weights(named_tensors)
         else:
-            pairs = ((name, tensor, self._target(name, tensor, local)) for name, tensor in named_tensors)
+            params = dict(self.named_parameters())
+            pairs = ((name, tensor, self._target(name, tensor, params, local)) for name, tensor in named_tensors)
         count = 0
         for name, tensor, target in pairs:
             if target is not None:
@@ -270,7 +276,8 @@ class LlamaForCausalLM(nn.Module):
     def check_weights(self, named_tensors) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """(name, full tensor, parameter) of every weight to load, after checking every name, shape
         and value (non-finite values refused); tied and rotary names left out."""
-        pairs = [(name, tensor, self._target(name, tensor)) for name, tensor in named_tensors]
+        params = dict(self.named_parameters())
+        pairs = [(name, tensor, self._target(name, tensor, params)) for name, tensor in named_tensors]
         pairs = [(name, tensor, target) for name, tensor, target in pairs if target is not None]
         if pairs:
             finite = torch.stack([torch.isfinite(t).all().to(target.device) for _, t, target in pairs])  # one sync
@@ -280,11 +287,11 @@ class LlamaForCausalLM(nn.Module):
                                      + (f", and {len(bad) - 1} more" if len(bad) > 1 else "") + "; nothing was loaded")
         return pairs
 
-    def _target(self, name: str, tensor, local: bool = False) -> torch.Tensor | None:
+    def _target(self, name: str, tensor, params: dict[str, torch.Tensor], local: bool = False) -> torch.Tensor | None:
         """The parameter `name` loads into (None: skipped), after checking the tensor's shape."""
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.spec.tie_word_embeddings):
             return None
-        target = self.hf_parameter(name)
+        target = self.hf_parameter(name, params)
         if target is None:
             raise ModelLoadError(f"unexpected weight {name!r} for a {self.spec.model_type} model")
         if not isinstance(tensor, torch.Tensor):
@@ -295,9 +302,10 @@ class LlamaForCausalLM(nn.Module):
             raise ModelLoadError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {expected}")
         return target
 
-    def hf_parameter(self, name: str) -> torch.Tensor | None:
-        """The parameter (or the rows of a packed one) that holds the HF weight `name`."""
-        params = dict(self.named_parameters())
+    def hf_parameter(self, name: str, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """The parameter (or the rows of a packed one) that holds the HF weight `name`; `params` is
+        `dict(self.named_parameters())` when the caller looks up many names."""
+        params = dict(self.named_parameters()) if params is None else params
         if name in params:
             return params[name]
         prefix, module, kind = (name.rsplit(".", 2) + ["", ""])[:3]
@@ -314,12 +322,13 @@ class LlamaForCausalLM(nn.Module):
     def hf_named_parameters(self):
         """(HF name, parameter or packed rows) of every weight, as a checkpoint names them."""
         unpacked = {packed: [m for m, (p, _) in PACKED.items() if p == packed] for packed, _ in PACKED.values()}
-        for name, param in self.named_parameters():
+        params = dict(self.named_parameters())
+        for name, param in params.items():
             prefix, module, kind = (name.rsplit(".", 2) + ["", ""])[:3]
             if module in unpacked:
                 for hf_module in unpacked[module]:
                     hf_name = f"{prefix}.{hf_module}.{kind}"
-                    yield hf_name, self.hf_parameter(hf_name)
+                    yield hf_name, self.hf_parameter(hf_name, params)
             else:
                 yield name, param
 
