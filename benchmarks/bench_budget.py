@@ -130,7 +130,7 @@ def profile_chunk(llm, prompts, params, device: str) -> dict[str, float]:
 
     engine.runner.ops = dataclasses.replace(
         ops, paged_decode_attention=labelled("part:attention", ops.paged_decode_attention),
-        write_kv=labelled("part:attention", ops.write_kv),
+        rope_write_kv=labelled("part:attention", ops.rope_write_kv),
         sample_with_budget=labelled("part:sampler", ops.sample_with_budget),
         rms_norm=labelled("part:norm+silu", ops.rms_norm), silu_mul=labelled("part:norm+silu", ops.silu_mul))
     model = engine.runner.model

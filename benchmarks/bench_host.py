@@ -3,9 +3,10 @@ layer per decode step, and host time per decode chunk on a model so small that c
 
 Launches are counted in one eager decode step: every aten op that does work (views, metadata ops and
 allocations excluded) plus every Triton kernel launch (the Triton backend runs in the interpreter on CPU). Host time
-per chunk is the runner's own work around the model: building the chunk's host values from the
-sequences (`plan`), uploading them (`_decode_inputs`), and reading the results back (`_result`),
-timed separately from the whole `run`, at 64 and 256 sequences. Prints markdown tables.
+per chunk is the runner's own work around the model: finding which resident rows changed (`plan`),
+applying those changes to the device rows (`DeviceBatch.apply`), and reading the results back
+(`_result`), timed separately from the whole `run`, at 64 and 256 sequences, in steady decoding (the
+chunk after the prefill, where every row joins, left out). Prints markdown tables.
 
     TRITON_INTERPRET=1 .venv/bin/python benchmarks/bench_host.py
 """
@@ -101,7 +102,8 @@ def launches_per_layer(path: Path, backend: str, triton_counter) -> tuple[float,
 
 
 def host_time(path: Path, seqs: int, steps: int) -> dict[str, float]:
-    """Median ms per decode chunk: plan, upload, read back, and the whole run."""
+    """Median ms per decode chunk: plan (which rows changed), upload (apply the changes to the resident
+    rows), read back, and the whole run."""
     llm = LLM(str(path / "l2"), device="cpu", kv_cache_memory_gb=0.2, max_model_len=1024, max_num_seqs=seqs,
               num_scheduler_steps=steps)
     engine, runner = llm.engine, llm.engine.runner
@@ -110,28 +112,29 @@ def host_time(path: Path, seqs: int, steps: int) -> dict[str, float]:
                                                                    think_budget=100, solution_budget=50))
     engine.step()  # prefill
     times = {"plan": [], "upload": [], "readback": [], "run": []}
-    real_result = runner._result
 
-    def timed_result(*args):
-        start = time.perf_counter()
-        out = real_result(*args)
-        times["readback"].append(time.perf_counter() - start)
-        return out
+    def timed(owner, name, label):
+        real = getattr(owner, name)
 
-    runner._result = timed_result
-    for _ in range(8):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = real(*args, **kwargs)
+            times[label].append(time.perf_counter() - start)
+            return out
+
+        setattr(owner, name, wrapper)
+
+    timed(runner, "plan", "plan")
+    timed(runner.batch, "apply", "upload")
+    timed(runner, "_result", "readback")
+    for _ in range(17):  # the first chunk uploads every row (they joined after the prefill): left out
         batch = engine.scheduler.schedule()
-        start = time.perf_counter()
-        plan = runner.plan(batch)
-        times["plan"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        runner._decode_inputs(plan.host)
-        times["upload"].append(time.perf_counter() - start)
         start = time.perf_counter()
         result = runner.run(batch)
         times["run"].append(time.perf_counter() - start)
         engine.scheduler.postprocess(batch, result)
-    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+    medians = {k: 1000 * statistics.median(v[1:]) for k, v in times.items()}
+    return {**medians, "joined": 1000 * (times["plan"][0] + times["upload"][0])}
 
 
 def main() -> None:
@@ -150,13 +153,15 @@ def main() -> None:
             listed = ", ".join(f"{k} {v:g}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1]) if v)
             print(f"| {backend} | {per_layer:g} | {listed} |")
         print()
-        print("| sequences | steps per chunk | plan ms | upload ms | read back ms | whole run ms (compute included) |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("| sequences | steps per chunk | plan ms | upload ms | read back ms | host per chunk ms | "
+              "whole run ms (compute included) | plan + upload when every row joins ms |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for seqs in (64, 256):
             for steps in (1, 8):
                 t = host_time(path, seqs, steps)
-                print(f"| {seqs} | {steps} | {t['plan']:.2f} | {t['upload']:.2f} | {t['readback']:.2f} | "
-                      f"{t['run']:.1f} |")
+                host = t["plan"] + t["upload"] + t["readback"]
+                print(f"| {seqs} | {steps} | {t['plan']:.2f} | {t['upload']:.2f} | {t['readback']:.2f} | {host:.2f} | "
+                      f"{t['run']:.1f} | {t['joined']:.2f} |")
 
 
 if __name__ == "__main__":

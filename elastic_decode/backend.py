@@ -22,7 +22,7 @@ def _ops_from(name: str, namespace) -> KernelOps:
     """KernelOps from a module that defines every op of the contract under its own name."""
     return KernelOps(
         name=name,
-        write_kv=namespace.write_kv,
+        rope_write_kv=namespace.rope_write_kv,
         paged_decode_attention=namespace.paged_decode_attention,
         paged_prefill_attention=namespace.paged_prefill_attention,
         sample_with_budget=namespace.sample_with_budget,

@@ -20,7 +20,7 @@ from .backend import select_ops
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
-from .decode_step import DecodeInputs
+from .device_batch import DeviceBatch
 from .errors import ElasticDecodeError, InvalidRequestError, NonFiniteLogitsError
 from .loader import resolve_checkpoint
 from .model_runner import ModelRunner
@@ -218,7 +218,7 @@ class LLMEngine:
         )
         self.runner = ModelRunner(self.model, kv_caches, self.ops, block_size, graphs, self.workers)
         if graphs is not None and not startup.capture_or_eager(
-                lambda: graphs.capture_buckets(kv_caches, self._graph_template(graphs))):
+                lambda: graphs.capture_buckets(kv_caches, self.runner.batch)):
             graphs.release()
             self.runner.graphs = None
         self.requests: dict[int, Request] = {}
@@ -290,12 +290,6 @@ class LLMEngine:
         """How start-up measures memory: torch.cuda's counters on a GPU; nothing on CPU."""
         return startup.cuda_memory(self.device) if self.device.type == "cuda" else None
 
-    def _graph_template(self, graphs: DecodeGraphs) -> DecodeInputs:
-        """A one-row decode batch of the graphs' fixed widths: the static buffers' dtypes."""
-        batch, _ = startup.largest_prefill(1, 1, self.max_model_len, self.config.block_size, self.spec.vocab_size)
-        runner = ModelRunner(self.model, [], self.ops, self.config.block_size)
-        return runner.decode_inputs(batch.seqs, (graphs.marker_width, graphs.stop_width))
-
     def _profile(self, probe: startup.MemoryProbe, graphs: DecodeGraphs | None) -> startup.MemoryPlan:
         """The largest prefill on a temporary cache (its peak), and the largest bucket's graph on
         it (what the graphs hold): both measured before the KV cache is sized."""
@@ -306,10 +300,10 @@ class LLMEngine:
         runner = ModelRunner(self.model, temporary, self.ops, block_size)
         step_peak = startup.profile_step(lambda: runner.run(batch), probe)
         graph_bytes = 0
-        if graphs is not None:
-            template = self._graph_template(graphs)
+        if graphs is not None:  # what the largest graph holds, with the device batch's rows it reads
             graph_bytes = startup.measure_graphs(
-                lambda: graphs.capture_buckets(temporary, template, [graphs.buckets[-1]]), graphs.release, probe)
+                lambda: graphs.capture_buckets(temporary, DeviceBatch(self.device), [graphs.buckets[-1]]),
+                graphs.release, probe)
         del runner, temporary
         probe.release()
         free = probe.free()
@@ -426,7 +420,9 @@ class LLMEngine:
         return self._request_output(request)
 
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; returns the requests that finished with it."""
+        """Run one engine step; returns the requests that finished with it (none when idle)."""
+        if not self.has_unfinished():
+            return []
         batch = self.last_batch = self.scheduler.schedule()
         result = self.runner.run(batch)
         bad = result.finish.count(FINISH_NONFINITE)

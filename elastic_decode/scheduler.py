@@ -76,8 +76,7 @@ class Scheduler:
         self.waiting = deque(s for s in self.waiting if id(s) not in gone)
         self.running = [s for s in self.running if id(s) not in gone]
         for seq in seqs:
-            if seq.block_table:
-                self.block_manager.free(seq)
+            self._free(seq)
             seq.status = SequenceStatus.FINISHED
 
     def stop(self, seq: Sequence) -> None:
@@ -90,7 +89,7 @@ class Scheduler:
         budget state: its K/V is computed again at its next prefill (after a weight update, the
         cached K/V belong to the old weights)."""
         for seq in reversed(self.running):
-            self.block_manager.free(seq)
+            self._free(seq)
             seq.status = SequenceStatus.WAITING
             self.waiting.appendleft(seq)
         self.running = []
@@ -140,8 +139,13 @@ class Scheduler:
             raise RuntimeError("scheduler could not make progress (KV cache smaller than one sequence)")
         return ScheduledBatch(tuple(decoding), is_prefill=False, num_steps=min(steps, longest))
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _free(self, seq: Sequence) -> None:
+        """Free a sequence's KV blocks; its device row (if any) is stale from now on."""
         self.block_manager.free(seq)
+        seq.epoch += 1
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._free(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -164,7 +168,7 @@ class Scheduler:
             seq.finish = result.finish[i]
             if seq.phase == DONE:
                 seq.status = SequenceStatus.FINISHED
-                self.block_manager.free(seq)
+                self._free(seq)
                 finished.append(seq)
         if finished:
             done = {id(s) for s in finished}

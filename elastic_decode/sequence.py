@@ -35,6 +35,9 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # leading tokens whose K/V a prefix-cache hit provides
+    # Bumped whenever the scheduler frees the blocks (preempted, recomputed, aborted, finished): a
+    # resident device row written under an older epoch is stale (device_batch.py).
+    epoch: int = 0
 
     # budget machine state: one row of kernels.BudgetState, kept here between steps
     phase: int = THINKING

@@ -28,8 +28,8 @@ try:
     from .paged_prefill_attention import paged_prefill_attention
     from .rms_norm import rms_norm
     from .sample_with_budget import sample_with_budget
+    from .rope_write_kv import rope_write_kv
     from .silu_mul import silu_mul
-    from .write_kv import write_kv
 
     HAVE_TRITON = True
 except ImportError:  # no triton on this platform: the engine uses the references

@@ -46,10 +46,11 @@ from triton.runtime.jit import JITFunction
 from . import budget_state
 
 # The op modules (the package's attributes of the same names are the launchers, not the modules).
-write_kv, paged_decode_attention, paged_prefill_attention, rms_norm, silu_mul, sample_with_budget = (
+rope_write_kv, paged_decode_attention, paged_prefill_attention, rms_norm, silu_mul, sample_with_budget = (
     importlib.import_module(f"{__package__}.{name}") for name in
-    ("write_kv", "paged_decode_attention", "paged_prefill_attention", "rms_norm", "silu_mul", "sample_with_budget"))
-KERNEL_MODULES = (write_kv, paged_decode_attention, paged_prefill_attention, rms_norm, silu_mul, sample_with_budget)
+    ("rope_write_kv", "paged_decode_attention", "paged_prefill_attention", "rms_norm", "silu_mul", "sample_with_budget"))
+KERNEL_MODULES = (rope_write_kv, paged_decode_attention, paged_prefill_attention, rms_norm, silu_mul,
+                  sample_with_budget)
 ARCHS = (80, 90)  # A100, H100
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Per-SM limits used for the occupancy figures (CUDA programming guide, compute capability
@@ -211,8 +212,16 @@ def launch_plan(shape: ModelShape, dtype: torch.dtype, device: torch.device | st
     def sample(chunks):
         return lambda: sample_with_budget.sample_with_budget(logits, params, state, num_chunks=chunks)
 
+    def rope(norms):
+        qkv = rand(n, (hq + 2 * hkv) * d)  # the packed QKV output: q, k, v are views of it
+        q, k, v = (t.view(n, -1, d) for t in qkv.split((hq * d, hkv * d, hkv * d), dim=-1))
+        table = torch.randn(2 * ctx, d, generator=gen).to(device)  # fp32 cos/sin tables
+        weights = (rand(d), rand(d), 1e-6) if norms else ()
+        return lambda: rope_write_kv.rope_write_kv(q, k, v, slots, table, table, k_cache, v_cache, slots, *weights)
+
     return [
-        ("write_kv", lambda: write_kv.write_kv(rand(n, hkv, d), rand(n, hkv, d), k_cache, v_cache, slots)),
+        ("rope_write_kv", rope(False)),
+        ("rope_write_kv + q/k norm", rope(True)),
         ("paged_decode_attention", lambda: paged_decode_attention.paged_decode_attention(
             rand(n, hq, d), k_cache, v_cache, tables, ctx_lens, scale, num_splits=1)),
         ("paged_decode_attention split-KV", lambda: paged_decode_attention.paged_decode_attention(

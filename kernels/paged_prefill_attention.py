@@ -2,7 +2,7 @@
 
 Sequence i owns query rows cu_seqlens_q[i]:cu_seqlens_q[i+1], which are the LAST rows of its
 context_lens[i] tokens; the tokens before them (a cached prefix, or earlier tokens of a
-preempted sequence) are already in the cache, as are the new ones (write_kv runs first).
+preempted sequence) are already in the cache, as are the new ones (rope_write_kv runs first).
 One program per (sequence, tile of BLOCK_M new tokens, query head) walks the context in
 BLOCK_N-token tiles with an online softmax (flash-attention), stopping at the causal edge of
 its tile; each token's cache row is found through the block table, so a tile may span blocks.

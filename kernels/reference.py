@@ -30,18 +30,40 @@ from .budget_state import (
 # ---------------------------------------------------------------------------------------
 
 
-def write_kv(
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's rotate-half RoPE in x's dtype: x [num_tokens, heads, head_dim], cos/sin [num_tokens, 1, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def rope_write_kv(
+    q: torch.Tensor,  # [num_tokens, num_q_heads, head_dim]
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    positions: torch.Tensor,  # int64 [num_tokens]
+    cos_table: torch.Tensor,  # fp32 [max_positions, head_dim], rotate-half layout, rope scaling applied
+    sin_table: torch.Tensor,  # fp32 [max_positions, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    slot_mapping: torch.Tensor,  # int64 [num_tokens]; < 0 = skip
-) -> None:
+    slot_mapping: torch.Tensor,  # int64 [num_tokens]; < 0 = skip the write
+    q_norm: torch.Tensor | None = None,  # [head_dim]: Qwen3's RMSNorm of each head before RoPE
+    k_norm: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> torch.Tensor:  # rotated q [num_tokens, num_q_heads, head_dim]
+    """(Qwen3: RMSNorm each q and k head,) rotate q and k by their positions as HF does (cos/sin
+    rounded to the model dtype), write the rotated k and v to the cache slots; returns q."""
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    cos = cos_table[positions].to(q.dtype)[:, None, :]
+    sin = sin_table[positions].to(q.dtype)[:, None, :]
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, num_kv_heads, head_dim)[slots] = k[keep].to(k_cache.dtype)
     v_cache.view(-1, num_kv_heads, head_dim)[slots] = v[keep].to(v_cache.dtype)
+    return q
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-KERNELS = {"_write_kv_kernel", "_decode_kernel", "_merge_splits_kernel", "_prefill_kernel", "_rms_norm_kernel",
+KERNELS = {"_rope_write_kv_kernel", "_decode_kernel", "_merge_splits_kernel", "_prefill_kernel", "_rms_norm_kernel",
            "_silu_mul_kernel", "_scan_kernel", "_finish_kernel"}
 DTYPES = {"bfloat16", "float16", "float32"}
 
@@ -50,7 +50,7 @@ def test_every_kernel_compiles_for_every_target_dtype_and_shape(variants):
         for dtype in DTYPES:
             compiled = {r["kernel"] for r in rows if r["dtype"] == dtype}
             assert compiled == KERNELS, (arch, dtype, KERNELS - compiled)
-        for launch in ("paged_decode_attention", "paged_decode_attention split-KV", "rms_norm", "rms_norm + residual",
+        for launch in ("rope_write_kv", "rope_write_kv + q/k norm", "paged_decode_attention", "paged_decode_attention split-KV", "rms_norm", "rms_norm + residual",
                        "sample_with_budget"):
             assert any(r["launch"] == launch for r in rows), (arch, launch)
 
@@ -103,7 +103,7 @@ def shadow(name):
 llm = LLM(sys.argv[1], dtype="float32", device="cpu", backend="reference", block_size=16, seed=0,
           num_scheduler_steps=3, max_num_seqs=8)
 engine = llm.engine
-names = ["write_kv", "paged_decode_attention", "paged_prefill_attention", "sample_with_budget", "rms_norm", "silu_mul"]
+names = ["rope_write_kv", "paged_decode_attention", "paged_prefill_attention", "sample_with_budget", "rms_norm", "silu_mul"]
 engine.ops = engine.runner.ops = KernelOps(name="shadow", **{n: shadow(n) for n in names})
 kernels = aot.jit_kernels()
 with aot.stand_in_driver(90):

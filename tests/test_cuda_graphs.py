@@ -1,7 +1,8 @@
 """CUDA graphs of the decode step.
 
-The static-buffer path that a graph captures (fixed-width sampler rows, a block table as wide as
-max_model_len, batches padded to a size bucket with DONE rows) runs eagerly on CPU here
+The static-buffer path that a graph captures (the resident device batch reserved for the largest
+bucket: fixed-width sampler rows, a block table as wide as max_model_len, batches padded to a size
+bucket with DONE rows) runs eagerly on CPU here
 (`capture=False`) and must give the plain decode loop's completions; on a GPU the captured
 graphs must give the same completions as eager decoding (`cuda` marker).
 """
@@ -59,9 +60,9 @@ def static_path(llm: LLM, graphs_class=DecodeGraphs, capture: bool = False) -> l
     sizes = []
     graphs_run = runner.graphs.run
 
-    def counted(kv_caches, inp, num_steps):
-        sizes.append(inp.input_ids.shape[0])
-        return graphs_run(kv_caches, inp, num_steps)
+    def counted(kv_caches, batch, n, num_steps):
+        sizes.append(n)
+        return graphs_run(kv_caches, batch, n, num_steps)
 
     runner.graphs.run = counted
     return sizes
@@ -108,11 +109,29 @@ def test_static_buffers_under_preemption(tiny_models):
     same(outputs, expected)
 
 
-def test_a_batch_that_does_not_fit_runs_eagerly(tiny_models):
-    """A stop list wider than the graphs' fixed columns: the chunk takes the plain loop."""
+def test_a_longer_stop_list_widens_the_batch_and_the_graphs_follow(tiny_models):
+    """A stop list wider than STOP_WIDTH: the device batch reallocates wider, the graphs captured on
+    the old rows are dropped and captured again on the new ones; the plain loop's completions."""
     from elastic_decode import SamplingParams
 
     params = SamplingParams(temperature=0.0, think_budget=2, solution_budget=3, stop_token_ids=tuple(range(20, 30)))
+    expected = LLM(str(tiny_models["qwen3"]), dtype="float32", device="cpu", block_size=4).generate(
+        PROMPTS[:2], params, use_tqdm=False)
+    llm = LLM(str(tiny_models["qwen3"]), dtype="float32", device="cpu", block_size=4)
+    sizes = static_path(llm, EagerCaptureGraphs, capture=True)
+    graphs, batch = llm.engine.runner.graphs, llm.engine.runner.batch
+    llm.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)  # graphs at STOP_WIDTH
+    captures, generation = graphs.captures, batch.generation
+    outputs = llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    assert sizes and batch.stop_width == 11 and batch.generation > generation  # EOS + 10 stop ids
+    assert graphs.captures > captures  # captured again on the wider rows
+    same(outputs, expected)
+
+
+def test_top_logprobs_run_eagerly_on_the_resident_rows(tiny_models):
+    from elastic_decode import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=3)
     expected = LLM(str(tiny_models["qwen3"]), dtype="float32", device="cpu", block_size=4).generate(
         PROMPTS[:2], params, use_tqdm=False)
     llm = LLM(str(tiny_models["qwen3"]), dtype="float32", device="cpu", block_size=4)
@@ -120,6 +139,7 @@ def test_a_batch_that_does_not_fit_runs_eagerly(tiny_models):
     outputs = llm.generate(PROMPTS[:2], params, use_tqdm=False)
     assert sizes == []
     same(outputs, expected)
+    assert [c.top_logprobs for o in outputs for c in o.outputs] == [c.top_logprobs for o in expected for c in o.outputs]
 
 
 def test_every_accepted_marker_fits_the_graphs(tiny_models):

@@ -1,4 +1,4 @@
-"""Triton write_kv / paged decode / paged prefill attention against the torch reference.
+"""Triton paged decode / paged prefill attention against the torch reference.
 
 Fresh random inputs every case; GQA ratios 1/3/4/6/8, head dims 64/128, block sizes 16/32,
 length-1 contexts, exact block boundaries, ragged mixes, permuted block tables, split-KV on
@@ -12,7 +12,6 @@ import torch
 from elastic_decode.kernels import reference
 from elastic_decode.kernels.paged_decode_attention import paged_decode_attention
 from elastic_decode.kernels.paged_prefill_attention import paged_prefill_attention
-from elastic_decode.kernels.write_kv import write_kv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.5e-2, 1.5e-2)}
@@ -40,21 +39,6 @@ def make_paged(context_lens, num_kv_heads, head_dim, block_size, dtype, extra_bl
 
 def worst(a, b):
     return float((a.float() - b.float()).abs().max())
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_kv_heads, head_dim", [(2, 64), (1, 128), (3, 64)])
-def test_write_kv_matches_reference(dtype, num_kv_heads, head_dim):
-    torch.manual_seed(1)
-    n_tok, num_blocks, bs = 37, 9, 16
-    k = torch.randn(n_tok, num_kv_heads, head_dim).to(dtype).to(DEVICE)
-    v = torch.randn(n_tok, num_kv_heads, head_dim).to(dtype).to(DEVICE)
-    slots = torch.randperm(num_blocks * bs)[:n_tok].to(DEVICE)
-    slots[::5] = -1  # skipped tokens
-    caches = [torch.zeros(num_blocks, bs, num_kv_heads, head_dim, dtype=dtype, device=DEVICE) for _ in range(4)]
-    write_kv(k, v, caches[0], caches[1], slots)
-    reference.write_kv(k, v, caches[2], caches[3], slots)
-    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
 
 
 DECODE_CASES = [
@@ -115,7 +99,7 @@ import sys, torch
 from elastic_decode.kernels import reference
 from elastic_decode.kernels.paged_decode_attention import paged_decode_attention
 from elastic_decode.kernels.paged_prefill_attention import paged_prefill_attention
-from elastic_decode.kernels.write_kv import write_kv
+from elastic_decode.kernels.rope_write_kv import rope_write_kv
 device = sys.argv[1]
 bs, hkv, d = 16, 1, 64
 num_blocks = 2**31 // (bs * hkv * d) + 4096  # more than 2**31 elements per cache
@@ -128,7 +112,9 @@ n = 40
 slots = torch.tensor([blocks[p // bs] * bs + p % bs for p in range(n)], dtype=torch.long, device=device)
 k = torch.randn(n, hkv, d, device=device).half()
 v = torch.randn(n, hkv, d, device=device).half()
-write_kv(k, v, k_cache, v_cache, slots)
+identity = torch.ones(n, d, device=device), torch.zeros(n, d, device=device)  # cos 1, sin 0: k unrotated
+rope_write_kv(torch.zeros(n, 1, d, device=device).half(), k, v, torch.arange(n, device=device), *identity,
+              k_cache, v_cache, slots)
 assert torch.equal(k_cache[blocks[0]], k[:bs]) and torch.equal(v_cache[blocks[2], : n - 2 * bs], v[2 * bs :])
 ctx = torch.tensor([n], dtype=torch.int32, device=device)
 q = torch.randn(1, 4, d, device=device).half()

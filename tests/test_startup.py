@@ -29,10 +29,10 @@ class RecordingGraphs(EagerCaptureGraphs):
         super().__init__(*args, **kwargs)
         self.order: list[tuple[int, int]] = []  # (bucket, the cache's number of blocks)
 
-    def _graph(self, kv_caches, b):
+    def _graph(self, kv_caches, batch, b):
         if b not in self._graphs:
             self.order.append((b, kv_caches[0][0].shape[0]))
-        return super()._graph(kv_caches, b)
+        return super()._graph(kv_caches, batch, b)
 
     def _capture(self, step):
         measuring = len(self.order) == 1

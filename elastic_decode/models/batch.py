@@ -26,7 +26,7 @@ class KernelOps:
     """One implementation of each kernel contract (Triton or the torch reference)."""
 
     name: str
-    write_kv: Callable
+    rope_write_kv: Callable  # RoPE on q and k (+ Qwen3's head norms), k and v into the cache; returns q
     paged_decode_attention: Callable
     paged_prefill_attention: Callable
     sample_with_budget: Callable

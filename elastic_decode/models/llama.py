@@ -2,7 +2,7 @@
 
 Module and parameter names follow HF transformers exactly, so a HF state dict (a checkpoint,
 or a trainer's live model) loads by name with no mapping. Attention goes through the kernel
-contracts (write_kv, paged_prefill_attention, paged_decode_attention) passed in as `ops`.
+contracts (rope_write_kv, paged_prefill_attention, paged_decode_attention) passed in as `ops`.
 """
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-from elastic_decode.kernels import reference
 
 from ..errors import ModelLoadError
 from ..parallel import Group, Shard, vocab_parallel_embedding
@@ -102,21 +100,24 @@ def rope_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
     return inv_freq.float(), float(scaling)
 
 
+def rope_tables(inv_freq: torch.Tensor, scaling: float, max_positions: int,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) fp32 [max_positions, head_dim] for every position, as HF computes them
+    (rotate-half layout, the rope type's attention scaling applied)."""
+    positions = torch.arange(max_positions, dtype=torch.float32, device=device)
+    freqs = positions[:, None] * inv_freq.to(device)[None, :]  # [max_positions, head_dim / 2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
+    return emb.cos() * scaling, emb.sin() * scaling
+
+
 class RMSNorm(nn.Module):
+    """The weight and eps of an RMSNorm; the norm itself runs in the ops (ops.rms_norm for the layer
+    norms, ops.rope_write_kv for Qwen3's q/k head norms)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # q/k norms; the layer norms call ops.rms_norm
-        return reference.rms_norm(x, self.weight, self.eps)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [num_tokens, heads, head_dim]; cos/sin [num_tokens, head_dim] (rotate-half layout)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 def _row_parallel(linear: nn.Linear, x: torch.Tensor, tp: Group | None) -> torch.Tensor:
@@ -146,8 +147,8 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [num_tokens, hidden]
-        cos: torch.Tensor,  # [num_tokens, head_dim]
-        sin: torch.Tensor,  # [num_tokens, head_dim]
+        positions: torch.Tensor,  # int64 [num_tokens]
+        rope: tuple[torch.Tensor, torch.Tensor],  # fp32 (cos, sin) tables [max_positions, head_dim]
         kv: tuple[torch.Tensor, torch.Tensor],  # this layer's (k_cache, v_cache)
         batch: AttentionBatch,
         ops: KernelOps,
@@ -157,11 +158,10 @@ class Attention(nn.Module):
         q = q.view(n, self.num_q_heads, d)  # [num_tokens, num_q_heads, head_dim] (this rank's)
         k = k.view(n, self.num_kv_heads, d)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(n, self.num_kv_heads, d)
-        if self.spec.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache, v_cache = kv
-        ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.spec.qk_norm else ()
+        # (Qwen3's q/k head norms,) RoPE on q and k, and k, v into the cache: one kernel
+        q = ops.rope_write_kv(q, k, v, positions, *rope, k_cache, v_cache, batch.slot_mapping, *norms)
         if batch.is_prefill:
             o = ops.paged_prefill_attention(
                 q, k_cache, v_cache, batch.block_tables, batch.cu_seqlens_q, batch.context_lens, self.scale,
@@ -196,7 +196,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, x, residual, cos, sin, kv, batch, ops):
+    def forward(self, x, residual, positions, rope, kv, batch, ops):
         """x: the previous layer's MLP output (the embeddings, with residual None, for layer 0).
 
         Returns (this layer's MLP output, the residual stream before it): each residual add is
@@ -206,7 +206,7 @@ class DecoderLayer(nn.Module):
             h, residual = ops.rms_norm(x, norm_in.weight, norm_in.eps), x
         else:
             h, residual = ops.rms_norm(x, norm_in.weight, norm_in.eps, residual)
-        h = self.self_attn(h, cos, sin, kv, batch, ops)
+        h = self.self_attn(h, positions, rope, kv, batch, ops)
         h, residual = ops.rms_norm(h, norm_post.weight, norm_post.eps, residual)
         return self.mlp(h, ops), residual
 
@@ -242,13 +242,8 @@ class LlamaForCausalLM(nn.Module):
         return self.shard.kv_heads if self.shard else self.spec.num_kv_heads
 
     def set_rope(self, inv_freq: torch.Tensor, scaling: float, max_positions: int) -> None:
-        """cos/sin for every position, in fp32 as HF computes them, rotate-half layout."""
-        device = self.model.embed_tokens.weight.device
-        positions = torch.arange(max_positions, dtype=torch.float32, device=device)
-        freqs = positions[:, None] * inv_freq.to(device)[None, :]  # [max_positions, head_dim / 2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
-        self.rope_cos = emb.cos() * scaling
-        self.rope_sin = emb.sin() * scaling
+        self.rope_cos, self.rope_sin = rope_tables(inv_freq, scaling, max_positions,
+                                                   self.model.embed_tokens.weight.device)
 
     @torch.no_grad()
     def load_weights(self, named_tensors, all_or_nothing: bool = False, local: bool = False) -> int:
@@ -344,11 +339,10 @@ class LlamaForCausalLM(nn.Module):
             x = self.model.embed_tokens(input_ids)  # [num_tokens, hidden]
         else:
             x = vocab_parallel_embedding(input_ids, self.model.embed_tokens.weight, self.shard, self.tp)
-        cos = self.rope_cos[positions].to(x.dtype)  # [num_tokens, head_dim]
-        sin = self.rope_sin[positions].to(x.dtype)
+        rope = (self.rope_cos, self.rope_sin)
         residual = None
         for layer, kv in zip(self.model.layers, kv_caches):
-            x, residual = layer(x, residual, cos, sin, kv, batch, ops)
+            x, residual = layer(x, residual, positions, rope, kv, batch, ops)
         norm = self.model.norm
         if residual is None:  # no layers
             return ops.rms_norm(x, norm.weight, norm.eps)
