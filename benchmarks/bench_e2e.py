@@ -1,9 +1,10 @@
 """End-to-end decode throughput: this engine vs HF transformers `generate`, same prompts, same tokens.
 
 CPU, the embedded SmolLM2-135M-Instruct in fp32, greedy, every sequence generating exactly
---new-tokens tokens (EOS ignored on both sides), batch sizes from --batch-sizes. Each
-provider runs once untimed (warm-up), then --repeats timed runs; the best is reported.
-Prints a markdown table for benchmarks/RESULTS.md.
+--new-tokens tokens (EOS ignored on both sides), batch sizes from --batch-sizes, the engine on each
+of --backends (cpu: the C++ attention kernels; reference: the torch ops). Each provider runs once
+untimed (warm-up), then --repeats timed runs; the best is reported. Prints a markdown table for
+benchmarks/RESULTS.md.
 
     .venv/bin/python benchmarks/bench_e2e.py --batch-sizes 1,16 --new-tokens 64
 """
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per provider (best kept)")
+    parser.add_argument("--backends", default="cpu,reference", help="engine backends, comma-separated")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -51,7 +53,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     path = resolve_checkpoint(None)
-    llm = LLM(dtype="float32", device="cpu")
+    engines = {b: LLM(dtype="float32", device="cpu", backend=b) for b in args.backends.split(",")}
+    llm = next(iter(engines.values()))
     tok = llm.engine.tokenizer
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hf_tok = llm.tokenizer
@@ -63,8 +66,8 @@ def main() -> None:
         prompts = [tok.encode_chat([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]) for i in range(batch)]
         params = SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True)
 
-        def ours():
-            outs = llm.generate(prompts, params, use_tqdm=False)
+        def ours(engine):
+            outs = engine.generate(prompts, params, use_tqdm=False)
             assert all(len(o.outputs[0].token_ids) == n_new for o in outs)
 
         width = max(len(p) for p in prompts)
@@ -77,18 +80,17 @@ def main() -> None:
                                   do_sample=False, pad_token_id=hf_tok.pad_token_id)
             assert out.shape[1] == width + n_new
 
-        t_ours = best_of(ours, args.repeats)
         t_hf = best_of(theirs, args.repeats)
-        tokens = batch * n_new
-        rows.append((batch, tokens, t_ours, t_hf))
+        for name, engine in engines.items():
+            rows.append((batch, name, batch * n_new, best_of(lambda: ours(engine), args.repeats), t_hf))
 
     print(f"\nCPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; SmolLM2-135M fp32, greedy, {n_new} new tokens per sequence\n")
-    print("| batch | tokens | elastic_decode s | tok/s | HF generate s | tok/s | ratio (ours / HF) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for batch, tokens, t_ours, t_hf in rows:
-        print(f"| {batch} | {tokens} | {t_ours:.2f} | {tokens / t_ours:.1f} | {t_hf:.2f} | {tokens / t_hf:.1f} | "
-              f"{t_hf / t_ours:.2f}x |")
+    print("| batch | backend | tokens | elastic_decode s | tok/s | HF generate s | tok/s | ratio (ours / HF) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for batch, name, tokens, t_ours, t_hf in rows:
+        print(f"| {batch} | {name} | {tokens} | {t_ours:.2f} | {tokens / t_ours:.1f} | {t_hf:.2f} | "
+              f"{tokens / t_hf:.1f} | {t_hf / t_ours:.2f}x |")
 
 
 if __name__ == "__main__":

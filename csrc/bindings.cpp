@@ -1,15 +1,15 @@
 // Python bindings of elastic_decode._C (pybind11 through torch's cpp_extension).
-// Plain pybind11 suffices: nothing here touches tensors.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include "block_allocator.h"
+#include "cpu_attention.h"
 
 namespace py = pybind11;
 using elastic_decode::BlockAllocator;
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "elastic_decode native core: the KV-cache block allocator";
+  m.doc() = "elastic_decode native core: the KV-cache block allocator and the CPU attention kernels";
   py::register_exception<elastic_decode::OutOfBlocks>(m, "OutOfBlocksError", PyExc_RuntimeError);
 
   py::class_<BlockAllocator>(m, "BlockAllocator")
@@ -30,4 +30,11 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_free", &BlockAllocator::num_free)
       .def_property_readonly("num_cached", &BlockAllocator::num_cached)
       .def_static("hash_tokens", &BlockAllocator::hash_tokens, py::arg("parent"), py::arg("tokens"));
+
+  m.def("paged_decode_attention", &elastic_decode::paged_decode_attention_cpu, py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
+        "Paged decode attention on CPU tensors (kernels/cpu.py wraps it in the op contract).");
+  m.def("paged_prefill_attention", &elastic_decode::paged_prefill_attention_cpu, py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("block_tables"), py::arg("cu_seqlens_q"), py::arg("context_lens"),
+        py::arg("scale"), "Paged prefill attention on CPU tensors (kernels/cpu.py wraps it in the op contract).");
 }

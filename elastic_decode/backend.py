@@ -1,21 +1,24 @@
-"""Choose the kernel implementation: Triton on CUDA tensors, the torch reference on CPU.
+"""Choose the kernel implementation: Triton on CUDA tensors, the C++ CPU kernels on CPU tensors.
 
-`ELASTIC_DECODE_BACKEND=triton|reference` (or LLM(backend=...)) forces one. The Triton kernels
-run on CPU tensors only under TRITON_INTERPRET=1, which the tests use.
+"cpu" is the torch reference with its attention ops replaced by the C++ kernels of csrc/ (kernels/cpu.py);
+"reference" is the torch reference alone, the oracle of every test. `ELASTIC_DECODE_BACKEND=
+triton|cpu|reference` (or LLM(backend=...)) forces one. The Triton kernels run on CPU tensors only
+under TRITON_INTERPRET=1, which the tests use.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
 from elastic_decode import kernels
-from elastic_decode.kernels import reference
+from elastic_decode.kernels import cpu, reference
 
 from .errors import ElasticDecodeError
 from .models.batch import KernelOps
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
 def _ops_from(name: str, namespace) -> KernelOps:
@@ -35,6 +38,14 @@ def reference_ops() -> KernelOps:
     return _ops_from("reference", reference)
 
 
+def cpu_ops() -> KernelOps | None:
+    """The reference with the C++ paged attention kernels, or None where the extension lacks them."""
+    if not cpu.HAVE_CPU_KERNELS:
+        return None
+    return dataclasses.replace(reference_ops(), name="cpu", paged_decode_attention=cpu.paged_decode_attention,
+                               paged_prefill_attention=cpu.paged_prefill_attention)
+
+
 def triton_ops() -> KernelOps | None:
     """The Triton launchers, or None where triton is not installed."""
     return _ops_from("triton", kernels) if kernels.HAVE_TRITON else None
@@ -47,9 +58,17 @@ def select_ops(device: torch.device, backend: str | None = None) -> KernelOps:
     if choice == "reference":
         return reference_ops()
     if choice == "auto":
-        # Triton on CUDA tensors when its launchers import; the reference everywhere else.
-        ops = triton_ops() if device.type == "cuda" else None
+        # Triton on CUDA tensors when its launchers import, the C++ kernels on CPU; else the reference.
+        ops = triton_ops() if device.type == "cuda" else cpu_ops() if device.type == "cpu" else None
         return ops or reference_ops()
+    if choice == "cpu":
+        if device.type != "cpu":
+            raise ElasticDecodeError(f"the cpu backend runs on CPU tensors; this engine runs on {device}")
+        ops = cpu_ops()
+        if ops is None:
+            raise ElasticDecodeError("the cpu backend needs the C++ extension elastic_decode._C with its kernels "
+                                     "(rebuild it: make setup)")
+        return ops
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ElasticDecodeError("the triton backend on CPU needs TRITON_INTERPRET=1 (tests only)")
     ops = triton_ops()

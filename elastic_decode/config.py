@@ -21,7 +21,7 @@ class EngineConfig:
     dtype: str = "auto"
     # "cpu", "cuda", "cuda:1"...; None picks CUDA when available.
     device: str | None = None
-    # Kernel implementation: "auto" | "triton" | "reference" (env ELASTIC_DECODE_BACKEND).
+    # Kernel implementation: "auto" | "triton" | "cpu" | "reference" (env ELASTIC_DECODE_BACKEND).
     backend: str | None = None
     # Tokens per KV-cache block.
     block_size: int = 16

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "needs -n 2 or more")
     e = p.add_argument_group("engine")
     add_engine_arguments(e)
-    e.add_argument("--backend", default=None, help="auto | triton | reference")
+    e.add_argument("--backend", default=None, help="auto (Triton on CUDA, the C++ kernels on CPU) | triton | cpu | "
+                   "reference")
     e.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     return p
 

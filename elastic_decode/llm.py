@@ -344,6 +344,7 @@ class LLM:
             forced_ends=sum(c.forced_end for c in completions),
             preemptions=engine.scheduler.num_preemptions - preempted_before,
             seconds=time.perf_counter() - start,
+            engine=f"{str(engine.dtype).removeprefix('torch.')} on {engine.device.type}, {engine.ops.name} kernels",
         )
         return results
 

@@ -53,6 +53,7 @@ class GenerationStats:
     forced_ends: int
     preemptions: int
     seconds: float
+    engine: str = ""  # what ran it: dtype, device and kernels ("float32 on cpu, cpu kernels")
 
     def summary(self) -> str:
         rate = self.output_tokens / self.seconds if self.seconds > 0 else 0.0
@@ -62,4 +63,5 @@ class GenerationStats:
             f"{self.solution_tokens} solution; {self.forced_ends} forced ends) in {self.seconds:.2f} s, "
             f"{rate:.1f} output tokens/s"
             + (f", {self.preemptions} preemptions" if self.preemptions else "")
+            + (f" ({self.engine})" if self.engine else "")
         )

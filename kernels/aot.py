@@ -48,7 +48,8 @@ from . import budget_state
 # The op modules (the package's attributes of the same names are the launchers, not the modules).
 rope_write_kv, paged_decode_attention, paged_prefill_attention, rms_norm, silu_mul, sample_with_budget = (
     importlib.import_module(f"{__package__}.{name}") for name in
-    ("rope_write_kv", "paged_decode_attention", "paged_prefill_attention", "rms_norm", "silu_mul", "sample_with_budget"))
+    ("rope_write_kv", "paged_decode_attention", "paged_prefill_attention", "rms_norm", "silu_mul",
+     "sample_with_budget"))
 KERNEL_MODULES = (rope_write_kv, paged_decode_attention, paged_prefill_attention, rms_norm, silu_mul,
                   sample_with_budget)
 ARCHS = (80, 90)  # A100, H100

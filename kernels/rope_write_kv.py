@@ -131,7 +131,8 @@ def rope_write_kv(
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for rotate-half RoPE, got {head_dim}")
     if k.shape != (num_tokens, num_kv_heads, head_dim) or v.shape != k.shape:
-        raise ValueError(f"k and v must be [{num_tokens}, kv_heads, {head_dim}], got {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"k and v must be [{num_tokens}, kv_heads, {head_dim}], "
+                         f"got {tuple(k.shape)}, {tuple(v.shape)}")
     if k_cache.shape[2:] != (num_kv_heads, head_dim) or v_cache.shape != k_cache.shape:
         raise ValueError(f"cache shape {tuple(k_cache.shape)} does not fit k {tuple(k.shape)}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):

@@ -8,15 +8,17 @@ from elastic_decode import ElasticDecodeError
 from elastic_decode.backend import select_ops
 
 
-def test_auto_on_cpu_is_the_reference():
-    assert select_ops(torch.device("cpu"), "auto").name == "reference"
+def test_auto_on_cpu_is_the_cpp_kernels():
+    assert select_ops(torch.device("cpu"), "auto").name == "cpu"
+    with pytest.raises(ElasticDecodeError, match="the cpu backend runs on CPU tensors"):
+        select_ops(torch.device("cuda"), "cpu")
 
 
 def test_env_variable_forces_a_backend(monkeypatch):
     monkeypatch.setenv("ELASTIC_DECODE_BACKEND", "reference")
     assert select_ops(torch.device("cpu")).name == "reference"
     monkeypatch.setenv("ELASTIC_DECODE_BACKEND", "fast")
-    with pytest.raises(ElasticDecodeError, match="backend must be one of auto, triton, reference"):
+    with pytest.raises(ElasticDecodeError, match="backend must be one of auto, triton, cpu, reference"):
         select_ops(torch.device("cpu"))
 
 

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="safetensors bodies posted to /update_weights (default 64 GiB)")
     e = p.add_argument_group("engine")
     add_engine_arguments(e)
-    e.add_argument("--backend", default=None, help="auto | triton | reference")
+    e.add_argument("--backend", default=None, help="auto (Triton on CUDA, the C++ kernels on CPU) | triton | cpu | "
+                   "reference")
     e.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     e.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together (default 256)")
     e.add_argument("--kv-cache-memory-gb", type=float, default=None,
