@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 PROMPT ?= A farmer has 17 sheep and buys 3 more pens of 4 sheep each. How many sheep does he have?
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench gpu-report train-demo e1 clean
+.PHONY: setup demo test bench microbench gpu-report train-demo e1 clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,12 @@ train-demo: setup
 # budget-constrained GRPO, both evaluated at several thinking budgets (about 35 minutes on 2 cores).
 e1: setup
 	bash benchmarks/e1_miniature.sh
+
+# One benchmark per kernel op x provider (torch reference, C++ CPU, Triton with CUDA), grouped by op so the
+# providers of an op at one shape sit side by side; not part of `make test`.
+microbench: setup
+	$(PY) -m pytest benchmarks/micro --benchmark-only --benchmark-group-by=func \
+		--benchmark-columns=min,median,mean,rounds -q
 
 bench: setup
 	$(PY) benchmarks/bench_e2e.py

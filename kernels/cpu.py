@@ -3,8 +3,9 @@
 Paged decode and prefill attention for CPU tensors: one work item per (sequence, kv head) for decode
 and per (sequence, tile of 16 new tokens, kv head) for prefill, each reading a K/V block once for
 every query head of its GQA group, an online softmax in fp32, threads from torch's intra-op pool,
-AVX-512 / AVX2 / baseline code chosen at load time. The other ops of the CPU backend are the torch
-reference's (backend.py), which stays the oracle of every test.
+AVX-512 / AVX2 / baseline code chosen at load time. The CPU backend (backend.py) selects the decode
+kernel; the prefill kernel is tested and measured (`make microbench`) but so far slower than the
+reference's batched GEMMs, so the reference keeps prefill and every other op, and stays the oracle.
 """
 from __future__ import annotations
 
