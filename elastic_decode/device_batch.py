@@ -185,10 +185,10 @@ class RowPlanner:
         if block_cols:
             self.block_width = max(self.block_width, max(block_cols) + 1)
         self.capacity = max(self.capacity, n)
-        perm = None
+        perm_changed = False
         if not same:
             perm = [self.row_of[id(s)] for s in seqs]
-            perm, self.perm = (perm if perm != self.perm else None), perm
+            perm_changed, self.perm = perm != self.perm, perm
             self.top = max((s.params.logprobs for s in seqs), default=0)
             self.marker_width = max((len(s.marker) for s in seqs), default=1)
         update = BatchUpdate(
@@ -196,7 +196,7 @@ class RowPlanner:
             keep=keep,
             joins=(join_rows, decode_fields(joining)) if joining else None,
             blocks=(block_rows, block_cols, block_ids), pad=(n, max(n, old)),
-            perm=self.perm if perm is not None or self.fresh else None, reset=self.fresh,
+            perm=self.perm if perm_changed or self.fresh else None, reset=self.fresh,
         )
         self.fresh = False
         return update
@@ -231,6 +231,17 @@ class RowPlanner:
 
 
 _COLUMNS = {"marker": "marker", "recent": "marker", "stop_ids": "stop", "block_tables": "blocks"}
+_ROW_FIELDS = ("input_ids", "positions", "context_lens", "block_tables",
+               *(f.name for f in fields(SamplerParams)), *(f.name for f in fields(BudgetState)))
+
+
+def _decode_inputs(by_name: dict[str, torch.Tensor]) -> DecodeInputs:
+    """DecodeInputs from its row fields by name (_ROW_FIELDS)."""
+    return DecodeInputs(
+        input_ids=by_name["input_ids"], positions=by_name["positions"], context_lens=by_name["context_lens"],
+        block_tables=by_name["block_tables"],
+        params=SamplerParams(**{f.name: by_name[f.name] for f in fields(SamplerParams)}),
+        state=BudgetState(**{f.name: by_name[f.name] for f in fields(BudgetState)}))
 
 
 class DeviceBatch:
@@ -248,18 +259,11 @@ class DeviceBatch:
     def tensors(self) -> dict[str, torch.Tensor]:
         full = self.full
         return {"input_ids": full.input_ids, "positions": full.positions, "context_lens": full.context_lens,
-                "block_tables": full.block_tables,
-                **{f.name: getattr(full.params, f.name) for f in fields(SamplerParams)},
-                **{f.name: getattr(full.state, f.name) for f in fields(BudgetState)}}
+                "block_tables": full.block_tables, **vars(full.params), **vars(full.state)}
 
     def view(self, rows: int) -> DecodeInputs:
         """The first `rows` rows (views: a step on them advances the resident rows)."""
-        full = self.full
-        return DecodeInputs(
-            input_ids=full.input_ids[:rows], positions=full.positions[:rows], context_lens=full.context_lens[:rows],
-            block_tables=full.block_tables[:rows],
-            params=SamplerParams(**{f.name: getattr(full.params, f.name)[:rows] for f in fields(SamplerParams)}),
-            state=BudgetState(**{f.name: getattr(full.state, f.name)[:rows] for f in fields(BudgetState)}))
+        return _decode_inputs({name: t[:rows] for name, t in self.tensors().items()})
 
     def ensure(self, capacity: int, block_width: int, stop_width: int) -> None:
         """Grow the tensors to at least this size (contents kept, new rows padding); rows and block
@@ -275,8 +279,7 @@ class DeviceBatch:
         dtypes = {"input_ids": torch.long, "positions": torch.long, "seed": torch.long,
                   "temperature": torch.float32, "top_p": torch.float32, "min_p": torch.float32}
         new = {}
-        for name in ["input_ids", "positions", "context_lens", "block_tables",
-                     *(f.name for f in fields(SamplerParams)), *(f.name for f in fields(BudgetState))]:
+        for name in _ROW_FIELDS:
             columns = _COLUMNS.get(name)
             shape = (capacity,) if columns is None else (capacity, widths[columns])
             t = torch.zeros(shape, dtype=dtypes.get(name, torch.int32), device=self.device)
@@ -284,11 +287,7 @@ class DeviceBatch:
                 src = old[name]
                 (t[: src.shape[0], : src.shape[1]] if src.dim() == 2 else t[: src.shape[0]]).copy_(src)
             new[name] = t
-        self.full = DecodeInputs(
-            input_ids=new["input_ids"], positions=new["positions"], context_lens=new["context_lens"],
-            block_tables=new["block_tables"],
-            params=SamplerParams(**{f.name: new[f.name] for f in fields(SamplerParams)}),
-            state=BudgetState(**{f.name: new[f.name] for f in fields(BudgetState)}))
+        self.full = _decode_inputs(new)
         start = self.capacity if old else 0
         self.capacity, self.block_width, self.stop_width = capacity, block_width, stop_width
         self.pad(start, capacity)
