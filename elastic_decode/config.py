@@ -16,8 +16,9 @@ BUDGET_MODES = ("in-kernel", "two-call")
 class EngineConfig:
     # Checkpoint directory, .gguf file, or None for the embedded SmolLM2-135M-Instruct.
     model: str | None = None
-    # Weight and KV dtype. "auto": float32 on CPU (exact and fast there), the checkpoint's
-    # 16-bit dtype (else bfloat16) on CUDA.
+    # Weight and KV dtype. "auto": on CPU bfloat16 where the CPU computes it natively (AVX512-BF16 or
+    # AMX), else float32; on CUDA the checkpoint's 16-bit dtype (else bfloat16). "float32" is the
+    # setting of exact parity with HF. Sampling, logprobs and budgets are fp32 arithmetic in any dtype.
     dtype: str = "auto"
     # "cpu", "cuda", "cuda:1"...; None picks CUDA when available.
     device: str | None = None

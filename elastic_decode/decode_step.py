@@ -58,7 +58,7 @@ def decode_step(
         max_new_tokens=1,
     )
     hidden = model(inp.input_ids, inp.positions, kv_caches, attn, ops)  # [num_seqs, hidden]
-    logits = model.compute_logits(hidden)  # [num_seqs, vocab]
+    logits = model.compute_logits(hidden, ops)  # [num_seqs, vocab]
     alternatives = top_logprobs(logits, top) if top else None
     tokens, logprobs = ops.sample_with_budget(logits, inp.params, inp.state)
     live = inp.state.phase != DONE  # bool [num_seqs]: rows that go on

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from elastic_decode.kernels import FINISH_NONFINITE, FINISH_STOP, MAX_MARKER_TOKENS
+from elastic_decode.kernels import cpu as cpu_kernels
 
 from . import parallel, startup
 from .backend import select_ops
@@ -74,6 +75,8 @@ def _pick_device(name: str | None) -> torch.device:
 def _pick_dtype(name: str, device: torch.device, hf_config) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
+    if device.type == "cpu":  # bf16 where the CPU has the instructions for it, else fp32 (exact and faster there)
+        return torch.bfloat16 if cpu_kernels.native_bf16() else torch.float32
     if device.type != "cuda":
         return torch.float32
     ckpt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)

@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_engine_arguments(group) -> None:
     """The engine flags every CLI that builds an LLM shares (generate, eval)."""
-    group.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    group.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                       help="weights and KV cache; auto: bfloat16 on a CPU with AVX512-BF16 or AMX, else float32 "
+                       "on CPU, the checkpoint's 16-bit dtype on CUDA; float32 is exact parity with HF [auto]")
     group.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     group.add_argument("--num-scheduler-steps", type=int, default=1,
                        help="decode steps run on the device between host syncs; same output for any value (default 1)")

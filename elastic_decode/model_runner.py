@@ -143,7 +143,7 @@ class ModelRunner:
             return self._run_decode(plan)
         input_ids, positions, attn, logits_rows, params, state = self._prepare_prefill(plan.host)
         hidden = self.model(input_ids, positions, self.kv_caches, attn, self.ops)  # [num_tokens, hidden]
-        logits = self.model.compute_logits(hidden[logits_rows])  # [num_seqs, vocab]
+        logits = self.model.compute_logits(hidden[logits_rows], self.ops)  # [num_seqs, vocab]
         top = top_logprobs(logits, plan.top) if plan.top else None
         tokens, logprobs = self.ops.sample_with_budget(logits, params, state)
         return tokens[None], logprobs[None], state.forced[None], state, \

@@ -63,3 +63,25 @@ def test_auto_on_cuda_is_triton_and_matches_the_reference(tiny_models, dtype):
         assert outs["triton"] == outs["reference"]
     else:  # bf16 rounding may flip a near-tie late; the first tokens must agree
         assert [t[:4] for t in outs["triton"]] == [t[:4] for t in outs["reference"]]
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    from elastic_decode.kernels import cpu
+
+    flags = "fpu vme sse4_2 avx2 fma avx512f avx512bw avx512vl"
+    assert not cpu.native_bf16(f"processor\t: 0\nflags\t\t: {flags}\n")  # AVX-512 alone: emulated bf16
+    assert cpu.native_bf16(f"processor\t: 0\nflags\t\t: {flags} avx512_bf16\n")
+    assert cpu.native_bf16(f"flags\t\t: {flags} amx_bf16 amx_tile\n")
+    assert not cpu.native_bf16("Features\t: fp asimd bf16\n")  # ARM: not claimed
+    assert not cpu.native_bf16("")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_dtype_auto_on_cpu_is_bf16_only_where_native(monkeypatch, native):
+    from elastic_decode import engine
+    from elastic_decode.kernels import cpu
+
+    monkeypatch.setattr(cpu, "native_bf16", lambda: native)
+    picked = engine._pick_dtype("auto", torch.device("cpu"), hf_config=None)
+    assert picked == (torch.bfloat16 if native else torch.float32)
+    assert engine._pick_dtype("float32", torch.device("cpu"), hf_config=None) == torch.float32

@@ -32,7 +32,9 @@ def test_prompt_alone_shows_thinking_forced_marker_and_solution():
     assert "[end of thinking forced: budget spent]" in out
     assert "[solution:" in out
     assert "1 requests, 1 completions" in out and "tokens/s" in out
-    assert "(float32 on cpu, cpu kernels)" in out  # what ran it: the CPU default is the C++ kernels
+    # what ran it: the CPU default is the C++ kernels, in bf16 where the CPU has it natively
+    from elastic_decode.kernels import cpu
+    assert f"({'bfloat16' if cpu.native_bf16() else 'float32'} on cpu, cpu kernels)" in out
 
 
 def test_jsonl_in_and_out_with_several_completions(tiny_llama, tmp_path):

@@ -67,3 +67,51 @@ def test_cpu_attention_refuses_mismatched_inputs():
         cpu.paged_decode_attention(torch.randn(1, 3, 64), k_cache, v_cache, bt, ctx, 0.125)
     with pytest.raises(RuntimeError, match="share a dtype"):
         cpu.paged_decode_attention(torch.randn(1, 4, 64).double(), k_cache, v_cache, bt, ctx, 0.125)
+
+
+# linear on oneDNN-packed weights: F.linear's result up to summation order, on fresh weights, for
+# row counts below, at and above the packing hint; a weight changed in place is packed again.
+packed_only = pytest.mark.skipif(not cpu.HAVE_PACKED_LINEAR, reason="torch built without oneDNN")
+LINEAR_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1.5e-2, 1.5e-2)}
+
+
+@packed_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 16, 40])
+@pytest.mark.parametrize("in_features, out_features, bias", [(64, 96, False), (80, 1000, True), (576, 960, True)])
+def test_packed_linear_matches_f_linear(dtype, rows, in_features, out_features, bias):
+    w = (torch.randn(out_features, in_features) / in_features**0.5).to(dtype)
+    b = torch.randn(out_features).to(dtype) if bias else None
+    x = torch.randn(rows, in_features).to(dtype)
+    with torch.inference_mode():
+        got = cpu.linear(x, w, b)
+    assert got.dtype == dtype and got.shape == (rows, out_features)
+    atol, rtol = LINEAR_TOL[dtype]
+    expected = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert torch.allclose(got.double(), expected, atol=atol, rtol=rtol), float((got.double() - expected).abs().max())
+
+
+@packed_only
+def test_packed_linear_follows_in_place_updates_and_forgets_dead_weights():
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        first = cpu.linear(x, layer.weight, layer.bias)
+        torch.testing.assert_close(first, layer(x))
+        layer.weight.mul_(-2.0)  # an update in place (load_weights, an optimizer step): packed again
+        torch.testing.assert_close(cpu.linear(x, layer.weight, layer.bias), layer(x))
+        layer.weight[3].zero_()  # through a view (a packed projection's rows)
+        torch.testing.assert_close(cpu.linear(x, layer.weight, layer.bias), layer(x))
+    key = id(layer.weight)
+    assert key in cpu._packed
+    del layer
+    assert key not in cpu._packed
+
+
+@packed_only
+def test_packed_linear_leaves_autograd_to_f_linear():
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(3, 16)
+    y = cpu.linear(x, layer.weight, layer.bias)
+    y.sum().backward()
+    assert layer.weight.grad is not None

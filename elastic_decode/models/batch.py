@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -32,3 +33,6 @@ class KernelOps:
     sample_with_budget: Callable
     rms_norm: Callable  # (x, weight, eps, residual=None) -> normed, or (normed, x + residual)
     silu_mul: Callable  # (gate, up) -> silu(gate) * up
+    # (x, weight, bias=None) -> F.linear's result: the vendor BLAS (cuBLAS, the CPU's) unless a
+    # backend has a better way to call it (the CPU backend's packed weights, kernels/cpu.py)
+    linear: Callable = F.linear

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..errors import ModelLoadError
 from ..parallel import Group, Shard, vocab_parallel_embedding
@@ -120,11 +119,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
 
-def _row_parallel(linear: nn.Linear, x: torch.Tensor, tp: Group | None) -> torch.Tensor:
+def _row_parallel(linear: nn.Linear, x: torch.Tensor, tp: Group | None, ops: KernelOps) -> torch.Tensor:
     """A row-parallel linear (Megatron): each rank's partial product, summed over ranks, then the bias."""
     if tp is None:
-        return linear(x)
-    y = tp.all_reduce(F.linear(x, linear.weight))
+        return ops.linear(x, linear.weight, linear.bias)
+    y = tp.all_reduce(ops.linear(x, linear.weight))
     return y if linear.bias is None else y + linear.bias
 
 
@@ -154,7 +153,7 @@ class Attention(nn.Module):
         ops: KernelOps,
     ) -> torch.Tensor:
         n, d = x.shape[0], self.spec.head_dim
-        q, k, v = self.qkv_proj(x).split(self.sections, dim=-1)  # views of [num_tokens, q + 2 kv columns]
+        q, k, v = ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias).split(self.sections, dim=-1)  # views of [num_tokens, q + 2 kv columns]
         q = q.view(n, self.num_q_heads, d)  # [num_tokens, num_q_heads, head_dim] (this rank's)
         k = k.view(n, self.num_kv_heads, d)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(n, self.num_kv_heads, d)
@@ -170,7 +169,7 @@ class Attention(nn.Module):
         else:
             o = ops.paged_decode_attention(
                 q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale)
-        return _row_parallel(self.o_proj, o.reshape(n, -1), self.tp)
+        return _row_parallel(self.o_proj, o.reshape(n, -1), self.tp, ops)
 
 
 class MLP(nn.Module):
@@ -184,8 +183,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(width, spec.hidden_size, bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.sections, dim=-1)  # column views: silu_mul takes row strides
-        return _row_parallel(self.down_proj, ops.silu_mul(gate, up), self.tp)
+        gate, up = ops.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias).split(self.sections, dim=-1)  # column views: silu_mul takes row strides
+        return _row_parallel(self.down_proj, ops.silu_mul(gate, up), self.tp, ops)
 
 
 class DecoderLayer(nn.Module):
@@ -348,9 +347,9 @@ class LlamaForCausalLM(nn.Module):
             return ops.rms_norm(x, norm.weight, norm.eps)
         return ops.rms_norm(x, norm.weight, norm.eps, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [rows, vocab]
+    def compute_logits(self, hidden: torch.Tensor, ops: KernelOps) -> torch.Tensor:  # [rows, vocab]
         weight = self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
         if self.tp is None:
-            return F.linear(hidden, weight)
-        logits = self.tp.all_gather_last(F.linear(hidden, weight))  # [rows, padded vocab]
+            return ops.linear(hidden, weight)
+        logits = self.tp.all_gather_last(ops.linear(hidden, weight))  # [rows, padded vocab]
         return logits if logits.shape[1] == self.spec.vocab_size else logits[:, : self.spec.vocab_size].contiguous()
