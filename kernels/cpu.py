@@ -100,14 +100,8 @@ _PACK_BATCH_HINT = 16  # oneDNN picks the blocked layout for this many rows; any
 _packed: dict[int, tuple[weakref.ref, int, torch.Tensor | None]] = {}
 
 
-def _version(weight: torch.Tensor) -> int:
-    # Inference tensors (made under torch.inference_mode) have no version counter and cannot be
-    # changed in place outside it, so their packed copy never goes stale.
-    return -1 if weight.is_inference() else weight._version
-
-
 def _pack(weight: torch.Tensor) -> torch.Tensor | None:
-    key, version = id(weight), _version(weight)
+    key, version = id(weight), weight._version
     entry = _packed.get(key)
     if entry is not None and entry[0]() is weight and entry[1] == version:
         return entry[2]
@@ -122,8 +116,10 @@ def _pack(weight: torch.Tensor) -> torch.Tensor | None:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear's contract (x [rows, in], weight [out, in], bias [out]) on the packed weight."""
     packed = None
+    # Not for autograd, nor for weights made under torch.inference_mode (an LLM built inside one): those
+    # have no version counter, so an update in place could not be seen.
     if HAVE_PACKED_LINEAR and x.dim() == 2 and x.device.type == "cpu" and x.dtype == weight.dtype \
-            and not (torch.is_grad_enabled() and weight.requires_grad):
+            and not (torch.is_grad_enabled() and weight.requires_grad) and not weight.is_inference():
         packed = _pack(weight)
     if packed is None:
         return F.linear(x, weight, bias)

@@ -115,3 +115,13 @@ def test_packed_linear_leaves_autograd_to_f_linear():
     y = cpu.linear(x, layer.weight, layer.bias)
     y.sum().backward()
     assert layer.weight.grad is not None
+
+
+@packed_only
+def test_packed_linear_leaves_inference_tensor_weights_unpacked():
+    with torch.inference_mode():  # an engine built inside inference mode: its weights have no versions
+        w, x = torch.randn(32, 64), torch.randn(2, 64)
+        torch.testing.assert_close(cpu.linear(x, w), x @ w.T)
+        w.mul_(3.0)
+        torch.testing.assert_close(cpu.linear(x, w), x @ w.T)
+    assert id(w) not in cpu._packed
