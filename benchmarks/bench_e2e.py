@@ -1,12 +1,13 @@
 """End-to-end decode throughput: this engine vs HF transformers `generate`, same prompts, same tokens.
 
-CPU, the embedded SmolLM2-135M-Instruct in fp32, greedy, every sequence generating exactly
---new-tokens tokens (EOS ignored on both sides), batch sizes from --batch-sizes, the engine on each
-of --backends (cpu: the C++ attention kernels; reference: the torch ops). Each provider runs once
+CPU, the embedded SmolLM2-135M-Instruct at each of --dtypes (both sides in that dtype), greedy, every
+sequence generating exactly --new-tokens tokens (EOS ignored on both sides), batch sizes from
+--batch-sizes, the engine on each of --backends (cpu: the C++ attention kernels and packed-weight GEMMs;
+reference: the torch ops). Each provider runs once
 untimed (warm-up), then --repeats timed runs; the best is reported. Prints a markdown table for
 benchmarks/RESULTS.md.
 
-    .venv/bin/python benchmarks/bench_e2e.py --batch-sizes 1,16 --new-tokens 64
+    .venv/bin/python benchmarks/bench_e2e.py --batch-sizes 1,16 --new-tokens 64 --dtypes float32,bfloat16
 """
 from __future__ import annotations
 
@@ -44,23 +45,42 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per provider (best kept)")
     parser.add_argument("--backends", default="cpu,reference", help="engine backends, comma-separated")
+    parser.add_argument("--dtypes", default="float32", help="float32 and/or bfloat16, comma-separated")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
 
-    from elastic_decode import LLM, SamplingParams
+    from elastic_decode import LLM
     from elastic_decode.loader import resolve_checkpoint
 
     torch.manual_seed(0)
     path = resolve_checkpoint(None)
-    engines = {b: LLM(dtype="float32", device="cpu", backend=b) for b in args.backends.split(",")}
+    n_new = args.new_tokens
+    rows = []
+    for dtype in args.dtypes.split(","):
+        engines = {b: LLM(dtype=dtype, device="cpu", backend=b) for b in args.backends.split(",")}
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        rows += run_dtype(dtype, engines, hf, args)
+        del engines, hf
+
+    print(f"\nCPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; SmolLM2-135M, greedy, {n_new} new tokens per sequence\n")
+    print("| dtype | batch | backend | tokens | elastic_decode s | tok/s | HF generate s | tok/s | ratio (ours / HF) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for dtype, batch, name, tokens, t_ours, t_hf in rows:
+        print(f"| {dtype} | {batch} | {name} | {tokens} | {t_ours:.2f} | {tokens / t_ours:.1f} | {t_hf:.2f} | "
+              f"{tokens / t_hf:.1f} | {t_hf / t_ours:.2f}x |")
+
+
+def run_dtype(dtype, engines, hf, args) -> list[tuple]:
+    """(dtype, batch, backend, tokens, our seconds, HF seconds) for each batch size and backend."""
+    from elastic_decode import SamplingParams
+
     llm = next(iter(engines.values()))
     tok = llm.engine.tokenizer
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hf_tok = llm.tokenizer
     hf_tok.padding_side = "left"
     n_new = args.new_tokens
-
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         prompts = [tok.encode_chat([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]) for i in range(batch)]
@@ -82,15 +102,8 @@ def main() -> None:
 
         t_hf = best_of(theirs, args.repeats)
         for name, engine in engines.items():
-            rows.append((batch, name, batch * n_new, best_of(lambda: ours(engine), args.repeats), t_hf))
-
-    print(f"\nCPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; SmolLM2-135M fp32, greedy, {n_new} new tokens per sequence\n")
-    print("| batch | backend | tokens | elastic_decode s | tok/s | HF generate s | tok/s | ratio (ours / HF) |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    for batch, name, tokens, t_ours, t_hf in rows:
-        print(f"| {batch} | {name} | {tokens} | {t_ours:.2f} | {tokens / t_ours:.1f} | {t_hf:.2f} | "
-              f"{tokens / t_hf:.1f} | {t_hf / t_ours:.2f}x |")
+            rows.append((dtype, batch, name, batch * n_new, best_of(lambda: ours(engine), args.repeats), t_hf))
+    return rows
 
 
 if __name__ == "__main__":

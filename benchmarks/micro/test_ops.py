@@ -154,3 +154,17 @@ def test_scheduler_decode_step_of_256_sequences(benchmark):
                                max_new_tokens=64))
     scheduler.schedule()  # admits all 256 (the prefill); every later call plans a decode chunk of all of them
     benchmark(scheduler.schedule)
+
+
+@pytest.mark.parametrize("layer", ["gate_up", "lm_head"])
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("shape, provider, ops", cases("linear"))
+def test_linear(benchmark, shape, provider, ops, rows, layer):
+    """The model's GEMMs: the MLP's packed gate/up projection and the LM head, at one row and at a batch."""
+    device = device_for(provider)
+    hidden, width, vocab = SHAPES[shape][3:6]
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(2 * width if layer == "gate_up" else vocab, hidden, generator=g).to(device)
+    x = torch.randn(rows, hidden, generator=g).to(device)
+    with torch.inference_mode():
+        timed(benchmark, device, lambda: ops.linear(x, weight))
