@@ -8,7 +8,7 @@ kernel; the prefill kernel is tested and measured (`make microbench`) but so far
 reference's batched GEMMs, so the reference keeps prefill and every other op, and stays the oracle.
 
 Plus `linear`: the model's GEMMs on weights that oneDNN has packed once into its blocked layout, which
-this CPU BLAS path runs 1.3-2.7x faster than `F.linear` at decode shapes (`make microbench`).
+this CPU BLAS path runs 1.2-2.5x faster than `F.linear` at decode shapes (`make microbench`).
 """
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 def native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bfloat16 natively, from the flags its kernel reports (Linux). Not
-    guessed from the vendor or the AVX level: without these instructions oneDNN emulates bf16 and
-    runs slower than fp32 (3-4x at decode shapes on an AVX2 EPYC, RESULTS.md). False where unknown."""
+    guessed from the vendor or the AVX level: without these instructions oneDNN emulates bf16, and a
+    batch of 16 decodes at about a quarter of fp32's rate on an AVX2 EPYC (RESULTS.md; batch 1, bound
+    by bytes, is faster in bf16 even there). False where unknown."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
