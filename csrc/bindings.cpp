@@ -4,12 +4,13 @@
 
 #include "block_allocator.h"
 #include "cpu_attention.h"
+#include "cpu_philox.h"
 
 namespace py = pybind11;
 using elastic_decode::BlockAllocator;
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "elastic_decode native core: the KV-cache block allocator and the CPU attention kernels";
+  m.doc() = "elastic_decode native core: the KV-cache block allocator, the CPU attention kernels, the sampler's Philox";
   py::register_exception<elastic_decode::OutOfBlocks>(m, "OutOfBlocksError", PyExc_RuntimeError);
 
   py::class_<BlockAllocator>(m, "BlockAllocator")
@@ -37,4 +38,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("paged_prefill_attention", &elastic_decode::paged_prefill_attention_cpu, py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("block_tables"), py::arg("cu_seqlens_q"), py::arg("context_lens"),
         py::arg("scale"), "Paged prefill attention on CPU tensors (kernels/cpu.py wraps it in the op contract).");
+  m.def("philox_uniform", &elastic_decode::philox_uniform_cpu, py::arg("seed"), py::arg("offset"),
+        "Uniform float32 in [0, 1) per (seed, offset), bit for bit Triton's tl.rand.");
 }

@@ -144,6 +144,7 @@ class ShardWorker:
             raise RuntimeError(f"tensor-parallel worker: expected the KV cache size, got {command!r}")
         self.runner = ModelRunner(self.model, allocate_kv_caches(self.model, self.num_blocks, spec.block_size),
                                   select_ops(self.device, spec.backend), spec.block_size)
+        self.runner.ops.prepare_linear(self.model.linear_weights())
 
     def serve(self) -> None:
         while True:
@@ -156,6 +157,7 @@ class ShardWorker:
                     full = self.group.broadcast(torch.empty(shape, dtype=dtype, device=self.device))
                     with torch.no_grad():
                         self.model.hf_parameter(name, params).copy_(self.model.shard.take(name, full))
+                self.runner.ops.prepare_linear(self.model.linear_weights())
             elif command == "sleep":
                 self.runner.kv_caches = []
             elif command == "wake":
@@ -194,6 +196,7 @@ class LLMEngine:
         except BaseException:
             self.close()
             raise
+        self.ops.prepare_linear(self.model.linear_weights())
 
         block_size = config.block_size
         graphs = self._graphs()
@@ -490,6 +493,7 @@ class LLMEngine:
                     full = self.workers.group.broadcast(tensor.detach().to(self.device).contiguous())
                     target.copy_(self.model.shard.take(name, full))
             count = len(pairs)
+        self.ops.prepare_linear(self.model.linear_weights())
         # K/V computed under the old weights, cached or in flight, is stale: running sequences are
         # prefilled again (with their tokens and budget state) at the next step.
         self.scheduler.recompute_running()

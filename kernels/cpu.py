@@ -8,7 +8,9 @@ kernel; the prefill kernel is tested and measured (`make microbench`) but so far
 reference's batched GEMMs, so the reference keeps prefill and every other op, and stays the oracle.
 
 Plus `linear`: the model's GEMMs on weights that oneDNN has packed once into its blocked layout, which
-this CPU BLAS path runs 1.2-2.5x faster than `F.linear` at decode shapes (`make microbench`).
+this CPU BLAS path runs 1.2-2.5x faster than `F.linear` at decode shapes (`make microbench`); and
+`sample_with_budget`: the reference's sampler with partial selections instead of sorts and the Philox
+numbers from C++: the reference's tokens in about a third of its time at 1 and 16 rows (`make microbench`).
 """
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from . import reference
+
 try:
     from elastic_decode import _C
 
-    HAVE_CPU_KERNELS = hasattr(_C, "paged_decode_attention")
+    HAVE_CPU_KERNELS = hasattr(_C, "paged_decode_attention") and hasattr(_C, "philox_uniform")
 except ImportError:  # the extension is not built (an uninstalled checkout)
     HAVE_CPU_KERNELS = False
 
@@ -114,14 +118,89 @@ def _pack(weight: torch.Tensor) -> torch.Tensor | None:
     return packed
 
 
+def _packable(weight: torch.Tensor) -> bool:
+    # Not weights made under torch.inference_mode (an LLM built inside one): they have no version counter,
+    # so an update in place could not be seen.
+    return HAVE_PACKED_LINEAR and weight.device.type == "cpu" and weight.dim() == 2 and not weight.is_inference()
+
+
+def prepare_linear(weights) -> None:
+    """Pack these weights now (at load, after an update) rather than in the first request that uses them:
+    about 1.6 s for SmolLM2-135M in fp32 on 2 cores."""
+    for weight in weights:
+        if _packable(weight):
+            _pack(weight)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear's contract (x [rows, in], weight [out, in], bias [out]) on the packed weight."""
     packed = None
-    # Not for autograd, nor for weights made under torch.inference_mode (an LLM built inside one): those
-    # have no version counter, so an update in place could not be seen.
-    if HAVE_PACKED_LINEAR and x.dim() == 2 and x.device.type == "cpu" and x.dtype == weight.dtype \
-            and not (torch.is_grad_enabled() and weight.requires_grad) and not weight.is_inference():
+    if x.dim() == 2 and x.device.type == "cpu" and x.dtype == weight.dtype and _packable(weight) \
+            and not (torch.is_grad_enabled() and weight.requires_grad):  # autograd: F.linear
         packed = _pack(weight)
     if packed is None:
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
+# sample_with_budget: the reference's sampler and budget machine, with its two full sorts of the
+# vocabulary (top-k's k-th value, top-p's threshold) replaced by a partial selection of the most likely
+# tokens (torch.topk: about 20x cheaper than a sort of 49152 columns here, `make microbench`), the
+# candidate-buffer idea of the Triton sampler (kernels/sample_with_budget.py). Exact: the leading values
+# of a descending sort are the top-k values, and their prefix sums are the same floats (torch's CPU
+# cumsum accumulates in double, in order); a row whose candidates miss part of its nucleus takes the sort.
+SAMPLER_CANDIDATES = 256
+# A row is decided by its candidates when they hold top_p plus this much mass: far above the rounding of
+# the prefix sums (an ulp of 1.0 is 1.2e-7), so the first token past them is outside the nucleus as the
+# reference's own arithmetic computes it.
+_NUCLEUS_MARGIN = 1e-5
+
+
+def _kth_largest(scaled: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The k-th largest value of each row ([n, 1]); -inf where k keeps the whole row."""
+    vocab = scaled.shape[1]
+    limited = k < vocab
+    largest = int(k[limited].max())
+    kth = torch.topk(scaled, largest, dim=-1).values.gather(1, (k.clamp(max=largest) - 1)[:, None])
+    return torch.where(limited[:, None], kth, torch.full_like(kth, float("-inf")))
+
+
+def _nucleus_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    vocab = probs.shape[1]
+    width = min(SAMPLER_CANDIDATES, vocab)
+    top = torch.topk(probs, width, dim=-1).values  # descending
+    threshold = reference.nucleus_threshold(top, top_p)
+    if width < vocab:
+        undecided = (top.sum(dim=-1) < top_p + _NUCLEUS_MARGIN) & (top_p < 1.0)
+        if bool(undecided.any()):  # a flat distribution: the nucleus reaches past the candidates
+            rows = probs[undecided]
+            threshold[undecided] = reference.nucleus_threshold(torch.sort(rows, dim=-1, descending=True).values,
+                                                               top_p[undecided])
+    return threshold
+
+
+def filtered_probs(logits: torch.Tensor, params: reference.SamplerParams) -> torch.Tensor:
+    """reference.filtered_probs (the same tokens kept, the same values) without sorting the vocabulary."""
+    vocab = logits.shape[1]
+    temperature = torch.where(params.temperature > 0, params.temperature, torch.ones_like(params.temperature))
+    scaled = logits / temperature[:, None]
+    top_k = params.top_k.long()
+    k = torch.where((top_k <= 0) | (top_k >= vocab), torch.full_like(top_k, vocab), top_k)
+    if bool((k < vocab).any()):
+        scaled = scaled.masked_fill(scaled < _kth_largest(scaled, k), float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if bool((params.top_p < 1.0).any()):
+        keep &= probs >= _nucleus_threshold(probs, params.top_p)[:, None]
+    keep &= probs >= (params.min_p * probs.amax(dim=-1))[:, None]
+    return probs * keep
+
+
+def sample_with_budget(logits: torch.Tensor, params: reference.SamplerParams, state: reference.BudgetState, *,
+                       num_chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.sample_with_budget(logits, params, state, filter_probs=filtered_probs, uniform=philox_uniform)
+
+
+def philox_uniform(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """reference.philox_uniform (tl.rand's numbers, bit for bit) as one C++ loop instead of ~200 tensor ops."""
+    return _C.philox_uniform(seed, offset)

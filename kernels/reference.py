@@ -10,6 +10,8 @@ Slot of the token at position p of sequence i: block_tables[i, p // bs] * bs + p
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .budget_state import (
@@ -263,13 +265,20 @@ def filtered_probs(logits: torch.Tensor, params: SamplerParams) -> torch.Tensor:
     keep = torch.ones_like(probs, dtype=torch.bool)
     if bool((params.top_p < 1.0).any()):
         sorted_probs = torch.sort(probs, dim=-1, descending=True).values
-        mass_above = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # exclusive prefix sum
-        in_nucleus = mass_above < params.top_p[:, None]
-        threshold = torch.where(in_nucleus, sorted_probs, torch.ones_like(sorted_probs)).amin(dim=-1)
-        threshold = torch.where(params.top_p >= 1.0, torch.zeros_like(threshold), threshold)
+        threshold = nucleus_threshold(sorted_probs, params.top_p)
         keep &= probs >= threshold[:, None]
     keep &= probs >= (params.min_p * probs.amax(dim=-1))[:, None]
     return probs * keep
+
+
+def nucleus_threshold(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The top-p threshold of each row from its probabilities sorted in descending order (all of
+    them, or a leading part that holds the whole nucleus): the smallest probability whose exclusive
+    prefix mass is below top_p; 0 where top_p >= 1. float32 [n]."""
+    mass_above = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # exclusive prefix sum
+    in_nucleus = mass_above < top_p[:, None]
+    threshold = torch.where(in_nucleus, sorted_probs, torch.ones_like(sorted_probs)).amin(dim=-1)
+    return torch.where(top_p >= 1.0, torch.zeros_like(threshold), threshold)
 
 
 def sample_from_probs(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -292,6 +301,9 @@ def sample_with_budget(
     state: BudgetState,  # updated in place
     *,
     num_chunks: int | None = None,  # accepted for signature parity with the Triton launcher
+    # the same results computed faster (kernels/cpu.py): the kept probabilities, the Philox uniforms
+    filter_probs: Callable[[torch.Tensor, SamplerParams], torch.Tensor] = filtered_probs,
+    uniform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = philox_uniform,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step of sampling + the budget machine for every row.
 
@@ -331,8 +343,7 @@ def sample_with_budget(
     if bool(greedy.all()):
         sampled = argmax
     else:
-        uniform = philox_uniform(params.seed, state.generated)
-        drawn = sample_from_probs(filtered_probs(masked, params), uniform)
+        drawn = sample_from_probs(filter_probs(masked, params), uniform(params.seed, state.generated))
         sampled = torch.where(greedy, argmax, drawn)  # int64 [n]
     is_stop = _is_stop(sampled, params.stop_ids)
 

@@ -47,6 +47,37 @@ def test_triton_backend_matches_the_reference_end_to_end(tiny_models):
         assert results["triton"] == results["reference"], kind
 
 
+def test_cpu_backend_samples_what_the_reference_samples_and_packs_at_load(tiny_models):
+    """Sampled tokens (top-k, top-p, min-p, seeded, a forced end) equal to the reference backend's; the GEMM weights are
+    packed when the engine is built and again right after load_weights, not in a request."""
+    from elastic_decode import LLM, SamplingParams
+    from elastic_decode.kernels import cpu
+
+    if not (cpu.HAVE_CPU_KERNELS and cpu.HAVE_PACKED_LINEAR):
+        pytest.skip("the C++ kernels or oneDNN's packed linear are missing")
+    prompts = ["The quick brown fox", "In 1905, Albert Einstein published his", "1 2 3"]
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=8),
+              SamplingParams(temperature=1.0, top_k=7, min_p=0.05, seed=6, max_tokens=8),
+              SamplingParams(temperature=0.6, top_p=0.95, seed=7, max_tokens=8, think_budget=3, solution_budget=3,
+                             end_think=(300, 301))]
+    results = {}
+    for backend in ("reference", "cpu"):
+        llm = LLM(str(tiny_models["qwen3"]), dtype="float32", device="cpu", backend=backend, block_size=16)
+        weights = llm.engine.model.linear_weights()
+        if backend == "cpu":  # packed by the constructor
+            assert all(cpu._packed[id(w)][1] == w._version for w in weights)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results[backend] = [(c.token_ids, c.logprobs) for o in outs for c in o.outputs]
+    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results["cpu"], results["reference"]):
+        assert tokens == ref_tokens
+        # the packed GEMMs and the C++ attention round differently from the reference's: ulps apart
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(ref_logprobs), atol=1e-4, rtol=1e-5)
+
+    name, tensor = next((n, t) for n, t in llm.engine.model.state_dict().items() if n.endswith("down_proj.weight"))
+    llm.engine.load_weights([(name, torch.randn_like(tensor))])
+    assert all(cpu._packed[id(w)][1] == w._version for w in weights)  # and again after the update
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_auto_on_cuda_is_triton_and_matches_the_reference(tiny_models, dtype):

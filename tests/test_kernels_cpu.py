@@ -125,3 +125,86 @@ def test_packed_linear_leaves_inference_tensor_weights_unpacked():
         w.mul_(3.0)
         torch.testing.assert_close(cpu.linear(x, w), x @ w.T)
     assert id(w) not in cpu._packed
+
+
+# The CPU sampler: the reference's sampler with partial selections instead of sorts. It must keep the
+# same tokens as the reference on every row, whether its candidates hold the nucleus or not.
+SAMPLER_SETTINGS = [(1.0, 0, 0.9, 0.0), (0.6, 0, 0.95, 0.0), (0.8, 40, 0.9, 0.0), (1.0, 7, 1.0, 0.0),
+                    (1.1, 0, 0.95, 0.02), (0.7, 1, 1.0, 0.0), (1.0, 500, 0.3, 0.0), (0.9, 0, 0.6, 0.1)]
+
+
+def _mixed_rows(n, vocab, generator):
+    """Per row: a setting of SAMPLER_SETTINGS, greedy now and then; a seed; the same params for both."""
+    from elastic_decode.kernels import sampling_batch
+    params, state = sampling_batch(n, seeds=range(100, 100 + n), generated=2)
+    for row in range(n):
+        t, k, p, m = SAMPLER_SETTINGS[int(torch.randint(len(SAMPLER_SETTINGS), (), generator=generator))]
+        greedy = int(torch.randint(6, (), generator=generator)) == 0
+        params.temperature[row], params.top_k[row], params.top_p[row], params.min_p[row] = 0.0 if greedy else t, k, p, m
+    return params, state
+
+
+def _states_equal(a, b):
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("candidates", [4, 64, cpu.SAMPLER_CANDIDATES])
+@pytest.mark.parametrize("shape", ["peaked", "flat", "grid", "adjacent"])
+def test_cpu_sampler_draws_what_the_reference_draws(monkeypatch, candidates, shape):
+    """Tokens, logprobs and budget state equal to the reference's, bit for bit: peaked rows (the nucleus in
+    the candidates), flat ones (past them: the sort fallback), logits on a coarse grid (the k-th value and
+    the nucleus edge inside runs of ties) and adjacent float32 values (a threshold an ulp off keeps a wrong
+    token), with a handful of candidates and with the engine's number."""
+    monkeypatch.setattr(cpu, "SAMPLER_CANDIDATES", candidates)
+    generator = torch.Generator().manual_seed(hash((candidates, shape)) % 2**31)
+    n, vocab = 24, 3000
+    if shape == "peaked":
+        logits = torch.randn(n, vocab, generator=generator) * 6
+    elif shape == "flat":
+        logits = torch.randn(n, vocab, generator=generator) * 0.3
+    elif shape == "grid":
+        logits = torch.randint(-6, 7, (n, vocab), generator=generator).float() / 2
+    else:
+        ulps = torch.arange(vocab, dtype=torch.int32) + torch.tensor(1.0).view(torch.int32)
+        logits = torch.stack([ulps[torch.randperm(vocab, generator=generator)] for _ in range(n)]).view(torch.float32)
+    logits[0, :10] = float("-inf")  # suppressed tokens
+    for step in range(3):
+        p_ref, s_ref = _mixed_rows(n, vocab, torch.Generator().manual_seed(step))
+        p_cpu, s_cpu = _mixed_rows(n, vocab, torch.Generator().manual_seed(step))
+        expected, expected_logprobs = reference.sample_with_budget(logits, p_ref, s_ref)
+        got, got_logprobs = cpu.sample_with_budget(logits, p_cpu, s_cpu)
+        assert got.tolist() == expected.tolist(), (shape, step)
+        assert torch.equal(got_logprobs, expected_logprobs)
+        assert _states_equal(s_cpu, s_ref)
+        kept = cpu.filtered_probs(logits, p_cpu) > 0
+        assert torch.equal(kept, reference.filtered_probs(logits, p_ref) > 0)
+
+
+def test_cpu_sampler_sorts_nothing_when_the_candidates_hold_the_nucleus(monkeypatch):
+    """A model's peaked rows at the embedded vocabulary: top-k and top-p decided without a sort; a flat
+    row (uniform logits: its nucleus is 95% of the vocabulary) sorts that row alone."""
+    from elastic_decode.kernels import sampling_batch
+    sorted_rows = []
+    real_sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda x, *a, **k: sorted_rows.append(x.shape[0]) or real_sort(x, *a, **k))
+    vocab = 49152
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(3)) * 5
+    params, state = sampling_batch(4, 0.6, 50, 0.95, seeds=range(4))
+    cpu.sample_with_budget(logits, params, state)
+    assert sorted_rows == []
+    logits[2] = 0.0
+    params, state = sampling_batch(4, 0.6, 0, 0.95, seeds=range(4))
+    cpu.sample_with_budget(logits, params, state)
+    assert sorted_rows == [1]
+
+
+def test_cpu_philox_is_bit_identical_to_the_reference():
+    """Seeds over the whole non-negative int64 range (both key words), offsets over all of 32 bits."""
+    generator = torch.Generator().manual_seed(11)
+    seed = torch.randint(0, 2**63 - 1, (4096,), generator=generator)
+    offset = torch.randint(0, 2**32, (4096,), generator=generator)
+    seed[:4] = torch.tensor([0, 1, 2**32, 2**63 - 1])
+    offset[:4] = torch.tensor([0, 2**32 - 1, 7, 2**31])
+    assert torch.equal(cpu.philox_uniform(seed, offset), reference.philox_uniform(seed, offset))
+    steps = (offset & 0x7FFFFFFF).to(torch.int32)  # the engine's offsets: BudgetState.generated, int32
+    assert torch.equal(cpu.philox_uniform(seed, steps), reference.philox_uniform(seed, steps))

@@ -36,3 +36,6 @@ class KernelOps:
     # (x, weight, bias=None) -> F.linear's result: the vendor BLAS (cuBLAS, the CPU's) unless a
     # backend has a better way to call it (the CPU backend's packed weights, kernels/cpu.py)
     linear: Callable = F.linear
+    # (weights) -> None: make the weights `linear` will be given ready before the first request (the CPU
+    # backend packs them, so no request pays for it); called at load and after a weight update
+    prepare_linear: Callable = lambda weights: None

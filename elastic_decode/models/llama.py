@@ -347,8 +347,17 @@ class LlamaForCausalLM(nn.Module):
             return ops.rms_norm(x, norm.weight, norm.eps)
         return ops.rms_norm(x, norm.weight, norm.eps, residual)[0]
 
+    def _logits_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
+
+    def linear_weights(self) -> list[torch.Tensor]:
+        """Every weight the forward gives to ops.linear (for ops.prepare_linear)."""
+        weights = [m.weight for layer in self.model.layers
+                   for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        return weights + [self._logits_weight()]
+
     def compute_logits(self, hidden: torch.Tensor, ops: KernelOps) -> torch.Tensor:  # [rows, vocab]
-        weight = self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
+        weight = self._logits_weight()
         if self.tp is None:
             return ops.linear(hidden, weight)
         logits = self.tp.all_gather_last(ops.linear(hidden, weight))  # [rows, padded vocab]
