@@ -4,13 +4,14 @@
 
 #include "block_allocator.h"
 #include "cpu_attention.h"
+#include "cpu_ops.h"
 #include "cpu_philox.h"
 
 namespace py = pybind11;
 using elastic_decode::BlockAllocator;
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "elastic_decode native core: the KV-cache block allocator, the CPU attention kernels, the sampler's Philox";
+  m.doc() = "elastic_decode native core: the KV-cache block allocator, the CPU attention kernels and fused ops, the sampler's Philox";
   py::register_exception<elastic_decode::OutOfBlocks>(m, "OutOfBlocksError", PyExc_RuntimeError);
 
   py::class_<BlockAllocator>(m, "BlockAllocator")
@@ -40,4 +41,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scale"), "Paged prefill attention on CPU tensors (kernels/cpu.py wraps it in the op contract).");
   m.def("philox_uniform", &elastic_decode::philox_uniform_cpu, py::arg("seed"), py::arg("offset"),
         "Uniform float32 in [0, 1) per (seed, offset), bit for bit Triton's tl.rand.");
+  m.def("rms_norm", &elastic_decode::rms_norm_cpu, py::arg("x"), py::arg("weight"), py::arg("eps"),
+        py::arg("residual") = py::none(), "RMSNorm after an optional residual add: (normed, sum).");
+  m.def("rope_write_kv", &elastic_decode::rope_write_kv_cpu, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("positions"), py::arg("cos_table"), py::arg("sin_table"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("slot_mapping"), py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none(), py::arg("eps") = 0.0,
+        "(Head RMSNorm,) RoPE on q and k, k and v into the cache slots; returns the rotated q.");
 }

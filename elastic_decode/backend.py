@@ -1,7 +1,8 @@
 """Choose the kernel implementation: Triton on CUDA tensors, the C++ CPU kernels on CPU tensors.
 
-"cpu" is the torch reference with its decode attention replaced by the C++ kernel of csrc/, its GEMMs
-run on oneDNN-packed weights (packed at load) and its sampler without sorts (kernels/cpu.py);
+"cpu" is the torch reference with its decode attention, RMSNorm and RoPE + cache write replaced by the C++
+ops of csrc/, its GEMMs run on oneDNN-packed weights (packed at load) and its sampler without sorts
+(kernels/cpu.py);
 "reference" is the torch reference alone, the oracle of every test. `ELASTIC_DECODE_BACKEND=
 triton|cpu|reference` (or LLM(backend=...)) forces one. The Triton kernels run on CPU tensors only
 under TRITON_INTERPRET=1, which the tests use.
@@ -40,15 +41,15 @@ def reference_ops() -> KernelOps:
 
 
 def cpu_ops() -> KernelOps | None:
-    """The reference with the C++ paged decode attention, the packed-weight GEMMs and the sort-free sampler
-    (the reference's tokens), or None where the extension lacks them. The C++ prefill attention is not selected: `make microbench` measures it 2-3x
+    """The reference with the C++ paged decode attention, RMSNorm and RoPE + cache write, the packed-weight
+    GEMMs and the sort-free sampler (the reference's tokens), or None where the extension lacks them. The C++ prefill attention is not selected: `make microbench` measures it 2-3x
     slower than the reference's batched GEMMs on a 256-token prompt (its per-key softmax is scalar), so
     the reference keeps prefill."""
     if not cpu.HAVE_CPU_KERNELS:
         return None
     return dataclasses.replace(reference_ops(), name="cpu", paged_decode_attention=cpu.paged_decode_attention,
-                               linear=cpu.linear, prepare_linear=cpu.prepare_linear,
-                               sample_with_budget=cpu.sample_with_budget)
+                               linear=cpu.linear, prepare_linear=cpu.prepare_linear, rms_norm=cpu.rms_norm,
+                               rope_write_kv=cpu.rope_write_kv, sample_with_budget=cpu.sample_with_budget)
 
 
 def triton_ops() -> KernelOps | None:

@@ -24,7 +24,7 @@ from . import reference
 try:
     from elastic_decode import _C
 
-    HAVE_CPU_KERNELS = hasattr(_C, "paged_decode_attention") and hasattr(_C, "philox_uniform")
+    HAVE_CPU_KERNELS = all(hasattr(_C, op) for op in ("paged_decode_attention", "philox_uniform", "rope_write_kv"))
 except ImportError:  # the extension is not built (an uninstalled checkout)
     HAVE_CPU_KERNELS = False
 
@@ -204,3 +204,28 @@ def sample_with_budget(logits: torch.Tensor, params: reference.SamplerParams, st
 def philox_uniform(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """reference.philox_uniform (tl.rand's numbers, bit for bit) as one C++ loop instead of ~200 tensor ops."""
     return _C.philox_uniform(seed, offset)
+
+
+# The fused elementwise ops (csrc/cpu_ops.cpp): one pass per row for what the reference does in 6 (RMSNorm)
+# and about 25 (RoPE + the cache write) tensor ops, the reference's roundings in its order. Inputs the C++
+# ops do not take (mixed dtypes, a cache in another dtype, odd strides) go to the reference.
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    if x.dim() != 2 or x.stride(-1) != 1 or weight.dtype != x.dtype or \
+            (residual is not None and (residual.dtype != x.dtype or residual.stride(-1) != 1)):
+        return reference.rms_norm(x, weight, eps, residual)
+    normed, total = _C.rms_norm(x, weight, eps, residual)
+    return normed if residual is None else (normed, total)
+
+
+def rope_write_kv(q, k, v, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping, q_norm=None, k_norm=None,
+                  eps: float = 0.0) -> torch.Tensor:
+    same = q.dtype == k.dtype == v.dtype == k_cache.dtype == v_cache.dtype and cos_table.dtype == torch.float32 \
+        and (q_norm is None or q_norm.dtype == k_norm.dtype == q.dtype) and q.shape[-1] % 2 == 0
+    if not same:
+        return reference.rope_write_kv(q, k, v, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
+                                       q_norm, k_norm, eps)
+    q, k, v = (_heads_contiguous(t) for t in (q, k, v))
+    return _C.rope_write_kv(q, k, v, positions.long().contiguous(), cos_table.contiguous(), sin_table.contiguous(),
+                            k_cache, v_cache, slot_mapping.long().contiguous(), q_norm, k_norm, eps)

@@ -208,3 +208,56 @@ def test_cpu_philox_is_bit_identical_to_the_reference():
     assert torch.equal(cpu.philox_uniform(seed, offset), reference.philox_uniform(seed, offset))
     steps = (offset & 0x7FFFFFFF).to(torch.int32)  # the engine's offsets: BudgetState.generated, int32
     assert torch.equal(cpu.philox_uniform(seed, steps), reference.philox_uniform(seed, steps))
+
+
+# The fused RMSNorm and RoPE + cache write: the reference's roundings in its order. Only the sum of squares
+# is added in another order, so its fp32 statistic can differ by an ulp: fp32 results agree to an ulp or two,
+# and a bf16/fp16 element now and then rounds the other way (one unit of the dtype; nearly all are equal).
+FUSED_TOL = {torch.float32: (2e-6, 1e-6), torch.bfloat16: (1e-2, 1e-2), torch.float16: (1e-3, 1e-3)}
+
+
+def fused_close(got, expected, dtype):
+    atol, rtol = FUSED_TOL[dtype]
+    torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
+    if dtype != torch.float32:
+        assert (got != expected).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, hidden", [(1, 576), (16, 576), (37, 80), (3, 1536)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_cpu_rms_norm_matches_reference(dtype, rows, hidden, with_residual):
+    g = torch.Generator().manual_seed(rows * hidden)
+    base = torch.randn(rows, hidden + 8, generator=g).to(dtype)
+    x = base[:, 4:4 + hidden]  # a strided row view, as the model's split columns are
+    residual = torch.randn(rows, hidden, generator=g).to(dtype) if with_residual else None
+    weight = torch.randn(hidden, generator=g).to(dtype)
+    got, expected = cpu.rms_norm(x, weight, 1e-5, residual), reference.rms_norm(x, weight, 1e-5, residual)
+    if with_residual:
+        assert torch.equal(got[1], expected[1])  # the new residual: one add in the model dtype
+        got, expected = got[0], expected[0]
+    fused_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq, hkv, d, tokens", [(9, 3, 64, 1), (9, 3, 64, 16), (8, 1, 128, 5), (6, 2, 80, 40)])
+@pytest.mark.parametrize("head_norms", [False, True])
+def test_cpu_rope_write_kv_matches_reference(dtype, hq, hkv, d, tokens, head_norms):
+    """Rotated q returned, rotated k and v written at their slots (a -1 slot writes nothing), from q/k/v that
+    are column views of one qkv row as the model's are; Qwen3's head norms; tables at scattered positions."""
+    g = torch.Generator().manual_seed(hq * d + tokens)
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * d, generator=g).to(dtype)
+    q, k, v = (t.view(tokens, -1, d) for t in qkv.split((hq * d, hkv * d, hkv * d), dim=-1))
+    positions = torch.randint(0, 500, (tokens,), generator=g)
+    cos, sin = torch.randn(512, d, generator=g), torch.randn(512, d, generator=g)
+    blocks, block_size = 2 * tokens // 16 + 3, 16
+    slots = torch.randperm(blocks * block_size, generator=g)[:tokens]
+    slots[tokens // 2] = -1
+    norms = (torch.randn(d, generator=g).to(dtype), torch.randn(d, generator=g).to(dtype)) if head_norms else (None, None)
+    caches = [[torch.randn(blocks, block_size, hkv, d, generator=g).to(dtype) for _ in range(2)]]
+    caches.append([c.clone() for c in caches[0]])
+    got = cpu.rope_write_kv(q, k, v, positions, cos, sin, *caches[0], slots, *norms, 1e-6)
+    expected = reference.rope_write_kv(q, k, v, positions, cos, sin, *caches[1], slots, *norms, 1e-6)
+    fused_close(got, expected, dtype)
+    fused_close(caches[0][0], caches[1][0], dtype)
+    assert torch.equal(caches[0][1], caches[1][1])  # v: copied
