@@ -1,8 +1,9 @@
 """End-to-end decode throughput: this engine vs HF transformers `generate`, same prompts, same tokens.
 
-CPU, the embedded SmolLM2-135M-Instruct at each of --dtypes (both sides in that dtype), greedy, every
+CPU, the embedded SmolLM2-135M-Instruct at each of --dtypes (both sides in that dtype), greedy (or with
+--top-p, sampled at --temperature with that nucleus on both sides, the demo's setting), every
 sequence generating exactly --new-tokens tokens (EOS ignored on both sides), batch sizes from
---batch-sizes, the engine on each of --backends (cpu: the C++ attention kernels and packed-weight GEMMs;
+--batch-sizes, the engine on each of --backends (cpu: the C++ ops, packed-weight GEMMs, sort-free sampler;
 reference: the torch ops). Each provider runs once
 untimed (warm-up), then --repeats timed runs; the best is reported. Prints a markdown table for
 benchmarks/RESULTS.md.
@@ -46,6 +47,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per provider (best kept)")
     parser.add_argument("--backends", default="cpu,reference", help="engine backends, comma-separated")
     parser.add_argument("--dtypes", default="float32", help="float32 and/or bfloat16, comma-separated")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="sample with this nucleus at --temperature instead of greedy decoding (both sides)")
+    parser.add_argument("--temperature", type=float, default=0.6, help="with --top-p (default 0.6)")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -64,12 +68,16 @@ def main() -> None:
         del engines, hf
 
     print(f"\nCPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; SmolLM2-135M, greedy, {n_new} new tokens per sequence\n")
+          f"torch {torch.__version__}; SmolLM2-135M, {decoding(args)}, {n_new} new tokens per sequence\n")
     print("| dtype | batch | backend | tokens | elastic_decode s | tok/s | HF generate s | tok/s | ratio (ours / HF) |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for dtype, batch, name, tokens, t_ours, t_hf in rows:
         print(f"| {dtype} | {batch} | {name} | {tokens} | {t_ours:.2f} | {tokens / t_ours:.1f} | {t_hf:.2f} | "
               f"{tokens / t_hf:.1f} | {t_hf / t_ours:.2f}x |")
+
+
+def decoding(args) -> str:
+    return "greedy" if args.top_p is None else f"sampled (temperature {args.temperature}, top-p {args.top_p})"
 
 
 def run_dtype(dtype, engines, hf, args) -> list[tuple]:
@@ -84,7 +92,9 @@ def run_dtype(dtype, engines, hf, args) -> list[tuple]:
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         prompts = [tok.encode_chat([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]) for i in range(batch)]
-        params = SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True)
+        sampled = args.top_p is not None
+        params = SamplingParams(temperature=args.temperature if sampled else 0.0, top_p=args.top_p or 1.0, seed=0,
+                                max_tokens=n_new, ignore_eos=True)
 
         def ours(engine):
             outs = engine.generate(prompts, params, use_tqdm=False)
@@ -97,7 +107,8 @@ def run_dtype(dtype, engines, hf, args) -> list[tuple]:
         def theirs():
             with torch.no_grad():
                 out = hf.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
-                                  do_sample=False, pad_token_id=hf_tok.pad_token_id)
+                                  do_sample=sampled, pad_token_id=hf_tok.pad_token_id,
+                                  **(dict(temperature=args.temperature, top_p=args.top_p, top_k=0) if sampled else {}))
             assert out.shape[1] == width + n_new
 
         t_hf = best_of(theirs, args.repeats)
