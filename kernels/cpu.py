@@ -212,7 +212,7 @@ def philox_uniform(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    if x.dim() != 2 or x.stride(-1) != 1 or weight.dtype != x.dtype or \
+    if x.dim() != 2 or x.stride(-1) != 1 or weight.dtype != x.dtype or not weight.is_contiguous() or \
             (residual is not None and (residual.dtype != x.dtype or residual.stride(-1) != 1)):
         return reference.rms_norm(x, weight, eps, residual)
     normed, total = _C.rms_norm(x, weight, eps, residual)
@@ -222,7 +222,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 def rope_write_kv(q, k, v, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping, q_norm=None, k_norm=None,
                   eps: float = 0.0) -> torch.Tensor:
     same = q.dtype == k.dtype == v.dtype == k_cache.dtype == v_cache.dtype and cos_table.dtype == torch.float32 \
-        and (q_norm is None or q_norm.dtype == k_norm.dtype == q.dtype) and q.shape[-1] % 2 == 0
+        and (q_norm is None or q_norm.dtype == k_norm.dtype == q.dtype) and q.shape[-1] % 2 == 0 \
+        and k_cache.is_contiguous() and v_cache.is_contiguous()
     if not same:
         return reference.rope_write_kv(q, k, v, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
                                        q_norm, k_norm, eps)
