@@ -42,9 +42,10 @@ def reference_ops() -> KernelOps:
 
 def cpu_ops() -> KernelOps | None:
     """The reference with the C++ paged decode attention, RMSNorm and RoPE + cache write, the packed-weight
-    GEMMs and the sort-free sampler (the reference's tokens), or None where the extension lacks them. The C++ prefill attention is not selected: `make microbench` measures it 2-3x
-    slower than the reference's batched GEMMs on a 256-token prompt (its per-key softmax is scalar), so
-    the reference keeps prefill."""
+    GEMMs and the sort-free sampler (the reference's tokens), or None where the extension lacks them.
+    The C++ prefill attention is not selected: `make microbench` measures it 2-3x slower than the
+    reference's batched GEMMs on a 256-token prompt (its per-key softmax is scalar), so the reference
+    keeps prefill."""
     if not cpu.HAVE_CPU_KERNELS:
         return None
     return dataclasses.replace(reference_ops(), name="cpu", paged_decode_attention=cpu.paged_decode_attention,
