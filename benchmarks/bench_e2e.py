@@ -4,7 +4,8 @@ CPU, the embedded SmolLM2-135M-Instruct at each of --dtypes (both sides in that 
 --top-p, sampled at --temperature with that nucleus on both sides, the demo's setting), every
 sequence generating exactly --new-tokens tokens (EOS ignored on both sides), batch sizes from
 --batch-sizes, the engine on each of --backends (cpu: the C++ ops, packed-weight GEMMs, sort-free sampler;
-reference: the torch ops). Each provider runs once
+reference: the torch ops; cpu+int4: the cpu backend with LLM(quantization="int4"), HF staying in the
+dtype). Each provider runs once
 untimed (warm-up), then --repeats timed runs; the best is reported. Prints a markdown table for
 benchmarks/RESULTS.md.
 
@@ -45,7 +46,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sequence")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per provider (best kept)")
-    parser.add_argument("--backends", default="cpu,reference", help="engine backends, comma-separated")
+    parser.add_argument("--backends", default="cpu,reference",
+                        help="engine backends, comma-separated; BACKEND+int4 adds quantization='int4'")
     parser.add_argument("--dtypes", default="float32", help="float32 and/or bfloat16, comma-separated")
     parser.add_argument("--top-p", type=float, default=None,
                         help="sample with this nucleus at --temperature instead of greedy decoding (both sides)")
@@ -62,7 +64,10 @@ def main() -> None:
     n_new = args.new_tokens
     rows = []
     for dtype in args.dtypes.split(","):
-        engines = {b: LLM(dtype=dtype, device="cpu", backend=b) for b in args.backends.split(",")}
+        engines = {}
+        for name in args.backends.split(","):
+            backend, _, quantization = name.partition("+")
+            engines[name] = LLM(dtype=dtype, device="cpu", backend=backend, quantization=quantization or None)
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
         rows += run_dtype(dtype, engines, hf, args)
         del engines, hf

@@ -21,6 +21,9 @@ from .errors import ElasticDecodeError
 from .models.batch import KernelOps
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
+# Weight-only quantization (opt-in): "int4", the GEMMs on 4-bit weights in groups of 32 (kernels/cpu.py:
+# int4_linear); CPU backend only.
+QUANTIZATIONS = ("int4",)
 
 
 def _ops_from(name: str, namespace) -> KernelOps:
@@ -58,7 +61,22 @@ def triton_ops() -> KernelOps | None:
     return _ops_from("triton", kernels) if kernels.HAVE_TRITON else None
 
 
-def select_ops(device: torch.device, backend: str | None = None) -> KernelOps:
+def select_ops(device: torch.device, backend: str | None = None, quantization: str | None = None) -> KernelOps:
+    ops = _select(device, backend)
+    if quantization is None:
+        return ops
+    if quantization not in QUANTIZATIONS:
+        raise ElasticDecodeError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or None, "
+                                 f"got {quantization!r}")
+    if ops.name != "cpu" or not cpu.HAVE_INT4_LINEAR:
+        raise ElasticDecodeError(f"quantization={quantization!r} runs on the cpu backend (CPU tensors, the C++ "
+                                 f"kernels, a torch with its int4 CPU GEMM); this engine has the {ops.name} "
+                                 f"backend on {device.type}")
+    return dataclasses.replace(ops, linear=cpu.int4_linear, logits_linear=cpu.linear,
+                               prepare_linear=cpu.prepare_int4_linear)
+
+
+def _select(device: torch.device, backend: str | None) -> KernelOps:
     choice = backend or os.environ.get("ELASTIC_DECODE_BACKEND", "auto")
     if choice not in BACKENDS:
         raise ElasticDecodeError(f"backend must be one of {', '.join(BACKENDS)}, got {choice!r}")

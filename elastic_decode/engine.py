@@ -143,8 +143,8 @@ class ShardWorker:
         if command != "kv":
             raise RuntimeError(f"tensor-parallel worker: expected the KV cache size, got {command!r}")
         self.runner = ModelRunner(self.model, allocate_kv_caches(self.model, self.num_blocks, spec.block_size),
-                                  select_ops(self.device, spec.backend), spec.block_size)
-        self.runner.ops.prepare_linear(self.model.linear_weights())
+                                  select_ops(self.device, spec.backend, spec.quantization), spec.block_size)
+        self.runner.ops.prepare_linear(*self.model.linear_weights())
 
     def serve(self) -> None:
         while True:
@@ -157,7 +157,7 @@ class ShardWorker:
                     full = self.group.broadcast(torch.empty(shape, dtype=dtype, device=self.device))
                     with torch.no_grad():
                         self.model.hf_parameter(name, params).copy_(self.model.shard.take(name, full))
-                self.runner.ops.prepare_linear(self.model.linear_weights())
+                self.runner.ops.prepare_linear(*self.model.linear_weights())
             elif command == "sleep":
                 self.runner.kv_caches = []
             elif command == "wake":
@@ -176,7 +176,7 @@ class LLMEngine:
         self.spec = ModelSpec.from_hf_config(hf_config)
         self.device = _pick_device(config.device)
         self.dtype = _pick_dtype(config.dtype, self.device, hf_config)
-        self.ops = select_ops(self.device, config.backend)
+        self.ops = select_ops(self.device, config.backend, config.quantization)
         self.tokenizer = Tokenizer(path, hf_config)
         self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
                                  self.spec.max_position_embeddings)
@@ -187,7 +187,8 @@ class LLMEngine:
             self._check_parallel_settings()
             self.workers = parallel.Workers(config.tensor_parallel_size, parallel.WorkerSpec(
                 path=str(path), dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
-                backend=config.backend, block_size=config.block_size, max_model_len=self.max_model_len,
+                backend=config.backend, quantization=config.quantization,
+                block_size=config.block_size, max_model_len=self.max_model_len,
                 timeout_s=config.tensor_parallel_timeout_s, threads=torch.get_num_threads()), self.device)
             self._finalizer = weakref.finalize(self, self.workers.stop)
         try:
@@ -196,7 +197,7 @@ class LLMEngine:
         except BaseException:
             self.close()
             raise
-        self.ops.prepare_linear(self.model.linear_weights())
+        self.ops.prepare_linear(*self.model.linear_weights())
 
         block_size = config.block_size
         graphs = self._graphs()
@@ -493,7 +494,7 @@ class LLMEngine:
                     full = self.workers.group.broadcast(tensor.detach().to(self.device).contiguous())
                     target.copy_(self.model.shard.take(name, full))
             count = len(pairs)
-        self.ops.prepare_linear(self.model.linear_weights())
+        self.ops.prepare_linear(*self.model.linear_weights())
         # K/V computed under the old weights, cached or in flight, is stale: running sequences are
         # prefilled again (with their tokens and budget state) at the next step.
         self.scheduler.recompute_running()

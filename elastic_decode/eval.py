@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=len(models) * len(args.think_budgets), desc="eval", unit="cell", disable=args.no_progress)
     try:
         for model, label in zip(models, labels):
-            llm = LLM(model, dtype=args.dtype, device=args.device, seed=args.seed,
+            llm = LLM(model, dtype=args.dtype, device=args.device, quantization=args.quantization, seed=args.seed,
                       kv_cache_memory_gb=args.kv_cache_memory_gb, num_scheduler_steps=args.num_scheduler_steps,
                       cuda_graphs=args.cuda_graphs, enforce_eager=args.enforce_eager,
                       tensor_parallel_size=args.tensor_parallel_size,

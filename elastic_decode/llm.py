@@ -87,6 +87,7 @@ class LLM:
         device: str | None = None,
         *,
         backend: str | None = None,
+        quantization: str | None = None,
         seed: int | None = None,
         block_size: int = 16,
         max_model_len: int | None = None,
@@ -115,6 +116,7 @@ class LLM:
                 dtype=dtype,
                 device=device,
                 backend=backend,
+                quantization=quantization,
                 seed=seed,
                 block_size=block_size,
                 max_model_len=max_model_len,
@@ -344,7 +346,8 @@ class LLM:
             forced_ends=sum(c.forced_end for c in completions),
             preemptions=engine.scheduler.num_preemptions - preempted_before,
             seconds=time.perf_counter() - start,
-            engine=f"{str(engine.dtype).removeprefix('torch.')} on {engine.device.type}, {engine.ops.name} kernels",
+            engine=f"{str(engine.dtype).removeprefix('torch.')} on {engine.device.type}, {engine.ops.name} kernels"
+                   + (f", {engine.config.quantization} weights" if engine.config.quantization else ""),
         )
         return results
 

@@ -223,6 +223,7 @@ class WorkerSpec:
     dtype: str  # torch dtype name
     device: str  # e.g. "cpu", "cuda:1"
     backend: str | None
+    quantization: str | None
     block_size: int
     max_model_len: int
     timeout_s: float

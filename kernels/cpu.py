@@ -102,32 +102,49 @@ def paged_prefill_attention(
 # The copy costs the weight's memory once more.
 HAVE_PACKED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _PACK_BATCH_HINT = 16  # oneDNN picks the blocked layout for this many rows; any row count runs on it
-_packed: dict[int, tuple[weakref.ref, int, torch.Tensor | None]] = {}
+_packed: dict[tuple[str, int], tuple[weakref.ref, int, object]] = {}
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor | None:
-    key, version = id(weight), weight._version
+def _cached(kind: str, weight: torch.Tensor, make):
+    """make(weight), kept per (kind, weight tensor) while the weight lives and is not changed in place."""
+    key, version = (kind, id(weight)), weight._version
     entry = _packed.get(key)
     if entry is not None and entry[0]() is weight and entry[1] == version:
         return entry[2]
+    value = make(weight.detach())
+    _packed[key] = (weakref.ref(weight, lambda _, key=key: _packed.pop(key, None)), version, value)
+    return value
+
+
+def _reorder(weight: torch.Tensor) -> torch.Tensor | None:
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT)
+        return torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_BATCH_HINT)
     except RuntimeError:  # a dtype or build oneDNN does not pack: plain F.linear for this weight
-        packed = None
-    _packed[key] = (weakref.ref(weight, lambda _, key=key: _packed.pop(key, None)), version, packed)
-    return packed
+        return None
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor | None:
+    return _cached("onednn", weight, _reorder)
+
+
+def _cacheable(weight: torch.Tensor) -> bool:
+    # Not weights made under torch.inference_mode (an LLM built inside one): they have no version counter,
+    # so an update in place could not be seen.
+    return weight.device.type == "cpu" and weight.dim() == 2 and not weight.is_inference()
 
 
 def _packable(weight: torch.Tensor) -> bool:
-    # Not weights made under torch.inference_mode (an LLM built inside one): they have no version counter,
-    # so an update in place could not be seen.
-    return HAVE_PACKED_LINEAR and weight.device.type == "cpu" and weight.dim() == 2 and not weight.is_inference()
+    return HAVE_PACKED_LINEAR and _cacheable(weight)
 
 
-def prepare_linear(weights) -> None:
+def _no_autograd(weight: torch.Tensor) -> bool:
+    return not (torch.is_grad_enabled() and weight.requires_grad)
+
+
+def prepare_linear(weights, logits_weights=()) -> None:
     """Pack these weights now (at load, after an update) rather than in the first request that uses them:
     about 1.6 s for SmolLM2-135M in fp32 on 2 cores."""
-    for weight in weights:
+    for weight in [*weights, *logits_weights]:
         if _packable(weight):
             _pack(weight)
 
@@ -136,11 +153,87 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear's contract (x [rows, in], weight [out, in], bias [out]) on the packed weight."""
     packed = None
     if x.dim() == 2 and x.device.type == "cpu" and x.dtype == weight.dtype and _packable(weight) \
-            and not (torch.is_grad_enabled() and weight.requires_grad):  # autograd: F.linear
+            and _no_autograd(weight):  # autograd: F.linear
         packed = _pack(weight)
     if packed is None:
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
+# int4_linear: weight-only int4 (opt-in, LLM(quantization="int4")), on torch's CPU int4 GEMM
+# (aten._weight_int4pack_mm_for_cpu, the op torchao's int4 weight-only CPU layout runs on). Groups of 32
+# input columns, each with its own scale and offset: w = (q - 8) * scale + zero, q in 0..15, the
+# layout of GGUF's Q4_1 (w = d * q + m, so scale = d and zero = m + 8 d). Quantized here from the
+# loaded weights by each group's min and max, as Q4_1's quantizer does: a Q4_1 GGUF's weights (the
+# embedded model's) come back with their own codes; scale and zero are stored in bfloat16, the op's
+# layout. The op is fast only on bfloat16 activations (on this project's AVX2 CPU, fp16 or fp32
+# activations run 10-15x slower, `make microbench`), so the input is rounded to bfloat16 and the product,
+# which the op returns in bfloat16, goes back to the model's dtype: W4A16 with 16-bit outputs. A weight
+# whose shape the op does not take (rows not a multiple of 16, columns not of 32) stays dense.
+INT4_GROUP = 32
+HAVE_INT4_LINEAR = all(hasattr(torch.ops.aten, op) for op in ("_convert_weight_to_int4pack_for_cpu",
+                                                               "_weight_int4pack_mm_for_cpu"))
+
+
+def _int4_codes(weight: torch.Tensor):
+    """(codes [out, in / group, group], scale, zero [out, in / group]) as float32, or None where the int4 op
+    does not take the weight's shape."""
+    rows, cols = weight.shape
+    if rows % 16 or cols % INT4_GROUP:
+        return None
+    w = weight.detach().float().reshape(rows, cols // INT4_GROUP, INT4_GROUP)
+    low, high = w.amin(-1), w.amax(-1)
+    scale = ((high - low) / 15).to(torch.bfloat16).float()
+    zero = (low + 8 * scale).to(torch.bfloat16).float()
+    # The codes that fit the stored (rounded) scale and zero best; a constant group has scale 0, codes 8.
+    nonzero = (scale > 0)[..., None]
+    codes = torch.round((w - zero[..., None]) / torch.where(nonzero, scale[..., None], 1.0) + 8).clamp(0, 15)
+    return torch.where(nonzero, codes, 8.0), scale, zero
+
+
+def quantize_int4(weight: torch.Tensor):
+    """(packed codes, scales_and_zeros [in / group, out, 2] in bfloat16): the int4 op's operands for an
+    [out, in] weight, or None where the op does not take its shape."""
+    parts = _int4_codes(weight)
+    if parts is None:
+        return None
+    codes, scale, zero = parts
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).reshape(weight.shape), 2)
+    return packed, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
+def dequantize_int4(weight: torch.Tensor) -> torch.Tensor:
+    """The float32 weights int4_linear computes with (tests; measuring the quantization error)."""
+    parts = _int4_codes(weight)
+    if parts is None:
+        return weight.detach().float()
+    codes, scale, zero = parts
+    return ((codes - 8) * scale[..., None] + zero[..., None]).reshape(weight.shape)
+
+
+def _int4(weight: torch.Tensor):
+    return _cached("int4", weight, quantize_int4)
+
+
+def prepare_int4_linear(weights, logits_weights=()) -> None:
+    """Quantize the layers' weights now (at load, after an update); pack the LM head, and a shape the int4
+    op does not take, dense."""
+    for weight in weights:
+        if _cacheable(weight) and _int4(weight) is None and _packable(weight):
+            _pack(weight)
+    prepare_linear((), logits_weights)
+
+
+def int4_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear's contract on the int4 copy of the weight (dense `linear` where it has none, and under
+    autograd)."""
+    if x.dim() == 2 and x.device.type == "cpu" and _cacheable(weight) and _no_autograd(weight):
+        quantized = _int4(weight)
+        if quantized is not None:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), quantized[0],
+                                                           INT4_GROUP, quantized[1]).to(x.dtype)
+            return y if bias is None else y + bias
+    return linear(x, weight, bias)
 
 
 # sample_with_budget: the reference's sampler and budget machine, with its two full sorts of the

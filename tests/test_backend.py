@@ -63,9 +63,9 @@ def test_cpu_backend_samples_what_the_reference_samples_and_packs_at_load(tiny_m
     results = {}
     for backend in ("reference", "cpu"):
         llm = LLM(str(tiny_models["qwen3"]), dtype="float32", device="cpu", backend=backend, block_size=16)
-        weights = llm.engine.model.linear_weights()
+        weights = [w for part in llm.engine.model.linear_weights() for w in part]
         if backend == "cpu":  # packed by the constructor
-            assert all(cpu._packed[id(w)][1] == w._version for w in weights)
+            assert all(cpu._packed[("onednn", id(w))][1] == w._version for w in weights)
         outs = llm.generate(prompts, params, use_tqdm=False)
         results[backend] = [(c.token_ids, c.logprobs) for o in outs for c in o.outputs]
     for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results["cpu"], results["reference"]):
@@ -75,7 +75,7 @@ def test_cpu_backend_samples_what_the_reference_samples_and_packs_at_load(tiny_m
 
     name, tensor = next((n, t) for n, t in llm.engine.model.state_dict().items() if n.endswith("down_proj.weight"))
     llm.engine.load_weights([(name, torch.randn_like(tensor))])
-    assert all(cpu._packed[id(w)][1] == w._version for w in weights)  # and again after the update
+    assert all(cpu._packed[("onednn", id(w))][1] == w._version for w in weights)  # and again after the update
 
 
 @pytest.mark.cuda
@@ -116,3 +116,46 @@ def test_dtype_auto_on_cpu_is_bf16_only_where_native(monkeypatch, native):
     picked = engine._pick_dtype("auto", torch.device("cpu"), hf_config=None)
     assert picked == (torch.bfloat16 if native else torch.float32)
     assert engine._pick_dtype("float32", torch.device("cpu"), hf_config=None) == torch.float32
+
+
+def test_quantization_is_checked_and_needs_the_cpu_backend():
+    with pytest.raises(ElasticDecodeError, match="quantization must be one of int4"):
+        select_ops(torch.device("cpu"), "cpu", "int8")
+    with pytest.raises(ElasticDecodeError, match="runs on the cpu backend"):
+        select_ops(torch.device("cpu"), "reference", "int4")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", pytest.param("embedded", marks=pytest.mark.slow)])
+def test_int4_engine_matches_hf_with_the_same_int4_layers(tiny_models, embedded_path, kind, monkeypatch):
+    """LLM(quantization="int4") is HF's model with every decoder-layer Linear on the same int4 GEMM (the
+    LM head dense): greedy, token for token; the layers' weights quantized at load, the head packed."""
+    from test_parity import PROMPTS, hf_greedy
+
+    from elastic_decode import LLM, SamplingParams
+    from elastic_decode.kernels import cpu
+
+    if not cpu.HAVE_INT4_LINEAR:
+        pytest.skip("this torch has no int4 CPU GEMM")
+    path = embedded_path if kind == "embedded" else tiny_models[kind]  # the embedded one: a Q4_1 GGUF's codes
+    llm = LLM(str(path), dtype="float32", device="cpu", quantization="int4")
+    layers, head = llm.engine.model.linear_weights()
+    assert all(("int4", id(w)) in cpu._packed for w in layers)
+    assert ("int4", id(head[0])) not in cpu._packed and ("onednn", id(head[0])) in cpu._packed
+    prompt_ids = [llm.engine.tokenizer.encode(p) for p in PROMPTS]
+    outs = llm.generate(prompt_ids, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+    assert llm.last_stats.engine.endswith("cpu kernels, int4 weights")
+
+    dense = torch.nn.Linear.forward
+
+    def int4_forward(self, x):  # the decoder layers' projections; HF's lm_head stays dense
+        if self.out_features == llm.engine.spec.vocab_size:
+            return dense(self, x)
+        return cpu.int4_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias).reshape(*x.shape[:-1], -1)
+
+    hf_greedy.cache = {}  # a fresh HF model: its own weights, quantized by its own calls
+    monkeypatch.setattr(torch.nn.Linear, "forward", int4_forward)
+    try:
+        for ids, out in zip(prompt_ids, outs):
+            assert out.outputs[0].token_ids == hf_greedy(path, ids, 16)
+    finally:
+        hf_greedy.cache = {}

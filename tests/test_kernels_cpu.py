@@ -102,7 +102,7 @@ def test_packed_linear_follows_in_place_updates_and_forgets_dead_weights():
         torch.testing.assert_close(cpu.linear(x, layer.weight, layer.bias), layer(x))
         layer.weight[3].zero_()  # through a view (a packed projection's rows)
         torch.testing.assert_close(cpu.linear(x, layer.weight, layer.bias), layer(x))
-    key = id(layer.weight)
+    key = ("onednn", id(layer.weight))
     assert key in cpu._packed
     del layer
     assert key not in cpu._packed
@@ -124,7 +124,69 @@ def test_packed_linear_leaves_inference_tensor_weights_unpacked():
         torch.testing.assert_close(cpu.linear(x, w), x @ w.T)
         w.mul_(3.0)
         torch.testing.assert_close(cpu.linear(x, w), x @ w.T)
-    assert id(w) not in cpu._packed
+    assert ("onednn", id(w)) not in cpu._packed
+
+
+# Weight-only int4 (LLM(quantization="int4")): groups of 32 input columns, w = (q - 8) * scale + zero.
+int4_only = pytest.mark.skipif(not cpu.HAVE_INT4_LINEAR, reason="this torch has no int4 CPU GEMM")
+
+
+def q4_1_weight(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight as a Q4_1 GGUF stores it (w = d * q + m per 32 columns; the quantizer maps each group's
+    min to code 0 and its max to 15, so both occur) and its codes."""
+    groups = cols // 32
+    codes = torch.randint(0, 16, (rows, groups, 32))
+    codes[..., 0], codes[..., 1] = 0, 15
+    codes = codes[..., torch.randperm(32)]
+    d = (torch.rand(rows, groups, 1) * 0.02 + 1e-3).half().float()
+    m = (-d * torch.rand(rows, groups, 1) * 15).half().float()
+    return (d * codes + m).reshape(rows, cols), codes.reshape(rows, cols)
+
+
+def check_int4(x, w, y):
+    expected = x.bfloat16().float() @ cpu.dequantize_int4(w).T  # its inputs rounded to bfloat16 ...
+    # ... and its products: one bfloat16 rounding (2^-9 relative) plus the summation order's ulps
+    torch.testing.assert_close(y, expected, rtol=2 ** -8, atol=1e-4)
+
+
+@int4_only
+def test_int4_quantization_keeps_the_codes_of_q4_1_weights():
+    w, codes = q4_1_weight(64, 256)
+    parts = cpu._int4_codes(w)
+    assert torch.equal(parts[0].reshape(64, 256).long(), codes)
+    # what it computes with: the Q4_1 weights but for the bfloat16 rounding of scale and offset
+    scale = w.reshape(64, 8, 32).amax(-1) - w.reshape(64, 8, 32).amin(-1)
+    bound = (scale / 15 * 8 + w.reshape(64, 8, 32).abs().amax(-1)) * 2 ** -8  # |q - 8| <= 8 scale ulps + zero's
+    err = (cpu.dequantize_int4(w) - w).abs().reshape(64, 8, 32).amax(-1)
+    assert (err <= bound).all()
+
+
+@int4_only
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_int4_linear_computes_with_the_quantized_weights(rows):
+    w = torch.randn(96, 192) * 0.05  # any weights: min-max groups, as Q4_1's quantizer
+    w[5, 32:64] = 0.25  # a constant group: scale 0, every code 8
+    bias = torch.randn(96)
+    x = torch.randn(rows, 192)
+    y = cpu.int4_linear(x, w.requires_grad_(False), bias)
+    check_int4(x, w, y - bias)
+    assert (cpu.dequantize_int4(w)[5, 32:64] == 0.25).all()
+    assert not torch.allclose(y - bias, x @ w.T, rtol=2 ** -8, atol=1e-4)  # 4 bits: not the dense product
+
+
+@int4_only
+def test_int4_linear_leaves_odd_shapes_dense_and_follows_updates():
+    x = torch.randn(2, 64)
+    odd = torch.randn(40, 64)  # 40 rows: not a multiple of 16, the int4 op refuses it
+    torch.testing.assert_close(cpu.int4_linear(x, odd), x @ odd.T)
+    w = torch.randn(32, 64) * 0.05
+    check_int4(x, w, cpu.int4_linear(x, w))
+    with torch.no_grad():
+        w[:, :32] = torch.randn(32, 32)  # an update in place: quantized again
+    check_int4(x, w, cpu.int4_linear(x, w))
+    layer = torch.nn.Linear(64, 32)  # under autograd: F.linear on the dense weight
+    cpu.int4_linear(x, layer.weight, layer.bias).sum().backward()
+    assert layer.weight.grad is not None
 
 
 # The CPU sampler: the reference's sampler with partial selections instead of sorts. It must keep the

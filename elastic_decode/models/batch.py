@@ -36,6 +36,10 @@ class KernelOps:
     # (x, weight, bias=None) -> F.linear's result: the vendor BLAS (cuBLAS, the CPU's) unless a
     # backend has a better way to call it (the CPU backend's packed weights, kernels/cpu.py)
     linear: Callable = F.linear
-    # (weights) -> None: make the weights `linear` will be given ready before the first request (the CPU
-    # backend packs them, so no request pays for it); called at load and after a weight update
-    prepare_linear: Callable = lambda weights: None
+    # The same for the LM head's GEMM; None: `linear`. (Weight-only int4 keeps the head dense: quantizing
+    # it costs far more accuracy than the layers' GEMMs, benchmarks/RESULTS.md.)
+    logits_linear: Callable | None = None
+    # (weights, logits_weights) -> None: make the weights `linear` and `logits_linear` will be given ready
+    # before the first request (the CPU backend packs them, so no request pays for it); called at load and
+    # after a weight update
+    prepare_linear: Callable = lambda weights, logits_weights: None

@@ -350,15 +350,15 @@ class LlamaForCausalLM(nn.Module):
     def _logits_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
 
-    def linear_weights(self) -> list[torch.Tensor]:
-        """Every weight the forward gives to ops.linear (for ops.prepare_linear)."""
+    def linear_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The weights the forward gives to ops.linear, and to ops.logits_linear (for ops.prepare_linear)."""
         weights = [m.weight for layer in self.model.layers
                    for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-        return weights + [self._logits_weight()]
+        return weights, [self._logits_weight()]
 
     def compute_logits(self, hidden: torch.Tensor, ops: KernelOps) -> torch.Tensor:  # [rows, vocab]
-        weight = self._logits_weight()
+        weight, linear = self._logits_weight(), ops.logits_linear or ops.linear
         if self.tp is None:
-            return ops.linear(hidden, weight)
-        logits = self.tp.all_gather_last(ops.linear(hidden, weight))  # [rows, padded vocab]
+            return linear(hidden, weight)
+        logits = self.tp.all_gather_last(linear(hidden, weight))  # [rows, padded vocab]
         return logits if logits.shape[1] == self.spec.vocab_size else logits[:, : self.spec.vocab_size].contiguous()

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("listening on %s with no --api-key: anyone who can reach it can use it", args.host)
         start = time.perf_counter()
         llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
-                  max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                  quantization=args.quantization, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                   kv_cache_memory_gb=args.kv_cache_memory_gb, num_scheduler_steps=args.num_scheduler_steps,
                   cuda_graphs=args.cuda_graphs, enforce_eager=args.enforce_eager,
                   tensor_parallel_size=args.tensor_parallel_size)
