@@ -6,6 +6,7 @@
 #include "cpu_attention.h"
 #include "cpu_ops.h"
 #include "cpu_philox.h"
+#include "cpu_quant.h"
 
 namespace py = pybind11;
 using elastic_decode::BlockAllocator;
@@ -47,4 +48,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("positions"), py::arg("cos_table"), py::arg("sin_table"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("slot_mapping"), py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none(), py::arg("eps") = 0.0,
         "(Head RMSNorm,) RoPE on q and k, k and v into the cache slots; returns the rotated q.");
+  m.def("q4_linear", &elastic_decode::q4_linear_cpu, py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("low"),
+        py::arg("simd") = true, "x @ w.T for 4-bit weights in groups of 32 (Q4_1: w = scale * code + low), float32.");
+  m.def("q8_linear", &elastic_decode::q8_linear_cpu, py::arg("x"), py::arg("codes"), py::arg("scale"),
+        py::arg("simd") = true, "x @ w.T for 8-bit weights in groups of 32 (Q8_0: w = scale * code), float32.");
 }

@@ -21,8 +21,8 @@ from .errors import ElasticDecodeError
 from .models.batch import KernelOps
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
-# Weight-only quantization (opt-in): "int4", the GEMMs on 4-bit weights in groups of 32 (kernels/cpu.py:
-# int4_linear); CPU backend only.
+# Weight-only quantization (opt-in): "int4", the decoder layers' GEMMs on 4-bit weights and the LM head's on
+# 8-bit ones, in groups of 32 (kernels/cpu.py, csrc/cpu_quant.cpp); CPU backend only.
 QUANTIZATIONS = ("int4",)
 
 
@@ -68,11 +68,10 @@ def select_ops(device: torch.device, backend: str | None = None, quantization: s
     if quantization not in QUANTIZATIONS:
         raise ElasticDecodeError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or None, "
                                  f"got {quantization!r}")
-    if ops.name != "cpu" or not cpu.HAVE_INT4_LINEAR:
+    if ops.name != "cpu" or not cpu.HAVE_QUANTIZED_LINEAR:
         raise ElasticDecodeError(f"quantization={quantization!r} runs on the cpu backend (CPU tensors, the C++ "
-                                 f"kernels, a torch with its int4 CPU GEMM); this engine has the {ops.name} "
-                                 f"backend on {device.type}")
-    return dataclasses.replace(ops, linear=cpu.int4_linear, logits_linear=cpu.linear,
+                                 f"kernels); this engine has the {ops.name} backend on {device.type}")
+    return dataclasses.replace(ops, linear=cpu.int4_linear, logits_linear=cpu.int8_linear,
                                prepare_linear=cpu.prepare_int4_linear)
 
 

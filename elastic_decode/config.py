@@ -20,9 +20,10 @@ class EngineConfig:
     # AMX), else float32; on CUDA the checkpoint's 16-bit dtype (else bfloat16). "float32" is the
     # setting of exact parity with HF. Sampling, logprobs and budgets are fp32 arithmetic in any dtype.
     dtype: str = "auto"
-    # Weight-only quantization: None, or "int4" (the GEMM weights in 4 bits, groups of 32 with a bfloat16
-    # scale and offset each, the GEMMs' inputs and outputs rounded to bfloat16; the rest in `dtype`).
-    # CPU backend only; about 2x faster GEMMs at batch 1 there, not at batch 16 (benchmarks/RESULTS.md).
+    # Weight-only quantization: None, or "int4": the decoder layers' GEMM weights in 4 bits and the LM
+    # head's in 8, groups of 32 with float32 scales (GGUF's Q4_1 and Q8_0 layouts: a Q4_1 GGUF such as
+    # the embedded model keeps its own weights), activations float32. CPU backend only; faster decode at
+    # small batches, slower at batch 16 and in prefill (benchmarks/RESULTS.md).
     quantization: str | None = None
     # "cpu", "cuda", "cuda:1"...; None picks CUDA when available.
     device: str | None = None

@@ -100,10 +100,10 @@ def add_engine_arguments(group) -> None:
                        help="weights and KV cache; auto: bfloat16 on a CPU with AVX512-BF16 or AMX, else float32 "
                        "on CPU, the checkpoint's 16-bit dtype on CUDA; float32 is exact parity with HF [auto]")
     group.add_argument("--quantization", default=None, choices=("int4",),
-                       help="weight-only quantization: int4 keeps the GEMM weights in 4 bits (groups of 32, bfloat16 "
-                            "scales; a Q4_1 GGUF such as the embedded model keeps its own codes) with bfloat16 GEMM "
-                            "inputs and outputs; CPU backend only; about 2x faster decode GEMMs at batch 1 "
-                            "(default: none, the weights in --dtype)")
+                       help="weight-only quantization: int4 keeps the decoder layers' GEMM weights in 4 bits and "
+                            "the LM head's in 8 (groups of 32, GGUF's Q4_1 / Q8_0; the embedded Q4_1 model keeps its "
+                            "own weights), activations in float32; CPU backend only; faster at batch 1, slower at "
+                            "batch 16 (default: none, the weights in --dtype)")
     group.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     group.add_argument("--num-scheduler-steps", type=int, default=1,
                        help="decode steps run on the device between host syncs; same output for any value (default 1)")

@@ -160,80 +160,89 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
-# int4_linear: weight-only int4 (opt-in, LLM(quantization="int4")), on torch's CPU int4 GEMM
-# (aten._weight_int4pack_mm_for_cpu, the op torchao's int4 weight-only CPU layout runs on). Groups of 32
-# input columns, each with its own scale and offset: w = (q - 8) * scale + zero, q in 0..15, the
-# layout of GGUF's Q4_1 (w = d * q + m, so scale = d and zero = m + 8 d). Quantized here from the
-# loaded weights by each group's min and max, as Q4_1's quantizer does: a Q4_1 GGUF's weights (the
-# embedded model's) come back with their own codes; scale and zero are stored in bfloat16, the op's
-# layout. The op is fast only on bfloat16 activations (on this project's AVX2 CPU, fp16 or fp32
-# activations run 10-15x slower, `make microbench`), so the input is rounded to bfloat16 and the product,
-# which the op returns in bfloat16, goes back to the model's dtype: W4A16 with 16-bit outputs. A weight
-# whose shape the op does not take (rows not a multiple of 16, columns not of 32) stays dense.
+# int4: weight-only quantization (opt-in, LLM(quantization="int4")) on the C++ GEMMs of csrc/cpu_quant.cpp,
+# in the layouts of GGUF's Q4_1 and Q8_0: groups of 32 input columns, float32 scales. The decoder layers'
+# weights in 4 bits (w = scale * code + low, code 0..15, each group's min and max as Q4_1's quantizer), the
+# LM head in 8 bits (w = scale * code, code -127..127, each group's largest magnitude as Q8_0's):
+# quantizing the head to 4 bits too costs far more accuracy than all the layers do
+# (benchmarks/quant_agreement.py). Quantized from the loaded weights; a Q4_1/Q8_0 GGUF's weights (the
+# embedded model's) come back with their own codes, so its model runs with the file's exact weights.
+# Activations and sums stay float32. A weight whose input width is not a multiple of 32 stays dense.
 INT4_GROUP = 32
-HAVE_INT4_LINEAR = all(hasattr(torch.ops.aten, op) for op in ("_convert_weight_to_int4pack_for_cpu",
-                                                               "_weight_int4pack_mm_for_cpu"))
+HAVE_QUANTIZED_LINEAR = HAVE_CPU_KERNELS and hasattr(_C, "q4_linear")
 
 
-def _int4_codes(weight: torch.Tensor):
-    """(codes [out, in / group, group], scale, zero [out, in / group]) as float32, or None where the int4 op
-    does not take the weight's shape."""
+def _groups(weight: torch.Tensor) -> torch.Tensor | None:
     rows, cols = weight.shape
-    if rows % 16 or cols % INT4_GROUP:
+    return None if cols % INT4_GROUP else weight.detach().float().reshape(rows, cols // INT4_GROUP, INT4_GROUP)
+
+
+def _q4(weight: torch.Tensor):
+    """(codes uint8 [out, in / 2] in Q4_1's nibble order, scale, low float32 [out, in / 32]), or None."""
+    w = _groups(weight)
+    if w is None:
         return None
-    w = weight.detach().float().reshape(rows, cols // INT4_GROUP, INT4_GROUP)
-    low, high = w.amin(-1), w.amax(-1)
-    scale = ((high - low) / 15).to(torch.bfloat16).float()
-    zero = (low + 8 * scale).to(torch.bfloat16).float()
-    # The codes that fit the stored (rounded) scale and zero best; a constant group has scale 0, codes 8.
-    nonzero = (scale > 0)[..., None]
-    codes = torch.round((w - zero[..., None]) / torch.where(nonzero, scale[..., None], 1.0) + 8).clamp(0, 15)
-    return torch.where(nonzero, codes, 8.0), scale, zero
+    low = w.amin(-1)
+    scale = (w.amax(-1) - low) / 15
+    codes = torch.round((w - low[..., None]) / torch.where(scale > 0, scale, 1.0)[..., None]).clamp(0, 15)
+    codes = codes.to(torch.uint8)  # byte j of a group: column j low, column j + 16 high
+    packed = (codes[..., :16] | (codes[..., 16:] << 4)).reshape(weight.shape[0], -1).contiguous()
+    return packed, scale.contiguous(), low.contiguous()
 
 
-def quantize_int4(weight: torch.Tensor):
-    """(packed codes, scales_and_zeros [in / group, out, 2] in bfloat16): the int4 op's operands for an
-    [out, in] weight, or None where the op does not take its shape."""
-    parts = _int4_codes(weight)
-    if parts is None:
+def _q8(weight: torch.Tensor):
+    """(codes int8 [out, in], scale float32 [out, in / 32]), or None."""
+    w = _groups(weight)
+    if w is None:
         return None
-    codes, scale, zero = parts
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).reshape(weight.shape), 2)
-    return packed, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    scale = w.abs().amax(-1) / 127
+    codes = torch.round(w / torch.where(scale > 0, scale, 1.0)[..., None]).clamp(-127, 127)
+    return codes.to(torch.int8).reshape(weight.shape).contiguous(), scale.contiguous()
 
 
-def dequantize_int4(weight: torch.Tensor) -> torch.Tensor:
-    """The float32 weights int4_linear computes with (tests; measuring the quantization error)."""
-    parts = _int4_codes(weight)
+def dequantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The float32 weights the 4-bit (layers) or 8-bit (LM head) GEMM computes with, for tests and for
+    measuring the quantization error."""
+    parts = _q4(weight) if bits == 4 else _q8(weight)
     if parts is None:
         return weight.detach().float()
-    codes, scale, zero = parts
-    return ((codes - 8) * scale[..., None] + zero[..., None]).reshape(weight.shape)
+    if bits == 8:
+        codes, scale = parts
+        return (codes.float().reshape(*scale.shape, INT4_GROUP) * scale[..., None]).reshape(weight.shape)
+    packed, scale, low = parts
+    nibbles = packed.reshape(*scale.shape, 16)
+    codes = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1).float()
+    return (codes * scale[..., None] + low[..., None]).reshape(weight.shape)
 
 
-def _int4(weight: torch.Tensor):
-    return _cached("int4", weight, quantize_int4)
-
-
-def prepare_int4_linear(weights, logits_weights=()) -> None:
-    """Quantize the layers' weights now (at load, after an update); pack the LM head, and a shape the int4
-    op does not take, dense."""
-    for weight in weights:
-        if _cacheable(weight) and _int4(weight) is None and _packable(weight):
-            _pack(weight)
-    prepare_linear((), logits_weights)
+def _quantized_linear(bits: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    if x.dim() == 2 and x.device.type == "cpu" and _cacheable(weight) and _no_autograd(weight):
+        parts = _cached(f"q{bits}", weight, _q4 if bits == 4 else _q8)
+        if parts is not None:
+            op = _C.q4_linear if bits == 4 else _C.q8_linear
+            y = op(x.float().contiguous(), *parts).to(x.dtype)
+            return y if bias is None else y + bias
+    return linear(x, weight, bias)
 
 
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear's contract on the int4 copy of the weight (dense `linear` where it has none, and under
+    """F.linear's contract on the weight's 4-bit copy (dense `linear` where it has none, and under
     autograd)."""
-    if x.dim() == 2 and x.device.type == "cpu" and _cacheable(weight) and _no_autograd(weight):
-        quantized = _int4(weight)
-        if quantized is not None:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), quantized[0],
-                                                           INT4_GROUP, quantized[1]).to(x.dtype)
-            return y if bias is None else y + bias
-    return linear(x, weight, bias)
+    return _quantized_linear(4, x, weight, bias)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear's contract on the weight's 8-bit copy (the LM head under quantization="int4")."""
+    return _quantized_linear(8, x, weight, bias)
+
+
+def prepare_int4_linear(weights, logits_weights=()) -> None:
+    """Quantize now (at load, after an update): the layers' weights to 4 bits, the LM head to 8; a shape the
+    GEMMs do not take is packed dense."""
+    for bits, group in ((4, weights), (8, logits_weights)):
+        for weight in group:
+            if _cacheable(weight) and _cached(f"q{bits}", weight, _q4 if bits == 4 else _q8) is None:
+                prepare_linear([weight])
 
 
 # sample_with_budget: the reference's sampler and budget machine, with its two full sorts of the

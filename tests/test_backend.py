@@ -126,34 +126,33 @@ def test_quantization_is_checked_and_needs_the_cpu_backend():
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3", pytest.param("embedded", marks=pytest.mark.slow)])
-def test_int4_engine_matches_hf_with_the_same_int4_layers(tiny_models, embedded_path, kind, monkeypatch):
-    """LLM(quantization="int4") is HF's model with every decoder-layer Linear on the same int4 GEMM (the
-    LM head dense): greedy, token for token; the layers' weights quantized at load, the head packed."""
+def test_int4_engine_matches_hf_on_the_same_quantized_weights(tiny_models, embedded_path, kind, monkeypatch):
+    """LLM(quantization="int4") against HF greedy, token for token: for the tiny random models, HF with its
+    decoder Linears on the same 4-bit GEMM and its LM head on the 8-bit one; for the embedded model, a Q4_1
+    GGUF (Q8_0 embeddings), plain HF in float32: quantizing gives back the file's own weights."""
     from test_parity import PROMPTS, hf_greedy
 
     from elastic_decode import LLM, SamplingParams
     from elastic_decode.kernels import cpu
 
-    if not cpu.HAVE_INT4_LINEAR:
-        pytest.skip("this torch has no int4 CPU GEMM")
-    path = embedded_path if kind == "embedded" else tiny_models[kind]  # the embedded one: a Q4_1 GGUF's codes
+    if not cpu.HAVE_QUANTIZED_LINEAR:
+        pytest.skip("elastic_decode._C built without q4_linear")
+    path = embedded_path if kind == "embedded" else tiny_models[kind]
     llm = LLM(str(path), dtype="float32", device="cpu", quantization="int4")
     layers, head = llm.engine.model.linear_weights()
-    assert all(("int4", id(w)) in cpu._packed for w in layers)
-    assert ("int4", id(head[0])) not in cpu._packed and ("onednn", id(head[0])) in cpu._packed
+    assert all(("q4", id(w)) in cpu._packed for w in layers)  # quantized at load
+    assert ("q8", id(head[0])) in cpu._packed
     prompt_ids = [llm.engine.tokenizer.encode(p) for p in PROMPTS]
     outs = llm.generate(prompt_ids, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
     assert llm.last_stats.engine.endswith("cpu kernels, int4 weights")
 
-    dense = torch.nn.Linear.forward
+    if kind != "embedded":
+        def quantized_forward(self, x):
+            linear = cpu.int8_linear if self.out_features == llm.engine.spec.vocab_size else cpu.int4_linear
+            return linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias).reshape(*x.shape[:-1], -1)
 
-    def int4_forward(self, x):  # the decoder layers' projections; HF's lm_head stays dense
-        if self.out_features == llm.engine.spec.vocab_size:
-            return dense(self, x)
-        return cpu.int4_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias).reshape(*x.shape[:-1], -1)
-
-    hf_greedy.cache = {}  # a fresh HF model: its own weights, quantized by its own calls
-    monkeypatch.setattr(torch.nn.Linear, "forward", int4_forward)
+        monkeypatch.setattr(torch.nn.Linear, "forward", quantized_forward)
+    hf_greedy.cache = {}  # a fresh HF model
     try:
         for ids, out in zip(prompt_ids, outs):
             assert out.outputs[0].token_ids == hf_greedy(path, ids, 16)

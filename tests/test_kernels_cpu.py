@@ -127,63 +127,76 @@ def test_packed_linear_leaves_inference_tensor_weights_unpacked():
     assert ("onednn", id(w)) not in cpu._packed
 
 
-# Weight-only int4 (LLM(quantization="int4")): groups of 32 input columns, w = (q - 8) * scale + zero.
-int4_only = pytest.mark.skipif(not cpu.HAVE_INT4_LINEAR, reason="this torch has no int4 CPU GEMM")
+# Weight-only int4 (LLM(quantization="int4")): the C++ GEMMs on 4-bit (Q4_1) and 8-bit (Q8_0) weights in
+# groups of 32 input columns, float32 activations and scales.
+quant_only = pytest.mark.skipif(not cpu.HAVE_QUANTIZED_LINEAR, reason="elastic_decode._C built without q4_linear")
 
 
-def q4_1_weight(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight as a Q4_1 GGUF stores it (w = d * q + m per 32 columns; the quantizer maps each group's
-    min to code 0 and its max to 15, so both occur) and its codes."""
+def gguf_weight(rows: int, cols: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight as a Q4_1 or Q8_0 GGUF stores it, dequantized to float32 (as the loader does), and its codes.
+    Q4_1: w = d * q + m, the quantizer maps each group's min to code 0 and its max to 15; Q8_0: w = d * q,
+    the group's largest magnitude to +-127. d and m are float16 in the file."""
     groups = cols // 32
-    codes = torch.randint(0, 16, (rows, groups, 32))
-    codes[..., 0], codes[..., 1] = 0, 15
-    codes = codes[..., torch.randperm(32)]
     d = (torch.rand(rows, groups, 1) * 0.02 + 1e-3).half().float()
-    m = (-d * torch.rand(rows, groups, 1) * 15).half().float()
+    if bits == 4:
+        codes = torch.randint(0, 16, (rows, groups, 32))
+        codes[..., 0], codes[..., 1] = 0, 15
+        m = (-d * torch.rand(rows, groups, 1) * 15).half().float()
+    else:
+        codes = torch.randint(-127, 128, (rows, groups, 32))
+        codes[..., 0] = torch.where(torch.rand(rows, groups) < 0.5, 127, -127)
+        m = torch.zeros(1)
+    codes = codes[..., torch.randperm(32)]
     return (d * codes + m).reshape(rows, cols), codes.reshape(rows, cols)
 
 
-def check_int4(x, w, y):
-    expected = x.bfloat16().float() @ cpu.dequantize_int4(w).T  # its inputs rounded to bfloat16 ...
-    # ... and its products: one bfloat16 rounding (2^-9 relative) plus the summation order's ulps
-    torch.testing.assert_close(y, expected, rtol=2 ** -8, atol=1e-4)
+@quant_only
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantization_keeps_the_codes_and_weights_of_gguf_tensors(bits):
+    w, codes = gguf_weight(48, 256, bits)
+    if bits == 4:
+        packed = cpu._q4(w)[0].reshape(48, 8, 16)
+        got = torch.cat([packed & 0x0F, packed >> 4], dim=-1).reshape(48, 256)
+    else:
+        got = cpu._q8(w)[0]
+    assert torch.equal(got.long(), codes)
+    # the scales come back from the float32 weights within float32 rounding
+    torch.testing.assert_close(cpu.dequantize(w, bits), w, rtol=1e-6, atol=1e-7)
 
 
-@int4_only
-def test_int4_quantization_keeps_the_codes_of_q4_1_weights():
-    w, codes = q4_1_weight(64, 256)
-    parts = cpu._int4_codes(w)
-    assert torch.equal(parts[0].reshape(64, 256).long(), codes)
-    # what it computes with: the Q4_1 weights but for the bfloat16 rounding of scale and offset
-    scale = w.reshape(64, 8, 32).amax(-1) - w.reshape(64, 8, 32).amin(-1)
-    bound = (scale / 15 * 8 + w.reshape(64, 8, 32).abs().amax(-1)) * 2 ** -8  # |q - 8| <= 8 scale ulps + zero's
-    err = (cpu.dequantize_int4(w) - w).abs().reshape(64, 8, 32).amax(-1)
-    assert (err <= bound).all()
-
-
-@int4_only
-@pytest.mark.parametrize("rows", [1, 3, 16])
-def test_int4_linear_computes_with_the_quantized_weights(rows):
-    w = torch.randn(96, 192) * 0.05  # any weights: min-max groups, as Q4_1's quantizer
-    w[5, 32:64] = 0.25  # a constant group: scale 0, every code 8
-    bias = torch.randn(96)
+@quant_only
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16])
+def test_quantized_gemms_compute_with_their_quantized_weights(rows, bits, simd):
+    w = torch.randn(72, 192) * 0.05  # any weights: min-max (4 bits) or absmax (8 bits) groups
+    w[5, 32:64] = 0.25  # a constant group: scale 0 in 4 bits
+    w[6, 64:96] = 0.0  # an all-zero group: scale 0 in 8 bits
     x = torch.randn(rows, 192)
-    y = cpu.int4_linear(x, w.requires_grad_(False), bias)
-    check_int4(x, w, y - bias)
-    assert (cpu.dequantize_int4(w)[5, 32:64] == 0.25).all()
-    assert not torch.allclose(y - bias, x @ w.T, rtol=2 ** -8, atol=1e-4)  # 4 bits: not the dense product
+    parts = cpu._q4(w) if bits == 4 else cpu._q8(w)
+    y = (cpu._C.q4_linear if bits == 4 else cpu._C.q8_linear)(x, *parts, simd=simd)
+    dense = cpu.dequantize(w, bits)
+    assert dense[5, 32:64].eq(0.25).all() and dense[6, 64:96].eq(0).all()
+    expected = (x.double() @ dense.double().T).float()
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)  # float32 arithmetic: ulps apart
+    assert not torch.allclose(y, x @ w.T, rtol=1e-3, atol=1e-3)  # 4 or 8 bits: not the dense product
 
 
-@int4_only
-def test_int4_linear_leaves_odd_shapes_dense_and_follows_updates():
-    x = torch.randn(2, 64)
-    odd = torch.randn(40, 64)  # 40 rows: not a multiple of 16, the int4 op refuses it
+@quant_only
+def test_quantized_linear_leaves_odd_shapes_dense_and_follows_updates():
+    x = torch.randn(2, 48)
+    odd = torch.randn(16, 48)  # 48 input columns: not whole groups of 32
     torch.testing.assert_close(cpu.int4_linear(x, odd), x @ odd.T)
-    w = torch.randn(32, 64) * 0.05
-    check_int4(x, w, cpu.int4_linear(x, w))
+    x = torch.randn(3, 64)
+    w, bias = torch.randn(20, 64) * 0.05, torch.randn(20)
+    for linear, bits in ((cpu.int4_linear, 4), (cpu.int8_linear, 8)):
+        expected = x @ cpu.dequantize(w, bits).T + bias
+        torch.testing.assert_close(linear(x, w, bias), expected, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        w[:, :32] = torch.randn(32, 32)  # an update in place: quantized again
-    check_int4(x, w, cpu.int4_linear(x, w))
+        w[:, :32] = torch.randn(20, 32)  # an update in place: quantized again
+    torch.testing.assert_close(cpu.int4_linear(x, w), x @ cpu.dequantize(w, 4).T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu.int4_linear(x.bfloat16(), w.bfloat16()).float(),  # a 16-bit model: float32
+                               (x.bfloat16().float() @ cpu.dequantize(w.bfloat16(), 4).T).bfloat16().float())
     layer = torch.nn.Linear(64, 32)  # under autograd: F.linear on the dense weight
     cpu.int4_linear(x, layer.weight, layer.bias).sum().backward()
     assert layer.weight.grad is not None

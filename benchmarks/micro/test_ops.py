@@ -55,8 +55,10 @@ def paged(shape: str, device: str, seqs: int, context: int):
 
 
 def cases(op: str):
-    return [pytest.param(shape, name, ops, id=f"{op}-{shape}-{name}")
-            for shape in SHAPES for name, ops in providers(op)]
+    found = providers(op)
+    if op == "linear" and cpu.HAVE_QUANTIZED_LINEAR:  # quantization="int4": 4-bit layers, an 8-bit LM head
+        found.append(("cpu-int4", None))
+    return [pytest.param(shape, name, ops, id=f"{op}-{shape}-{name}") for shape in SHAPES for name, ops in found]
 
 
 def sync(device: str):
@@ -160,11 +162,13 @@ def test_scheduler_decode_step_of_256_sequences(benchmark):
 @pytest.mark.parametrize("rows", [1, 16])
 @pytest.mark.parametrize("shape, provider, ops", cases("linear"))
 def test_linear(benchmark, shape, provider, ops, rows, layer):
-    """The model's GEMMs: the MLP's packed gate/up projection and the LM head, at one row and at a batch."""
+    """The model's GEMMs: the MLP's packed gate/up projection and the LM head, at one row and at a batch
+    (cpu-int4: the gate/up weights in 4 bits, the LM head in 8, quantized before timing)."""
     device = device_for(provider)
     hidden, width, vocab = SHAPES[shape][3:6]
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(2 * width if layer == "gate_up" else vocab, hidden, generator=g).to(device)
     x = torch.randn(rows, hidden, generator=g).to(device)
+    linear = ops.linear if ops is not None else cpu.int8_linear if layer == "lm_head" else cpu.int4_linear
     with torch.inference_mode():
-        timed(benchmark, device, lambda: ops.linear(x, weight))
+        timed(benchmark, device, lambda: linear(x, weight))

@@ -36,8 +36,8 @@ class KernelOps:
     # (x, weight, bias=None) -> F.linear's result: the vendor BLAS (cuBLAS, the CPU's) unless a
     # backend has a better way to call it (the CPU backend's packed weights, kernels/cpu.py)
     linear: Callable = F.linear
-    # The same for the LM head's GEMM; None: `linear`. (Weight-only int4 keeps the head dense: quantizing
-    # it costs far more accuracy than the layers' GEMMs, benchmarks/RESULTS.md.)
+    # The same for the LM head's GEMM; None: `linear`. (Weight-only int4 gives the head 8 bits, not 4:
+    # 4 bits there cost far more accuracy than in all the layers, benchmarks/quant_agreement.py.)
     logits_linear: Callable | None = None
     # (weights, logits_weights) -> None: make the weights `linear` and `logits_linear` will be given ready
     # before the first request (the CPU backend packs them, so no request pays for it); called at load and
