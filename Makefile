@@ -7,6 +7,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 PROMPT ?= A farmer has 17 sheep and buys 3 more pens of 4 sheep each. How many sheep does he have?
 PYTEST_ARGS ?=
+# The embedded model is a Q4_1 GGUF (Q8_0 embeddings): --quantization int4 runs it on its own 4-/8-bit
+# weights (the same greedy tokens as float32, about twice the tokens/s at batch 1; benchmarks/RESULTS.md).
+# DEMO_ARGS= runs the dense float32 weights.
+DEMO_ARGS ?= --quantization int4
 
 .PHONY: setup demo test bench microbench gpu-report train-demo e1 clean
 
@@ -24,7 +28,7 @@ $(VENV)/.installed: pyproject.toml setup.py constraints.txt $(wildcard csrc/*)
 	touch $@
 
 demo: setup
-	$(PY) -m elastic_decode.generate --prompt "$(PROMPT)"
+	$(PY) -m elastic_decode.generate --prompt "$(PROMPT)" $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -5,7 +5,10 @@ CPU, the embedded SmolLM2-135M-Instruct at each of --dtypes (both sides in that 
 sequence generating exactly --new-tokens tokens (EOS ignored on both sides), batch sizes from
 --batch-sizes, the engine on each of --backends (cpu: the C++ ops, packed-weight GEMMs, sort-free sampler;
 reference: the torch ops; cpu+int4: the cpu backend with LLM(quantization="int4"), HF staying in the
-dtype). Each provider runs once
+dtype). Where the optional `llama_cpp` package is installed (llama-cpp-python; never a CI dependency), a
+batch-1 row for llama.cpp on the same embedded GGUF (its own Q4_1 / Q8_0 kernels), fed the same prompt
+token ids, greedy, on torch's thread count; its HF column is HF's batch-1 run of the first dtype. Each
+provider runs once
 untimed (warm-up), then --repeats timed runs; the best is reported. Prints a markdown table for
 benchmarks/RESULTS.md.
 
@@ -71,6 +74,7 @@ def main() -> None:
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
         rows += run_dtype(dtype, engines, hf, args)
         del engines, hf
+    rows += run_llama_cpp(rows, args)
 
     print(f"\nCPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; SmolLM2-135M, {decoding(args)}, {n_new} new tokens per sequence\n")
@@ -79,6 +83,37 @@ def main() -> None:
     for dtype, batch, name, tokens, t_ours, t_hf in rows:
         print(f"| {dtype} | {batch} | {name} | {tokens} | {t_ours:.2f} | {tokens / t_ours:.1f} | {t_hf:.2f} | "
               f"{tokens / t_hf:.1f} | {t_hf / t_ours:.2f}x |")
+
+
+def run_llama_cpp(rows, args) -> list[tuple]:
+    """The batch-1 row of llama.cpp on the embedded GGUF, or none where llama_cpp is not installed or batch
+    1 was not asked for."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return []
+    hf_row = next((row for row in rows if row[1] == 1), None)
+    if hf_row is None or args.top_p is not None:  # greedy only: its sampler is not the same computation
+        return []
+    from transformers import AutoConfig
+
+    from elastic_decode.loader import embedded_gguf_path, resolve_checkpoint
+    from elastic_decode.tokenizer import Tokenizer
+
+    path = resolve_checkpoint(None)  # the engine's prompt ids (its chat template), as in the batch-1 rows
+    tok = Tokenizer(path, AutoConfig.from_pretrained(path))
+    prompt = tok.encode_chat([{"role": "user", "content": QUESTIONS[0]}])
+    model = Llama(model_path=str(embedded_gguf_path()), n_ctx=512, n_threads=torch.get_num_threads(),
+                  verbose=False)
+
+    def theirs():
+        produced = 0
+        for _ in model.generate(prompt, temp=0.0, reset=True):
+            produced += 1
+            if produced == args.new_tokens:
+                break
+
+    return [("Q4_1 GGUF", 1, "llama.cpp", args.new_tokens, best_of(theirs, args.repeats), hf_row[5])]
 
 
 def decoding(args) -> str:
