@@ -200,10 +200,14 @@ def _q8(weight: torch.Tensor):
     return codes.to(torch.int8).reshape(weight.shape).contiguous(), scale.contiguous()
 
 
+# bits -> (cache kind, quantizer, name of the _C GEMM)
+_QUANTIZERS = {4: ("q4", _q4, "q4_linear"), 8: ("q8", _q8, "q8_linear")}
+
+
 def dequantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """The float32 weights the 4-bit (layers) or 8-bit (LM head) GEMM computes with, for tests and for
     measuring the quantization error."""
-    parts = _q4(weight) if bits == 4 else _q8(weight)
+    parts = _QUANTIZERS[bits][1](weight)
     if parts is None:
         return weight.detach().float()
     if bits == 8:
@@ -217,10 +221,10 @@ def dequantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _quantized_linear(bits: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     if x.dim() == 2 and x.device.type == "cpu" and _cacheable(weight) and _no_autograd(weight):
-        parts = _cached(f"q{bits}", weight, _q4 if bits == 4 else _q8)
+        kind, quantize, op = _QUANTIZERS[bits]
+        parts = _cached(kind, weight, quantize)
         if parts is not None:
-            op = _C.q4_linear if bits == 4 else _C.q8_linear
-            y = op(x.float().contiguous(), *parts).to(x.dtype)
+            y = getattr(_C, op)(x.float().contiguous(), *parts).to(x.dtype)
             return y if bias is None else y + bias
     return linear(x, weight, bias)
 
@@ -240,8 +244,9 @@ def prepare_int4_linear(weights, logits_weights=()) -> None:
     """Quantize now (at load, after an update): the layers' weights to 4 bits, the LM head to 8; a shape the
     GEMMs do not take is packed dense."""
     for bits, group in ((4, weights), (8, logits_weights)):
+        kind, quantize, _ = _QUANTIZERS[bits]
         for weight in group:
-            if _cacheable(weight) and _cached(f"q{bits}", weight, _q4 if bits == 4 else _q8) is None:
+            if _cacheable(weight) and _cached(kind, weight, quantize) is None:
                 prepare_linear([weight])
 
 
