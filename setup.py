@@ -22,7 +22,7 @@ setup(
     ext_modules=[
         CppExtension(
             name="elastic_decode._C",
-            sources=["csrc/bindings.cpp", "csrc/block_allocator.cpp", "csrc/cpu_attention.cpp",
+            sources=["csrc/bindings.cpp", "csrc/block_allocator.cpp", "csrc/cpu_attention.cpp", "csrc/cpu_decoder.cpp",
                      "csrc/cpu_ops.cpp", "csrc/cpu_philox.cpp", "csrc/cpu_quant.cpp"],
             # -fopenmp: at::parallel_for (a header template) runs on OpenMP threads, torch's own runtime
             # (libgomp), and the `omp simd` reductions vectorise

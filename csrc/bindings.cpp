@@ -4,6 +4,7 @@
 
 #include "block_allocator.h"
 #include "cpu_attention.h"
+#include "cpu_decoder.h"
 #include "cpu_ops.h"
 #include "cpu_philox.h"
 #include "cpu_quant.h"
@@ -52,4 +53,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("simd") = true, "x @ w.T for 4-bit weights in groups of 32 (Q4_1: w = scale * code + low), float32.");
   m.def("q8_linear", &elastic_decode::q8_linear_cpu, py::arg("x"), py::arg("codes"), py::arg("scale"),
         py::arg("simd") = true, "x @ w.T for 8-bit weights in groups of 32 (Q8_0: w = scale * code), float32.");
+
+  py::class_<elastic_decode::Int4Decoder>(m, "Int4Decoder",
+                                          "The decoder layers of a decode step in one call (kernels/cpu.py:int4_decode_layers).")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, double>(), py::arg("q_heads"), py::arg("kv_heads"),
+           py::arg("head_dim"), py::arg("width"), py::arg("scale"))
+      .def("add_layer", &elastic_decode::Int4Decoder::add_layer, py::arg("in_norm"), py::arg("post_norm"), py::arg("eps"),
+           py::arg("q_norm"), py::arg("k_norm"), py::arg("head_eps"), py::arg("qkv"), py::arg("o"), py::arg("gate_up"),
+           py::arg("down"), "One layer: norms and (codes, scale, low, bias) of its four GEMMs.")
+      .def("forward", &elastic_decode::Int4Decoder::forward, py::arg("x"), py::arg("positions"), py::arg("cos_table"),
+           py::arg("sin_table"), py::arg("k_caches"), py::arg("v_caches"), py::arg("slot_mapping"),
+           py::arg("block_tables"), py::arg("context_lens"), py::call_guard<py::gil_scoped_release>(),
+           "(last MLP output, residual) after every layer of one decode step.")
+      .def_property_readonly("num_layers", &elastic_decode::Int4Decoder::num_layers);
 }

@@ -166,10 +166,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # LM head in 8 bits (w = scale * code, code -127..127, each group's largest magnitude as Q8_0's):
 # quantizing the head to 4 bits too costs far more accuracy than all the layers do
 # (benchmarks/quant_agreement.py). Quantized from the loaded weights; a Q4_1/Q8_0 GGUF's weights (the
-# embedded model's) come back with their own codes, so its model runs with the file's exact weights.
-# Activations and sums stay float32. A weight whose input width is not a multiple of 32 stays dense.
+# embedded model's) come back with their own codes, so its model runs with the file's exact weights. The
+# GEMMs take the activations per group of 32 as 16-bit codes (quantize_activations: a rounding of 2^-16 of
+# the group's largest magnitude, no argmax token of the embedded model moved by it) and multiply integers;
+# the outputs, scales and the low term's sums are float32. A weight whose input width is not a multiple of
+# 32 stays dense.
 INT4_GROUP = 32
 HAVE_QUANTIZED_LINEAR = HAVE_CPU_KERNELS and hasattr(_C, "q4_linear")
+HAVE_INT4_DECODER = HAVE_QUANTIZED_LINEAR and hasattr(_C, "Int4Decoder")
 
 
 def _groups(weight: torch.Tensor) -> torch.Tensor | None:
@@ -202,6 +206,20 @@ def _q8(weight: torch.Tensor):
 
 # bits -> (cache kind, quantizer, name of the _C GEMM)
 _QUANTIZERS = {4: ("q4", _q4, "q4_linear"), 8: ("q8", _q8, "q8_linear")}
+
+
+ACTIVATION_CODE_MAX = 32767
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the GEMMs compute with in place of float32 x [rows, in]: (its 16-bit codes as float32, one scale per
+    group of 32), x ~ codes * scale, the rounding csrc/cpu_quant.cpp does (scale = max|x| / 32767, codes
+    rounded half to even). For tests and measurements."""
+    groups = x.float().reshape(x.shape[0], -1, INT4_GROUP)
+    scale = groups.abs().amax(-1) / ACTIVATION_CODE_MAX
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    codes = torch.round(groups * inverse[..., None]).clamp(-ACTIVATION_CODE_MAX, ACTIVATION_CODE_MAX)
+    return codes.reshape(x.shape), scale
 
 
 def dequantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -238,6 +256,19 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear's contract on the weight's 8-bit copy (the LM head under quantization="int4")."""
     return _quantized_linear(8, x, weight, bias)
+
+
+def quantized_reference(x: torch.Tensor, weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The product the 4-bit (layers) or 8-bit (LM head) GEMM computes, in float64 torch: x's 16-bit codes
+    times the weights' codes, scaled, plus (4 bits) the low term on x's own group sums."""
+    codes, x_scale = quantize_activations(x)
+    x_hat = (codes.reshape(*x_scale.shape, INT4_GROUP) * x_scale[..., None]).reshape(x.shape).double()
+    if bits == 8:
+        return x_hat @ dequantize(weight, 8).double().T
+    _, w_scale, low = _q4(weight)
+    steps = (dequantize(weight, 4) - low.repeat_interleave(INT4_GROUP, dim=1)).double()  # scale * code
+    sums = x.double().reshape(x.shape[0], -1, INT4_GROUP).sum(-1)
+    return x_hat @ steps.T + sums @ low.double().T
 
 
 def prepare_int4_linear(weights, logits_weights=()) -> None:
@@ -337,3 +368,71 @@ def rope_write_kv(q, k, v, positions, cos_table, sin_table, k_cache, v_cache, sl
     q, k, v = (_heads_contiguous(t) for t in (q, k, v))
     return _C.rope_write_kv(q, k, v, positions.long().contiguous(), cos_table.contiguous(), sin_table.contiguous(),
                             k_cache, v_cache, slot_mapping.long().contiguous(), q_norm, k_norm, eps)
+
+
+# The decode step's decoder layers in one C++ call under int4 (csrc/cpu_decoder.cpp): the C++ ops the
+# per-op forward of models/llama.py calls through this module, in its order and on the same tensors, so the
+# same numbers, without the Python between them, which was half of a batch-1 step (RESULTS.md). Built per
+# model from its layers (this is the CPU backend of models/llama.py's decoder) and built again when any of
+# their tensors changes in place; where a layer would not take the int4 GEMMs (a width not whole groups,
+# autograd, bfloat16, tensor parallelism, inference-mode weights), None: the per-op forward runs.
+_decoders: dict[int, tuple] = {}
+
+
+def _decoder_tensors(model) -> list[torch.Tensor]:
+    tensors = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        tensors += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        if attn.spec.qk_norm:
+            tensors += [attn.q_norm.weight, attn.k_norm.weight]
+        for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            tensors += [linear.weight] if linear.bias is None else [linear.weight, linear.bias]
+    return tensors
+
+
+def _build_decoder(model, tensors: list[torch.Tensor]):
+    if not HAVE_INT4_DECODER or model.tp is not None or model.spec.head_dim % 2 or not tensors or any(t.dtype != torch.float32 or not _cacheable_any(t) for t in tensors):
+        return None
+    layers = model.model.layers
+    first = layers[0].self_attn
+    decoder = _C.Int4Decoder(first.num_q_heads, first.num_kv_heads, first.spec.head_dim, layers[0].mlp.sections[0],
+                             first.scale)
+    for layer in layers:
+        attn, mlp, norm_in, norm_post = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
+        parts = []
+        for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            q4 = _cached("q4", linear.weight, _q4)
+            if q4 is None:
+                return None
+            parts.append((*q4, None if linear.bias is None else linear.bias.detach()))
+        if norm_post.eps != norm_in.eps:
+            return None
+        norms = (attn.q_norm.weight.detach(), attn.k_norm.weight.detach(), attn.q_norm.eps) if attn.spec.qk_norm \
+            else (None, None, 0.0)
+        decoder.add_layer(norm_in.weight.detach(), norm_post.weight.detach(), norm_in.eps, *norms, *parts)
+    return decoder
+
+
+def _cacheable_any(t: torch.Tensor) -> bool:  # a 1-d norm weight or bias as well as a 2-d GEMM weight
+    return t.device.type == "cpu" and not t.is_inference()
+
+
+def int4_decode_layers(model, x, positions, rope, kv_caches, batch):
+    """(the last layer's MLP output, the residual before it) of a decode step, or None (the per-op forward)."""
+    if batch.is_prefill or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    entry = _decoders.get(id(model))
+    if entry is None or entry[0]() is not model or [t._version for t in entry[1]] != entry[2]:
+        tensors = _decoder_tensors(model)
+        entry = (weakref.ref(model, lambda _, key=id(model): _decoders.pop(key, None)), tensors,
+                 [t._version for t in tensors], _build_decoder(model, tensors))
+        _decoders[id(model)] = entry
+    decoder = entry[3]
+    if decoder is None or (torch.is_grad_enabled() and any(t.requires_grad for t in entry[1])):
+        return None
+    k_caches, v_caches = zip(*kv_caches)
+    if any(c.dtype != torch.float32 or not c.is_contiguous() for c in (*k_caches, *v_caches)):
+        return None
+    return decoder.forward(x, positions, rope[0], rope[1], list(k_caches), list(v_caches), batch.slot_mapping,
+                           batch.block_tables, batch.context_lens)

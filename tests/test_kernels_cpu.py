@@ -128,7 +128,7 @@ def test_packed_linear_leaves_inference_tensor_weights_unpacked():
 
 
 # Weight-only int4 (LLM(quantization="int4")): the C++ GEMMs on 4-bit (Q4_1) and 8-bit (Q8_0) weights in
-# groups of 32 input columns, float32 activations and scales.
+# groups of 32 input columns, activations as 16-bit codes per group, float32 scales and outputs.
 quant_only = pytest.mark.skipif(not cpu.HAVE_QUANTIZED_LINEAR, reason="elastic_decode._C built without q4_linear")
 
 
@@ -177,9 +177,27 @@ def test_quantized_gemms_compute_with_their_quantized_weights(rows, bits, simd):
     y = (cpu._C.q4_linear if bits == 4 else cpu._C.q8_linear)(x, *parts, simd=simd)
     dense = cpu.dequantize(w, bits)
     assert dense[5, 32:64].eq(0.25).all() and dense[6, 64:96].eq(0).all()
-    expected = (x.double() @ dense.double().T).float()
+    expected = cpu.quantized_reference(x, w, bits).float()  # x's 16-bit codes times the weights' codes
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)  # float32 arithmetic: ulps apart
     assert not torch.allclose(y, x @ w.T, rtol=1e-3, atol=1e-3)  # 4 or 8 bits: not the dense product
+    # from the float32 x's product: no further than each activation's rounding (half a step of its group's
+    # scale, max|x| / 32767) times the weights' magnitudes, plus float32 ulps
+    _, x_scale = cpu.quantize_activations(x)
+    half_steps = (x_scale.repeat_interleave(32, dim=1) / 2).double()
+    bound = half_steps @ dense.double().abs().T
+    assert ((y.double() - x.double() @ dense.double().T).abs() <= bound + 1e-5).all()
+
+
+def test_activation_codes_are_16_bit_and_round_half_to_even():
+    x = torch.randn(3, 64)
+    x[0, :32] = 0.0  # an all-zero group: scale 0, codes 0
+    x[1, 0], x[1, 1] = 4.0, 2.5 * 4.0 / 32767  # the group's max -> 32767; 2.5 steps rounds to 2 (half to even)
+    codes, scale = cpu.quantize_activations(x)
+    assert codes.abs().max() <= 32767 and codes.eq(codes.round()).all()
+    assert scale[0, 0] == 0 and codes[0, :32].eq(0).all()
+    assert codes[1, 0] == 32767 and codes[1, 1] == 2
+    torch.testing.assert_close((codes.reshape(3, 2, 32) * scale[..., None]).reshape(3, 64), x, rtol=0,
+                               atol=float(x.abs().max()) / 32767)
 
 
 @quant_only
@@ -190,13 +208,13 @@ def test_quantized_linear_leaves_odd_shapes_dense_and_follows_updates():
     x = torch.randn(3, 64)
     w, bias = torch.randn(20, 64) * 0.05, torch.randn(20)
     for linear, bits in ((cpu.int4_linear, 4), (cpu.int8_linear, 8)):
-        expected = x @ cpu.dequantize(w, bits).T + bias
+        expected = cpu.quantized_reference(x, w, bits).float() + bias
         torch.testing.assert_close(linear(x, w, bias), expected, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         w[:, :32] = torch.randn(20, 32)  # an update in place: quantized again
-    torch.testing.assert_close(cpu.int4_linear(x, w), x @ cpu.dequantize(w, 4).T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu.int4_linear(x, w), cpu.quantized_reference(x, w, 4).float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cpu.int4_linear(x.bfloat16(), w.bfloat16()).float(),  # a 16-bit model: float32
-                               (x.bfloat16().float() @ cpu.dequantize(w.bfloat16(), 4).T).bfloat16().float())
+                               cpu.quantized_reference(x.bfloat16().float(), w.bfloat16(), 4).bfloat16().float())
     layer = torch.nn.Linear(64, 32)  # under autograd: F.linear on the dense weight
     cpu.int4_linear(x, layer.weight, layer.bias).sum().backward()
     assert layer.weight.grad is not None
