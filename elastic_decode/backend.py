@@ -72,7 +72,8 @@ def select_ops(device: torch.device, backend: str | None = None, quantization: s
         raise ElasticDecodeError(f"quantization={quantization!r} runs on the cpu backend (CPU tensors, the C++ "
                                  f"kernels); this engine has the {ops.name} backend on {device.type}")
     return dataclasses.replace(ops, linear=cpu.int4_linear, logits_linear=cpu.int8_linear,
-                               prepare_linear=cpu.prepare_int4_linear)
+                               prepare_linear=cpu.prepare_int4_linear,
+                               decode_layers=cpu.int4_decode_layers if cpu.HAVE_INT4_DECODER else None)
 
 
 def _select(device: torch.device, backend: str | None) -> KernelOps:

@@ -158,3 +158,40 @@ def test_int4_engine_matches_hf_on_the_same_quantized_weights(tiny_models, embed
             assert out.outputs[0].token_ids == hf_greedy(path, ids, 16)
     finally:
         hf_greedy.cache = {}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_int4_decode_steps_run_every_layer_in_one_call_with_the_same_numbers(tiny_models, kind, monkeypatch):
+    """The int4 decode step's layers in one C++ call (csrc/cpu_decoder.cpp): the per-op forward's tokens and
+    logprobs, bit for bit, with Qwen2's biases and Qwen3's head norms; built again after an update in place."""
+    import dataclasses
+
+    from elastic_decode import LLM, SamplingParams
+    from elastic_decode.kernels import cpu
+
+    if not cpu.HAVE_INT4_DECODER:
+        pytest.skip("elastic_decode._C built without Int4Decoder")
+    llm = LLM(str(tiny_models[kind]), dtype="float32", device="cpu", quantization="int4", seed=0)
+    runner = llm.engine.runner
+    fused_ops = runner.ops
+    calls = []
+
+    def counting(*args):
+        result = cpu.int4_decode_layers(*args)
+        calls.append(result is not None or args[-1].is_prefill)  # prefill: the per-op forward
+        return result
+
+    prompts = [llm.engine.tokenizer.encode(p) for p in ("Hello there", "One two three four five")]
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, ignore_eos=True, logprobs=2, seed=3)
+
+    def run(ops):
+        runner.ops = ops
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    for _ in range(2):
+        fused = run(dataclasses.replace(fused_ops, decode_layers=counting))
+        assert calls and all(calls)  # every decode step took the one-call path
+        assert fused == run(dataclasses.replace(fused_ops, decode_layers=None))
+        calls.clear()
+        with torch.no_grad():  # an update in place: the layers are quantized and built again
+            llm.engine.model.model.layers[0].mlp.down_proj.weight.mul_(-1.5)

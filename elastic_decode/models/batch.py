@@ -43,3 +43,7 @@ class KernelOps:
     # before the first request (the CPU backend packs them, so no request pays for it); called at load and
     # after a weight update
     prepare_linear: Callable = lambda weights, logits_weights: None
+    # (model, x, positions, rope, kv_caches, batch) -> (x, residual) after all the decoder layers in one
+    # call, the per-op forward's numbers, or None where it does not take this model or batch (the per-op
+    # forward runs); None: never (the CPU backend's int4 decode steps, kernels/cpu.py)
+    decode_layers: Callable | None = None

@@ -340,8 +340,12 @@ class LlamaForCausalLM(nn.Module):
             x = vocab_parallel_embedding(input_ids, self.model.embed_tokens.weight, self.shard, self.tp)
         rope = (self.rope_cos, self.rope_sin)
         residual = None
-        for layer, kv in zip(self.model.layers, kv_caches):
-            x, residual = layer(x, residual, positions, rope, kv, batch, ops)
+        fused = None if ops.decode_layers is None else ops.decode_layers(self, x, positions, rope, kv_caches, batch)
+        if fused is not None:  # every layer in one call (the same ops, the same numbers)
+            x, residual = fused
+        else:
+            for layer, kv in zip(self.model.layers, kv_caches):
+                x, residual = layer(x, residual, positions, rope, kv, batch, ops)
         norm = self.model.norm
         if residual is None:  # no layers
             return ops.rms_norm(x, norm.weight, norm.eps)
