@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 PROMPT ?= A farmer has 17 sheep and buys 3 more pens of 4 sheep each. How many sheep does he have?
 PYTEST_ARGS ?=
 # The embedded model is a Q4_1 GGUF (Q8_0 embeddings): --quantization int4 runs it on its own 4-/8-bit
-# weights (the same greedy tokens as float32, about twice the tokens/s at batch 1; benchmarks/RESULTS.md).
+# weights (the same greedy tokens as float32, 3-4x the tokens/s at batch 1; benchmarks/RESULTS.md).
 # DEMO_ARGS= runs the dense float32 weights.
 DEMO_ARGS ?= --quantization int4
 
