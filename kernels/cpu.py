@@ -127,10 +127,14 @@ def _pack(weight: torch.Tensor) -> torch.Tensor | None:
     return _cached("onednn", weight, _reorder)
 
 
-def _cacheable(weight: torch.Tensor) -> bool:
-    # Not weights made under torch.inference_mode (an LLM built inside one): they have no version counter,
+def _versioned(t: torch.Tensor) -> bool:
+    # Not tensors made under torch.inference_mode (an LLM built inside one): they have no version counter,
     # so an update in place could not be seen.
-    return weight.device.type == "cpu" and weight.dim() == 2 and not weight.is_inference()
+    return t.device.type == "cpu" and not t.is_inference()
+
+
+def _cacheable(weight: torch.Tensor) -> bool:
+    return weight.dim() == 2 and _versioned(weight)
 
 
 def _packable(weight: torch.Tensor) -> bool:
@@ -265,7 +269,7 @@ def quantized_reference(x: torch.Tensor, weight: torch.Tensor, bits: int) -> tor
     x_hat = (codes.reshape(*x_scale.shape, INT4_GROUP) * x_scale[..., None]).reshape(x.shape).double()
     if bits == 8:
         return x_hat @ dequantize(weight, 8).double().T
-    _, w_scale, low = _q4(weight)
+    low = _q4(weight)[2]
     steps = (dequantize(weight, 4) - low.repeat_interleave(INT4_GROUP, dim=1)).double()  # scale * code
     sums = x.double().reshape(x.shape[0], -1, INT4_GROUP).sum(-1)
     return x_hat @ steps.T + sums @ low.double().T
@@ -392,7 +396,8 @@ def _decoder_tensors(model) -> list[torch.Tensor]:
 
 
 def _build_decoder(model, tensors: list[torch.Tensor]):
-    if not HAVE_INT4_DECODER or model.tp is not None or model.spec.head_dim % 2 or not tensors or any(t.dtype != torch.float32 or not _cacheable_any(t) for t in tensors):
+    if not HAVE_INT4_DECODER or model.tp is not None or model.spec.head_dim % 2 or not tensors \
+            or any(t.dtype != torch.float32 or not _versioned(t) for t in tensors):
         return None
     layers = model.model.layers
     first = layers[0].self_attn
@@ -412,10 +417,6 @@ def _build_decoder(model, tensors: list[torch.Tensor]):
             else (None, None, 0.0)
         decoder.add_layer(norm_in.weight.detach(), norm_post.weight.detach(), norm_in.eps, *norms, *parts)
     return decoder
-
-
-def _cacheable_any(t: torch.Tensor) -> bool:  # a 1-d norm weight or bias as well as a 2-d GEMM weight
-    return t.device.type == "cpu" and not t.is_inference()
 
 
 def int4_decode_layers(model, x, positions, rope, kv_caches, batch):
