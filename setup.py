@@ -23,7 +23,7 @@ setup(
         CppExtension(
             name="elastic_decode._C",
             sources=["csrc/bindings.cpp", "csrc/block_allocator.cpp", "csrc/cpu_attention.cpp", "csrc/cpu_decoder.cpp",
-                     "csrc/cpu_ops.cpp", "csrc/cpu_philox.cpp", "csrc/cpu_quant.cpp"],
+                     "csrc/cpu_ops.cpp", "csrc/cpu_philox.cpp", "csrc/cpu_quant.cpp", "csrc/stand_in_cuda.cpp"],
             # -fopenmp: at::parallel_for (a header template) runs on OpenMP threads, torch's own runtime
             # (libgomp), and the `omp simd` reductions vectorise
             extra_compile_args=["-O3", "-std=c++20", "-fopenmp"],

@@ -8,6 +8,7 @@
 #include "cpu_ops.h"
 #include "cpu_philox.h"
 #include "cpu_quant.h"
+#include "stand_in_cuda.h"
 
 namespace py = pybind11;
 using elastic_decode::BlockAllocator;
@@ -49,6 +50,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("positions"), py::arg("cos_table"), py::arg("sin_table"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("slot_mapping"), py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none(), py::arg("eps") = 0.0,
         "(Head RMSNorm,) RoPE on q and k, k and v into the cache slots; returns the rotated q.");
+  m.def("install_stand_in_cuda_guard", &elastic_decode::install_stand_in_cuda_guard,
+        "Register a CUDA device guard that only keeps a current index per thread, where torch has none (a CPU-only "
+        "build): the fake-CUDA engine run of the tests. Returns whether it did.");
+  m.def("stand_in_cuda_device", &elastic_decode::stand_in_cuda_device,
+        "The stand-in guard's current CUDA device on this thread (-1 where it is not installed).");
   m.def("q4_linear", &elastic_decode::q4_linear_cpu, py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("low"),
         py::arg("simd") = true, "x @ w.T for 4-bit weights in groups of 32 (Q4_1: w = scale * code + low), float32.");
   m.def("q8_linear", &elastic_decode::q8_linear_cpu, py::arg("x"), py::arg("codes"), py::arg("scale"),

@@ -64,6 +64,9 @@ class DecodeGraphs:
         self.capture = capture
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
+        # One side stream for every warm-up and capture: cuBLAS keeps a workspace per stream it runs on,
+        # so a stream per bucket would hold one each (~32 MiB) beyond what start-up measured.
+        self._stream: torch.cuda.Stream | None = None
         self._against: tuple | None = None  # (kv caches, device batch, its generation) the graphs were captured on
         self._out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # tokens, logprobs, forced
 
@@ -116,6 +119,7 @@ class DecodeGraphs:
             self._graphs[b] = graph
         return graph
 
+    @torch.inference_mode()  # no autograd state: F.linear would otherwise keep its inputs in the graphs' pool
     def capture_buckets(self, kv_caches, batch: DeviceBatch, buckets: list[int] | None = None) -> None:
         """Capture the graphs of `buckets` (default: all) now, largest first: the largest needs the
         most of the shared pool, and the smaller ones then fit in what it left (nano-vllm's order)."""
@@ -129,17 +133,23 @@ class DecodeGraphs:
         self._out = None
 
     def _capture(self, step) -> torch.cuda.CUDAGraph:
-        """Warm up on a side stream (Triton compiles on first launch, cuBLAS picks its kernels),
-        then capture one step into a graph that shares the pool of the others."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
+        """Warm up on the side stream (Triton compiles on first launch, cuBLAS picks its kernels),
+        then capture one step into a graph that shares the pool of the others. All of it under this
+        engine's device: `torch.cuda.graph` and a stream made without a device take the *current*
+        device, which on another thread or for an engine not on cuda:0 is not this one."""
+        with torch.cuda.device(self.device):
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(self.device)
+            side, main = self._stream, torch.cuda.current_stream(self.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    step()
+            main.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=side):
                 step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            step()
+            main.wait_stream(side)
         self._pool = graph.pool()
         return graph
 

@@ -15,6 +15,7 @@ import torch
 
 from elastic_decode.kernels import FINISH_NONFINITE, FINISH_STOP, MAX_MARKER_TOKENS
 from elastic_decode.kernels import cpu as cpu_kernels
+from elastic_decode.kernels.paged_checks import MIN_HEAD_DIM
 
 from . import parallel, startup
 from .backend import select_ops
@@ -67,14 +68,21 @@ def _pick_device(name: str | None) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ElasticDecodeError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ElasticDecodeError("device 'cuda' requested but no CUDA GPU is available")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()  # 0 without a GPU (or a CUDA build of torch)
+        if count == 0:
+            raise ElasticDecodeError("device 'cuda' requested but no CUDA GPU is available")
+        if device.index is not None and device.index >= count:
+            raise ElasticDecodeError(f"device {name!r} requested but this machine has {count} CUDA GPU"
+                                     f"{'s' if count > 1 else ''} (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
     return device
 
 
-def _pick_dtype(name: str, device: torch.device, hf_config) -> torch.dtype:
+def _pick_dtype(name: str, device: torch.device, hf_config, quantization: str | None = None) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
+    if quantization == "int4":  # its one-call decoder runs in float32 only: bf16 would take the slower per-op path
+        return torch.float32
     if device.type == "cpu":  # bf16 where the CPU has the instructions for it, else fp32 (exact and faster there)
         return torch.bfloat16 if cpu_kernels.native_bf16() else torch.float32
     if device.type != "cuda":
@@ -82,6 +90,16 @@ def _pick_dtype(name: str, device: torch.device, hf_config) -> torch.dtype:
     ckpt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     ckpt = getattr(torch, ckpt) if isinstance(ckpt, str) else ckpt
     return ckpt if ckpt in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def check_kernel_shapes(spec: ModelSpec, backend: str) -> None:
+    """Refuse, at start-up and in one line, a model the chosen kernels cannot run (instead of a ValueError
+    from the first launch)."""
+    d = spec.head_dim
+    if backend == "triton" and (d & (d - 1) or d < MIN_HEAD_DIM):
+        raise ElasticDecodeError(f"the Triton attention kernels need a head_dim that is a power of two and at least "
+                                 f"{MIN_HEAD_DIM} (tl.dot's smallest K on NVIDIA GPUs); this model's is {d}: use "
+                                 "backend='reference'")
 
 
 def wants_cuda_graphs(config: EngineConfig, device_type: str, backend: str) -> bool:
@@ -101,13 +119,15 @@ def build_model(path: Path, hf_config, spec: ModelSpec, dtype: torch.dtype, devi
 
     with torch.device("meta"):
         model = LlamaForCausalLM(spec, tp)
-    model = model.to_empty(device=device).to(dtype)
+    _materialize(model, device, dtype)
     inv_freq, rope_scaling = rope_inv_freq(hf_config, spec.head_dim)
     model.set_rope(inv_freq, rope_scaling, max_model_len)
     expected = {n for n, _ in model.hf_named_parameters()}
     loaded = 0
     for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
+        # Read on the host and copy into the parameters (one host-to-device copy per tensor, no temporary
+        # on the device, as reading with device="cuda" would make).
+        with safe_open(str(file), framework="pt", device="cpu") as f:
             names = [k for k in f.keys() if k in expected]
             if model.shard is None:
                 loaded += model.load_weights((k, f.get_tensor(k)) for k in names)
@@ -116,6 +136,21 @@ def build_model(path: Path, hf_config, spec: ModelSpec, dtype: torch.dtype, devi
     if loaded != len(expected):
         raise ElasticDecodeError(f"checkpoint {path} holds {loaded} of the model's {len(expected)} weights")
     return model.eval()
+
+
+def _materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every parameter of a model built on the meta device uninitialised storage on `device`, in
+    `dtype` at once (`to_empty(device).to(dtype)` would hold the whole model in float32 first: twice a bf16
+    model's memory, which a 32B model does not have on an 80 GB GPU). Plain assignment, not Module._apply,
+    so it also runs under the tests' fake-CUDA mode."""
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                module._parameters[name] = torch.nn.Parameter(
+                    torch.empty(param.shape, dtype=dtype, device=device), requires_grad=param.requires_grad)
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device=device)
 
 
 def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, ...]]:
@@ -175,8 +210,9 @@ class LLMEngine:
         hf_config = AutoConfig.from_pretrained(path)
         self.spec = ModelSpec.from_hf_config(hf_config)
         self.device = _pick_device(config.device)
-        self.dtype = _pick_dtype(config.dtype, self.device, hf_config)
+        self.dtype = _pick_dtype(config.dtype, self.device, hf_config, config.quantization)
         self.ops = select_ops(self.device, config.backend, config.quantization)
+        check_kernel_shapes(self.spec, self.ops.name)
         self.tokenizer = Tokenizer(path, hf_config)
         self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
                                  self.spec.max_position_embeddings)

@@ -438,6 +438,9 @@ def replica_main(payload: str) -> int:
     _die_with_parent()
     rank, size, port, kwargs, timeout_s, threads = unpack(payload)
     torch.set_num_threads(threads)
+    device = torch.device(kwargs.get("device") or "cpu")
+    if device.type == "cuda":  # its own GPU current from the start (the launchers take their tensors' anyway)
+        torch.cuda.set_device(device)
     store = dist.TCPStore("127.0.0.1", port, size, False, timeout=datetime.timedelta(seconds=CONNECT_TIMEOUT_S))
     group = Group(rank, size, store, torch.device("cpu"), timeout_s)
     from .errors import ElasticDecodeError as UserError

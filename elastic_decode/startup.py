@@ -5,11 +5,13 @@ then give the KV cache what is left, then capture the graphs.
    compile-time variant the engine launches), so no request pays a Triton compile.
 2. Profile: the largest prefill the scheduler can form (its token budget spread over up to
    max_num_seqs sequences, so the logits and sampler rows are the largest too) runs on a small
-   temporary cache; the peak memory above what was allocated before it is what any later step
-   can need on top of the weights and the cache (vLLM's profile run).
-3. Graph memory: the largest bucket's graph is captured against that temporary cache and the
-   memory it holds is measured (every bucket shares one pool, and the largest needs the most,
-   which is why nano-vllm captures largest first); then it is dropped.
+   temporary cache; the peak memory the allocator reserves above what it held before is what any
+   later step can need on top of the weights and the cache (vLLM's profile run; reserved, not
+   allocated: freed blocks the allocator keeps are not the cache's).
+3. Graph memory: the largest bucket's graph is captured (under inference mode, as every capture
+   is) against that temporary cache and the memory it holds is measured by the device's free
+   memory (every bucket shares one pool, and the largest needs the most, which is why nano-vllm
+   captures largest first); then it is dropped.
 4. The KV cache takes GPU_MEMORY_UTILIZATION of the free memory, less those two.
 5. The graphs are captured for real against the cache, largest bucket first. A capture that
    fails leaves the engine decoding eagerly, with one warning line that says why.
@@ -36,12 +38,14 @@ GPU_MEMORY_UTILIZATION = 0.9  # of the free memory after the weights, for activa
 
 @dataclass(frozen=True)
 class MemoryProbe:
-    """What start-up measures; torch.cuda's counters on a GPU (`cuda_memory`)."""
+    """What start-up measures; torch.cuda's counters on a GPU (`cuda_memory`). Reserved memory, not
+    allocated: what the caching allocator holds (freed blocks it keeps, a graph pool's blocks) is as
+    unavailable to the KV cache as live tensors are."""
 
     free: Callable[[], int]  # bytes the device can still give (driver view)
-    allocated: Callable[[], int]  # bytes held by live tensors
+    reserved: Callable[[], int]  # bytes the caching allocator holds
     reset_peak: Callable[[], None]
-    peak: Callable[[], int]  # the most bytes held by live tensors since reset_peak
+    peak_reserved: Callable[[], int]  # the most bytes it held since reset_peak
     release: Callable[[], None]  # hand cached, unused blocks back to the device
 
 
@@ -54,9 +58,9 @@ def cuda_memory(device: torch.device) -> MemoryProbe:
 
     return MemoryProbe(
         free=sync_then(lambda: torch.cuda.mem_get_info(device)[0]),
-        allocated=sync_then(lambda: torch.cuda.memory_allocated(device)),
+        reserved=sync_then(lambda: torch.cuda.memory_reserved(device)),
         reset_peak=lambda: torch.cuda.reset_peak_memory_stats(device),
-        peak=sync_then(lambda: torch.cuda.max_memory_allocated(device)),
+        peak_reserved=sync_then(lambda: torch.cuda.max_memory_reserved(device)),
         release=torch.cuda.empty_cache,
     )
 
@@ -105,24 +109,25 @@ def largest_prefill(num_tokens: int, max_num_seqs: int, max_model_len: int, bloc
 
 
 def profile_step(run_prefill: Callable[[], object], probe: MemoryProbe) -> int:
-    """Bytes the largest step needs above what is allocated when it starts."""
+    """Bytes the largest step makes the allocator reserve above what it holds when the step starts."""
     probe.release()
-    before = probe.allocated()
+    before = probe.reserved()
     probe.reset_peak()
     run_prefill()
-    return max(0, probe.peak() - before)
+    return max(0, probe.peak_reserved() - before)
 
 
 def measure_graphs(capture_largest: Callable[[], None], drop: Callable[[], None], probe: MemoryProbe) -> int | None:
-    """Bytes the largest bucket's graph (and the static buffers) hold, dropped afterwards; None
-    (after one warning) if the capture fails."""
+    """Bytes the largest bucket's graph (its pool, the static buffers) holds, by the device's own count:
+    what dropping it gives back. What stays after the drop (the side stream's cuBLAS workspace) is gone
+    from the free memory the KV cache is sized from already. None (after one warning) if the capture fails."""
     probe.release()
-    before = probe.allocated()
     captured = capture_or_eager(capture_largest)
-    held = max(0, probe.allocated() - before)
+    probe.release()
+    holding = probe.free()
     drop()
     probe.release()
-    return held if captured else None
+    return max(0, probe.free() - holding) if captured else None
 
 
 def kv_cache_bytes(free: int, step_peak: int, graph_bytes: int | None) -> int:

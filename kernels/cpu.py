@@ -14,6 +14,7 @@ numbers from C++: the reference's tokens in about a third of its time at 1 and 1
 """
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -38,7 +39,12 @@ def native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bfloat16 natively, from the flags its kernel reports (Linux). Not
     guessed from the vendor or the AVX level: without these instructions oneDNN emulates bf16, and a
     batch of 16 decodes at about a quarter of fp32's rate on an AVX2 EPYC (RESULTS.md; batch 1, bound
-    by bytes, is faster in bf16 even there). False where unknown."""
+    by bytes, is faster in bf16 even there). False where unknown. ELASTIC_DECODE_NATIVE_BF16=1 (or 0)
+    overrides the reading: the test suite runs once as a CPU with native bf16 would (dtype "auto" is
+    then bfloat16), to find the tests that depend on the machine."""
+    forced = os.environ.get("ELASTIC_DECODE_NATIVE_BF16")
+    if cpuinfo is None and forced in ("0", "1"):
+        return forced == "1"
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:

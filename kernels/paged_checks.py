@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+MIN_HEAD_DIM = 16  # tl.dot's smallest K on NVIDIA GPUs (q @ k^T reduces over head_dim)
+
 
 def check_paged_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  **int32_tensors: torch.Tensor) -> tuple[int, int]:
@@ -15,6 +17,8 @@ def check_paged_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache
         raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     if head_dim & (head_dim - 1) or block_size & (block_size - 1):
         raise ValueError("head_dim and block_size must be powers of two")
+    if head_dim < MIN_HEAD_DIM:  # the interpreter runs a smaller tl.dot; the compiler refuses it on NVIDIA GPUs
+        raise ValueError(f"head_dim {head_dim} < {MIN_HEAD_DIM}: the kernels' tl.dot needs K >= {MIN_HEAD_DIM}")
     wrong = [name for name, t in int32_tensors.items() if t.dtype != torch.int32]
     if wrong:
         raise ValueError(f"{', '.join(wrong)} must be int32")

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device_guard import on_tensor_device
 from .launch_policy import choose_num_splits, num_sms
 from .paged_checks import check_paged_attention_inputs
 
@@ -28,6 +29,12 @@ from .paged_checks import check_paged_attention_inputs
 # each iteration has enough loads in flight however small the blocks (vLLM's unified attention
 # tiles the same way). Unmeasured default; bench_kernels.py sweeps it.
 DEFAULT_TILE = 64
+# fp32 inputs take the exact (non-tensor-core) dot, which holds more per thread: a [64, head_dim] fp32 K and
+# V tile at 4 warps spills ~1.9 KB per thread at head_dim 128 under triton 3.6 (the GPU machines' version)
+# on sm_90, and 32 tokens at 4 warps still a few bytes for query groups of 5 and 8; 32 tokens at 8 warps:
+# about 60 registers, no spill (kernels/aot.py).
+DEFAULT_TILE_FP32 = 32
+FP32_WARPS = 8
 # A row splits its context only into parts of at least this many tokens (unmeasured default).
 MIN_TOKENS_PER_SPLIT = 256
 
@@ -151,6 +158,7 @@ def _merge_splits_kernel(
     tl.store(out_ptr + row * HEAD_DIM + d, (acc / l_all).to(out_ptr.dtype.element_ty))
 
 
+@on_tensor_device
 def paged_decode_attention(
     q: torch.Tensor,  # [num_seqs, num_q_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -162,7 +170,7 @@ def paged_decode_attention(
     *,
     max_context_len: int | None = None,  # unused here (the reference needs it to avoid a device sync)
     num_splits: int | None = None,  # None: the policy; an int: every row split into that many parts
-    tile: int | None = None,  # tokens per loop iteration; None: DEFAULT_TILE (at least one block)
+    tile: int | None = None,  # tokens per loop iteration; None: DEFAULT_TILE(_FP32) (at least one block)
 ) -> torch.Tensor:
     num_seqs, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = check_paged_attention_inputs(
@@ -180,13 +188,14 @@ def paged_decode_attention(
         min_split_tokens = MIN_TOKENS_PER_SPLIT
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    tile = max(tile or DEFAULT_TILE, block_size, 16)
+    tile = max(tile or (DEFAULT_TILE_FP32 if q.dtype == torch.float32 else DEFAULT_TILE), block_size, 16)
     if tile & (tile - 1):
         raise ValueError(f"tile must be a power of two, got {tile}")
     meta = dict(
         scale=scale, max_blocks=block_tables.shape[1], num_kv_heads=num_kv_heads, min_split_tokens=min_split_tokens,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE=tile, SPLIT=num_splits > 1, IEEE=q.dtype == torch.float32,
+        num_warps=FP32_WARPS if q.dtype == torch.float32 else 4,
     )
     grid = (num_seqs, num_kv_heads, num_splits)
     if num_splits == 1:

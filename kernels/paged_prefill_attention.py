@@ -13,10 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .device_guard import on_tensor_device
 from .paged_checks import check_paged_attention_inputs
 
 BLOCK_M = 16  # new tokens per program
 BLOCK_N = 32  # context tokens per inner step
+# fp32 inputs take the exact (non-tensor-core) dot, which holds more per thread: at 32, triton 3.6 (the GPU
+# machines' version) spills on sm_90 at head_dim 128; at 16, 80 registers and no spill (kernels/aot.py).
+BLOCK_N_FP32 = 16
 
 
 @triton.jit(do_not_specialize=["max_blocks"])  # the block table's width varies per batch
@@ -94,6 +98,7 @@ def _prefill_kernel(
              o.to(out_ptr.dtype.element_ty), mask=r_mask[:, None])
 
 
+@on_tensor_device
 def paged_prefill_attention(
     q: torch.Tensor,  # [num_tokens, num_q_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -123,6 +128,6 @@ def paged_prefill_attention(
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
         scale=scale, max_blocks=block_tables.shape[1], num_q_heads=num_q_heads,
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IEEE=q.dtype == torch.float32,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N_FP32 if q.dtype == torch.float32 else BLOCK_N, IEEE=q.dtype == torch.float32,
     )
     return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from .device_guard import on_tensor_device
 
 MAX_HIDDEN = 16384  # one tile per row: fits the registers of one program
 
@@ -41,12 +42,16 @@ def _rms_norm_kernel(
         h = (x + r).to(residual_out_ptr.dtype.element_ty)  # the model-dtype add of the unfused graph
         tl.store(residual_out_ptr + row * hidden + cols, h, mask=mask)
         x = h.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / hidden + eps)
+    # Correctly rounded sqrt and divisions (Triton's defaults are approximate on GPUs), products not
+    # contracted into FMAs (the launch turns fusion off): on hardware too, the reference's roundings
+    # but for the order of the sum.
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(x * x, axis=0), hidden.to(tl.float32)) + eps))
     y = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * hidden + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@on_tensor_device
 def rms_norm(
     x: torch.Tensor,  # [num_rows, hidden]
     weight: torch.Tensor,  # [hidden]
@@ -74,5 +79,6 @@ def rms_norm(
             residual_out if residual_out is not None else out,
             x_stride=x.stride(0), residual_stride=residual.stride(0) if residual is not None else 0,
             hidden=hidden, eps=eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden),
+            enable_fp_fusion=False,
         )
     return out if residual is None else (out, residual_out)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from .device_guard import on_tensor_device
 
 
 @triton.jit
@@ -40,7 +41,7 @@ def _rotated_head(
     x1 = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + HALF + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:  # HF's RMSNorm: fp32 statistics, normed row rounded to the dtype, then the weight
-        rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
+        rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0), 2.0 * HALF) + eps))
         w1 = tl.load(norm_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         w2 = tl.load(norm_ptr + HALF + cols, mask=mask, other=0.0).to(tl.float32)
         x1 = (w1 * (x1 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
@@ -112,6 +113,7 @@ def _heads_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
+@on_tensor_device
 def rope_write_kv(
     q: torch.Tensor,  # [num_tokens, num_q_heads, head_dim]
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -157,5 +159,6 @@ def rope_write_kv(
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HALF_BLOCK=half_block, HAS_NORM=has_norm,
         num_warps=min(4, max(1, half_block // 64)),  # a head is small: one warp holds 64 elements twice over
+        enable_fp_fusion=False,  # no a*b+c contracted into an FMA: the reference's roundings on hardware too
     )
     return q_out

@@ -56,6 +56,7 @@ from .budget_state import (
     BudgetState,
     SamplerParams,
 )
+from .device_guard import on_tensor_device
 from .launch_policy import choose_num_chunks, num_sms
 
 # The budget machine's codes as constexprs: a kernel may read module globals only if they are
@@ -393,7 +394,7 @@ def _scan_kernel(
         ahead = tl.load(row_ptr + nxt + flat, mask=nxt + flat < vocab, other=float("-inf"))
         # 1. The tile's max, argmax and softmax sum; the gather bound g and how many pass it.
         idx = start + flat  # [R, COLUMNS]
-        s = _suppress(raw, idx, sup_tok, sup_stop, stop_row, num_stop) / t_eff
+        s = tl.div_rn(_suppress(raw, idx, sup_tok, sup_stop, stop_row, num_stop), t_eff)
         t_max = tl.max(tl.max(s, axis=1), axis=0)
         if t_max > m:  # a new max: its first position (rare once the pass is under way)
             arg = tl.min(tl.min(tl.where(s == t_max, idx, _NO_INDEX), axis=1), axis=0)
@@ -446,7 +447,7 @@ def _scan_kernel(
             # 3. Append the tile's candidates (recomputed from the raw tile, which is what stays
             # in registers through steps 1 and 2).
             if n_new > 0:
-                s = _suppress(raw, idx, sup_tok, sup_stop, stop_row, num_stop) / t_eff
+                s = tl.div_rn(_suppress(raw, idx, sup_tok, sup_stop, stop_row, num_stop), t_eff)
                 count, overflow, s_out, z_out = _append(buf_idx, buf_val, count_ptr + slot * 4 + 1, count, idx, s,
                                                         g, g_first, m_safe, s_out, z_out, CAPACITY)
                 gathering = 1 - overflow
@@ -483,14 +484,17 @@ def _draw_from_tiles(logits_ptr, row_off, vocab, num_tiles, tile_row, sup_tok, s
             before = tl.sum(tl.where(t < first, mass, 0.0), axis=0) + running
         last_tile = tl.maximum(last_tile, tl.max(tl.where(mass > 0.0, t, 0), axis=0))
         running += tl.sum(mass, axis=0)
-    if found_tile < 0:  # rounding put the target at the very end: the last token with mass
+    # Rounding can put the target at or past the total: no tile is found. The draw is then the
+    # last token with mass (the last tile with mass, searched to its end). Every token of that
+    # tile must not pass the test below: a token with no mass is never drawn.
+    at_end = found_tile < 0
+    if at_end:
         found_tile = last_tile
-        before = float("inf")
     idx = found_tile * BLOCK_V + tl.arange(0, BLOCK_V)
     x = _masked_logits(logits_ptr, row_off, idx, vocab, sup_tok, sup_stop, stop_row, num_stop)
-    e = tl.exp(x / t_eff - m)
+    e = tl.exp(tl.div_rn(x, t_eff) - m)
     cdf = before + tl.cumsum(e, axis=0)
-    first = tl.min(tl.where(cdf > target, idx, _NO_INDEX), axis=0)
+    first = tl.min(tl.where((cdf > target) & (e > 0.0) & (at_end == 0), idx, _NO_INDEX), axis=0)
     last = tl.max(tl.where(e > 0.0, idx, -1), axis=0)
     return tl.where(first < _NO_INDEX, first, last)
 
@@ -558,7 +562,7 @@ def _draw_from_row(logits_ptr, row_off, vocab, sup_tok, sup_stop, stop_row, num_
             part = tl.zeros([RADIX], tl.float32)
             for start in range(0, vocab, BLOCK):
                 x = _masked_logits(logits_ptr, row_off, start + offs, vocab, sup_tok, sup_stop, stop_row, num_stop)
-                s = x / temperature
+                s = tl.div_rn(x, temperature)
                 above = _order_key(s)[:, None] >= cand32[None, :]  # [BLOCK, RADIX]
                 count += tl.sum(above.to(tl.int32), axis=0)
                 part += tl.sum(tl.where(above, tl.exp(s - m)[:, None], 0.0), axis=0)
@@ -575,7 +579,7 @@ def _draw_from_row(logits_ptr, row_off, vocab, sup_tok, sup_stop, stop_row, num_
             part = tl.zeros([RADIX], tl.float32)
             for start in range(0, vocab, BLOCK):
                 x = _masked_logits(logits_ptr, row_off, start + offs, vocab, sup_tok, sup_stop, stop_row, num_stop)
-                s = x / temperature
+                s = tl.div_rn(x, temperature)
                 e = tl.where(_order_key(s) >= k_lo, tl.exp(s - m), 0.0)  # [BLOCK]
                 above = e.to(tl.int32, bitcast=True)[:, None] >= cand32[None, :]  # [BLOCK, RADIX]
                 part += tl.sum(tl.where(above, e[:, None], 0.0), axis=0)
@@ -584,14 +588,14 @@ def _draw_from_row(logits_ptr, row_off, vocab, sup_tok, sup_stop, stop_row, num_
     kept = 0.0
     for start in range(0, vocab, BLOCK):
         x = _masked_logits(logits_ptr, row_off, start + offs, vocab, sup_tok, sup_stop, stop_row, num_stop)
-        kept += tl.sum(_kept(x / temperature, m, k_lo, p_lo, min_e), axis=0)
+        kept += tl.sum(_kept(tl.div_rn(x, temperature), m, k_lo, p_lo, min_e), axis=0)
     target = u * kept
     running = 0.0
     found = -1
     last = -1
     for start in range(0, vocab, BLOCK):
         x = _masked_logits(logits_ptr, row_off, start + offs, vocab, sup_tok, sup_stop, stop_row, num_stop)
-        e = _kept(x / temperature, m, k_lo, p_lo, min_e)
+        e = _kept(tl.div_rn(x, temperature), m, k_lo, p_lo, min_e)
         cdf = running + tl.cumsum(e, axis=0)
         first = tl.min(tl.where(cdf > target, start + offs, _NO_INDEX), axis=0)
         if (found < 0) & (first < _NO_INDEX):
@@ -770,12 +774,13 @@ def _finish_kernel(
     # Honest logprob of the emitted token (forced ones too) under softmax(masked / t_eff).
     x_tok = tl.load(logits_ptr + row_off + token).to(tl.float32)
     x_tok = tl.where(token == sup_tok, float("-inf"), x_tok)
-    tl.store(logprobs_ptr + row, tl.where(nonfinite, 0.0, x_tok / t_eff - m - tl.log(z)))
+    tl.store(logprobs_ptr + row, tl.where(nonfinite, 0.0, tl.div_rn(x_tok, t_eff) - m - tl.log(z)))
 
 
 # -- launcher ----------------------------------------------------------------------------------
 
 
+@on_tensor_device
 def sample_with_budget(
     logits: torch.Tensor,  # [num_seqs, vocab]
     params: SamplerParams,

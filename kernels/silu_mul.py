@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from .device_guard import on_tensor_device
 
 BLOCK = 1024  # elements of a row per program
 
@@ -35,6 +36,7 @@ def _silu_mul_kernel(
     tl.store(out_ptr + row * width + cols, (s * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@on_tensor_device
 def silu_mul(
     gate: torch.Tensor,  # [num_rows, width]
     up: torch.Tensor,  # [num_rows, width]

@@ -56,11 +56,32 @@ def test_every_kernel_compiles_for_every_target_dtype_and_shape(variants):
 
 
 @pytest.mark.slow
-def test_no_register_spills_at_bf16_on_sm_90(variants):
-    spilled = [(r["kernel"], r["shape"], r["spill_stores"], r["spill_loads"]) for r in variants[90]
-               if r["dtype"] == "bfloat16" and (r["spill_stores"] or r["spill_loads"])]
+def test_no_register_spills_on_any_target_dtype_or_shape(variants):
+    """fp32 included (its exact dot holds more per thread: under triton 3.6, the GPU machines' version, the
+    fp32 decode kernel at head_dim 128 spilled ~1.9 KB on sm_90 before its tile and warps were set for it),
+    and the wide models, where rms_norm holds an 8192-wide row per program."""
+    spilled = [(arch, r["kernel"], r["dtype"], r["shape"], r["spill_stores"], r["spill_loads"])
+               for arch, rows in variants.items() for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert not spilled
     assert all(r["registers"] > 0 for rows in variants.values() for r in rows)  # ptxas reported
+    assert {"qwen2.5-32b", "smollm2-135m", "qwen2.5-1.5b"} <= {r["shape"] for r in variants[90]}
+
+
+@pytest.mark.slow
+def test_kernels_promised_exact_compile_to_correctly_rounded_instructions(variants):
+    """What the interpreter cannot show: on hardware Triton contracts a*b + c into an FMA and lowers `/`,
+    sqrt and exp to approximate instructions. The launches promised the reference's roundings (RoPE + the
+    cache write, RMSNorm) must have none of them in their PTX; the others are held to a stated tolerance
+    (aot.EXACT_ON_GPU) and their approximate instructions are counted, not refused."""
+    from elastic_decode.kernels.aot import CORRECTLY_ROUNDED_LAUNCHES, EXACT_ON_GPU
+
+    for arch, rows in variants.items():
+        checked = [r for r in rows if r["launch"] in CORRECTLY_ROUNDED_LAUNCHES]
+        assert {r["kernel"] for r in checked} == {"_rope_write_kv_kernel", "_rms_norm_kernel"}
+        assert all(r["fma"] == 0 and r["approx"] == 0 for r in checked), \
+            [(r["kernel"], r["dtype"], r["launch"], r["fma"], r["approx"]) for r in checked if r["fma"] or r["approx"]]
+        assert any(r["approx"] for r in rows if r["kernel"] == "_decode_kernel")  # the scan sees them where they are
+    assert set(EXACT_ON_GPU) == KERNELS  # every kernel states what it promises
 
 
 RESPECIALISATION = r"""
@@ -79,7 +100,10 @@ def test_batches_of_any_size_and_length_reuse_the_same_variants():
     assert proc.returncode == 0, proc.stderr[-4000:]
     first, *others = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(counts == first for counts in others), (first, others)
-    assert first["_decode_kernel"] == 2 * 3 * 2  # split or not x 3 dtypes x 2 shapes
+    from elastic_decode.kernels.aot import DTYPES, SHAPES
+
+    layouts = {(s.num_q_heads // s.num_kv_heads, s.head_dim) for s in SHAPES}  # the constexprs a shape sets
+    assert first["_decode_kernel"] == 2 * len(DTYPES) * len(layouts)  # split or not x dtypes x head layouts
 
 
 SHADOW_ENGINE = r"""

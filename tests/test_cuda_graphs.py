@@ -42,8 +42,10 @@ class EagerCaptureGraphs(DecodeGraphs):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.captures = 0
+        self.grad_modes: set[tuple[bool, bool]] = set()  # (inference mode, grad enabled) of each capture
 
     def _capture(self, step):
+        self.grad_modes.add((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
         for _ in range(3):
             step()
         self.captures += 1
@@ -212,7 +214,8 @@ def test_cuda_graphs_are_on_by_default_where_they_can_run(asked, eager, device, 
 @pytest.mark.cuda
 @pytest.mark.parametrize("k", [1, 8])
 def test_graphs_give_the_eager_completions_on_the_gpu(tiny_models, k):
-    eager, _ = run(tiny_models["qwen3"], k, device="cuda")
+    eager, plain = run(tiny_models["qwen3"], k, device="cuda", enforce_eager=True)  # graphs are the CUDA default
+    assert plain.engine.runner.graphs is None
     graphed, llm = run(tiny_models["qwen3"], k, device="cuda", cuda_graphs=True)
     assert llm.engine.runner.graphs._graphs  # graphs were captured and replayed
     same(graphed, eager)

@@ -7,6 +7,7 @@ left, capture every bucket largest first, and decode eagerly (one warning) if a 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -42,12 +43,21 @@ class RecordingGraphs(EagerCaptureGraphs):
 
 
 class FakeMemory:
-    """6 MiB free after the weights; 8 MiB held at rest; the largest step peaks 3 MiB above that;
-    each captured graph holds 1 MiB while it lives (small: the tiny model's blocks are 2 KiB)."""
+    """A device's memory as its counters report it: 7 MiB free after the weights, 8 MiB allocated and
+    reserved at rest. The largest step peaks 3 MiB above that in live tensors and makes the allocator
+    reserve 4 MiB (blocks it keeps after the step). Each captured graph holds 1 MiB while it lives: its
+    pool's blocks are free again after the capture (so `allocated` does not see them) but stay reserved
+    and out of the driver's free memory. The probe takes the counters its fields name."""
 
     def __init__(self, graphs_alive):
         self.graphs_alive = graphs_alive
         self.events: list[str] = []
+
+    def counters(self) -> dict:
+        graphs = lambda: 1 * MiB * self.graphs_alive()  # noqa: E731
+        return {"free": lambda: 7 * MiB - graphs(), "allocated": lambda: 8 * MiB, "peak": lambda: 11 * MiB,
+                "reserved": lambda: 8 * MiB + graphs(), "peak_reserved": lambda: 12 * MiB,
+                "reset_peak": None, "release": None}
 
     def probe(self) -> MemoryProbe:
         def record(name, value=None):
@@ -56,10 +66,8 @@ class FakeMemory:
                 return value() if value else None
             return call
 
-        return MemoryProbe(free=record("free", lambda: 6 * MiB),
-                           allocated=record("allocated", lambda: 8 * MiB + 1 * MiB * self.graphs_alive()),
-                           reset_peak=record("reset_peak"), peak=record("peak", lambda: 11 * MiB),
-                           release=record("release"))
+        counters = self.counters()
+        return MemoryProbe(**{f.name: record(f.name, counters[f.name]) for f in dataclasses.fields(MemoryProbe)})
 
 
 def start(monkeypatch, model, fail_on=None, **engine):
@@ -83,22 +91,26 @@ def test_the_cache_gets_what_the_largest_step_and_the_graphs_leave(monkeypatch, 
     llm, graphs, memory = start(monkeypatch, tiny_models["qwen3"], max_num_batched_tokens=64)
     engine = llm.engine
     plan = engine.memory_plan
-    assert (plan.free, plan.step_peak, plan.graph_bytes) == (6 * MiB, 3 * MiB, 1 * MiB)
+    # What the step made the allocator reserve, and what the graphs hold by the device's count (the
+    # allocated counters see 3 MiB and nothing).
+    assert (plan.free, plan.step_peak, plan.graph_bytes) == (7 * MiB, 4 * MiB, 1 * MiB)
     spec = engine.spec
     per_block = 2 * spec.num_layers * 4 * spec.num_kv_heads * spec.head_dim * 4
-    expected = (int(GPU_MEMORY_UTILIZATION * 6 * MiB) - 3 * MiB - 1 * MiB) // per_block
+    expected = (int(GPU_MEMORY_UTILIZATION * 7 * MiB) - 4 * MiB - 1 * MiB) // per_block
     assert 0 < expected < engine.config.max_num_seqs * engine.max_model_len // 4  # not capped by the batch
     assert engine.block_manager.allocator.num_blocks == expected
     # Profile (reset_peak .. peak) and graph measurement came before the free-memory reading
     # that sized the cache; the graphs were then captured for real against the cache.
     events = memory.events
-    assert events.index("reset_peak") < events.index("peak") < len(events) - 1 - events[::-1].index("free")
+    assert events.index("reset_peak") < events.index("peak_reserved") < len(events) - 1 - events[::-1].index("free")
     buckets = sorted(graphs.buckets, reverse=True)
     measured, *real = graphs.order
     assert measured[0] == buckets[0]  # the largest bucket, on the temporary cache
     cache = engine.block_manager.allocator.num_blocks
     assert measured[1] != cache and [b for b, c in real] == buckets and {c for _, c in real} == {cache}
     assert graphs.captures == 1 + len(buckets)
+    # Captured with autograd off: with it on, every F.linear keeps its input alive in the graphs' pool.
+    assert graphs.grad_modes == {(True, False)}
 
 
 def test_start_up_graphs_give_the_plain_loop_completions(monkeypatch, tiny_models):
