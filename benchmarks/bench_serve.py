@@ -8,6 +8,14 @@ p99), errors (must be 0), and the server's output tokens/s over the in-process r
 Prints a markdown table for benchmarks/RESULTS.md.
 
     .venv/bin/python benchmarks/bench_serve.py --clients 16 --duration 30
+
+`--soak` runs the server under faults instead, in bounded rounds: each round M concurrent clients send a
+mix of streamed and plain requests, one in five of them vanishing early (a stream closed after a few
+chunks, a plain request's socket closed mid-generation), while the round pauses the engine (keep, then
+a weight update in flight, then resume; every other round an abort pause). After each round it reads
+the server's /metrics and its RSS: KV blocks in use must be back at 0, memory flat after warm-up.
+
+    .venv/bin/python benchmarks/bench_serve.py --soak --rounds 10 --clients 16
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 QUESTIONS = [
@@ -154,6 +163,149 @@ def in_process(args, seeds: list[int]) -> dict:
     return {"seconds": time.perf_counter() - start, "requests": len(convs), "tokens": tokens, "engine": counts}
 
 
+# -- the soak ------------------------------------------------------------------------------------------
+
+
+def metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith(f"elastic_decode_{name} ") or line.startswith(f"elastic_decode_{name}{{"):
+                return float(line.rsplit(" ", 1)[1])
+    return float("nan")
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+
+
+async def post_json(url: str, path: str, body: dict) -> tuple[int, dict]:
+    import json
+
+    def call():
+        request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=600) as reply:
+                return reply.status, json.loads(reply.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    return await asyncio.to_thread(call)
+
+
+async def vanish(port: int, body: dict, after: float) -> None:
+    """A plain request whose client closes its socket `after` seconds in."""
+    import json
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    data = json.dumps(body).encode()
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    await writer.drain()
+    await asyncio.sleep(after)
+    writer.close()
+
+
+async def soak_round(url: str, port: int, args, r: int, checkpoint: str) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    outcome = {"completed": 0, "errors": [], "aborted": 0, "vanished": 0, "latency": []}
+
+    def body(i: int) -> dict:
+        return {"model": "bench", "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                "temperature": 0.7, "seed": r * 1000 + i, "thinking_budget": args.think_budget,
+                "solution_budget": args.solution_budget}
+
+    async def one(i: int) -> None:
+        start = time.perf_counter()
+        early = i % 5 == 4  # one in five clients goes away early
+        try:
+            if early and i % 2:
+                outcome["vanished"] += 1
+                return await vanish(port, body(i), 0.3)
+            if i % 2:  # plain
+                status, reply = await post_json(url, "/v1/chat/completions", body(i))
+                if status != 200:
+                    raise RuntimeError(f"{status} {reply}")
+                reasons = [c["finish_reason"] for c in reply["choices"]]
+            else:
+                b = body(i)
+                stream = await client.chat.completions.create(
+                    model=b["model"], messages=b["messages"], temperature=b["temperature"], seed=b["seed"],
+                    stream=True, extra_body={"thinking_budget": args.think_budget, "solution_budget": args.solution_budget})
+                reasons, chunks = [], 0
+                async for chunk in stream:
+                    chunks += 1
+                    reasons += [c.finish_reason for c in chunk.choices if c.finish_reason]
+                    if early and chunks == 3:
+                        outcome["vanished"] += 1
+                        await stream.close()
+                        return
+            outcome["latency"].append(time.perf_counter() - start)
+            outcome["aborted" if "abort" in reasons else "completed"] += 1
+        except Exception as e:  # noqa: BLE001 - counted and reported
+            outcome["errors"].append(f"{type(e).__name__}: {e}")
+
+    async def control() -> None:
+        await asyncio.sleep(0.5)
+        if r % 2 == 0:  # an RL trainer's weight sync in flight
+            await post_json(url, "/pause", {"mode": "keep"})
+            await post_json(url, "/update_weights", {"path": checkpoint})
+            await post_json(url, "/resume", {})
+        else:
+            await post_json(url, "/pause", {"mode": "abort"})
+            await post_json(url, "/resume", {})
+
+    await asyncio.gather(control(), *(one(i) for i in range(args.clients)))
+    await client.close()
+    return outcome
+
+
+def soak(args) -> None:
+    from elastic_decode.loader import resolve_checkpoint
+
+    checkpoint = str(resolve_checkpoint(args.model))
+    port = free_port()
+    server = start_server(args, port)
+    url = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        for r in range(args.rounds):
+            start = time.perf_counter()
+            out = asyncio.run(soak_round(url, port, args, r, checkpoint))
+            deadline = time.monotonic() + 10
+            while metric(url, "kv_blocks_used") > 0 and time.monotonic() < deadline:
+                time.sleep(0.1)  # a vanished client's abort lands within a second
+            rows.append((r, out, metric(url, "kv_blocks_used"), metric(url, "requests_running"), rss_mb(server.pid),
+                         time.perf_counter() - start))
+            print(f"round {r}: {out['completed']} completed, {out['aborted']} aborted, {out['vanished']} vanished, "
+                  f"{len(out['errors'])} errors, KV blocks in use {rows[-1][2]:.0f}, RSS {rows[-1][4]:.0f} MB",
+                  file=sys.stderr)
+        aborts = {cause: metric(url, f'requests_aborted_total{{cause="{cause}"}}') for cause in ("client", "pause")}
+    finally:
+        server.send_signal(15)
+        server.wait(timeout=60)
+    print(f"device: {args.device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores); "
+          f"model: {args.model or 'embedded SmolLM2-135M-Instruct'}; {args.rounds} rounds of {args.clients} clients "
+          f"(half streamed, 1 in 5 vanishing early), a pause keep + weight update or a pause abort each round; "
+          f"budgets think {args.think_budget} / solution {args.solution_budget}; server exit code {server.returncode}")
+    print()
+    print("| round | completed | aborted (pause) | vanished | errors | latency p50 / p99 (s) | KV blocks in use after "
+          "| requests running after | server RSS (MB) | round (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r, out, blocks, running, rss, seconds in rows:
+        print(f"| {r} | {out['completed']} | {out['aborted']} | {out['vanished']} | {len(out['errors'])} | "
+              f"{percentile(out['latency'], 0.5):.2f} / {percentile(out['latency'], 0.99):.2f} | {blocks:.0f} | "
+              f"{running:.0f} | {rss:.0f} | {seconds:.1f} |")
+    print()
+    print(f"aborts counted by the server: {aborts}")
+    errors = [e for _, out, *_ in rows for e in out["errors"]]
+    if errors:
+        print("errors:", *sorted(set(errors))[:5], sep="\n  ")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="checkpoint (default: the embedded model)")
@@ -162,7 +314,11 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30, help="seconds of load")
     parser.add_argument("--think-budget", type=int, default=32)
     parser.add_argument("--solution-budget", type=int, default=16)
+    parser.add_argument("--soak", action="store_true", help="the bounded soak under faults (see the docstring)")
+    parser.add_argument("--rounds", type=int, default=10, help="soak rounds")
     args = parser.parse_args()
+    if args.soak:
+        return soak(args)
 
     port = free_port()
     server = start_server(args, port)

@@ -234,6 +234,7 @@ class LLMEngine:
             self.close()
             raise
         self.ops.prepare_linear(*self.model.linear_weights())
+        self._params = dict(self.model.named_parameters())  # for name lookups (weights update in place)
 
         block_size = config.block_size
         graphs = self._graphs()
@@ -442,6 +443,19 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def stats(self) -> dict[str, int]:
+        """Sequences running and waiting, KV blocks in use, free and in all, preemptions so far."""
+        scheduler, blocks = self.scheduler, self.block_manager
+        total = blocks.allocator.num_blocks
+        return {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
+                "kv_blocks_used": total - blocks.num_free, "kv_blocks_free": blocks.num_free, "kv_blocks_total": total,
+                "preemptions": scheduler.num_preemptions}
+
+    def weight_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape `load_weights` takes for the HF weight `name` (the full tensor, also under tensor
+        parallelism); None for a name it skips; ModelLoadError for one this model does not have."""
+        return self.model.hf_shape(name, self._params)
 
     def abort_request(self, request_id: int) -> None:
         """Drop a request whatever its state: its sequences leave the scheduler, their KV blocks

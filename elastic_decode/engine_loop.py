@@ -38,6 +38,11 @@ from .sequence import SequenceStatus
 log = logging.getLogger("elastic_decode")
 
 PAUSE_MODES = ("abort", "wait", "keep")
+ABORT_CAUSES = ("request", "client", "pause", "shutdown", "error")  # why a request was aborted (metrics)
+
+
+class PauseConflict(ElasticDecodeError):
+    """A pause that cannot be done in the loop's state (a `wait` while requests are held by a `keep`)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ class LoopMetrics:
 
     requests_finished: dict[str, int] = field(default_factory=dict)  # by finish reason of the request
     requests_failed: int = 0
+    aborts: dict[str, int] = field(default_factory=dict)  # aborted requests by cause (ABORT_CAUSES)
     output_tokens: int = 0
     forced_tokens: int = 0
     forced_ends: int = 0
@@ -158,10 +164,14 @@ class EngineLoop:
         self._call(lambda: self._admit(handle, live))
         return handle
 
-    def abort(self, handle: int) -> None:
+    def abort(self, handle: int, cause: str = "request") -> None:
         """End a request now (its blocks are freed); it reports finish_reason "abort". Ending an
-        unknown or finished request does nothing."""
-        self._call(lambda: self._end(handle, "abort"))
+        unknown or finished request does nothing. `cause` (ABORT_CAUSES) is counted in the metrics."""
+        self._call(lambda: self._end(handle, "abort", cause=cause))
+
+    def abort_all(self, cause: str = "request") -> Future:
+        """End every request in flight or held (a future that resolves once they are ended)."""
+        return self._call(lambda: self._end_all(cause))
 
     def stop_completion(self, handle: int, index: int) -> None:
         """End one completion as a stop would (its caller found a stop string in its text)."""
@@ -171,35 +181,51 @@ class EngineLoop:
 
     def pause(self, mode: str = "keep") -> None:
         """Pause the loop (see the module docstring); returns once paused."""
+        self.pause_async(mode).result()
+
+    def pause_async(self, mode: str = "keep") -> Future:
+        """`pause` as a future (resolved once paused), for callers that must not block a thread on it. A
+        `wait` while requests are held by an earlier `keep` fails with PauseConflict at once: they cannot
+        finish while the loop is paused."""
         if mode not in PAUSE_MODES:
             raise InvalidRequestError(f"mode must be one of {', '.join(PAUSE_MODES)}, got {mode!r}", param="mode")
         done: Future = Future()
-        self._call(lambda: self._pause(mode, done))
-        done.result()
+
+        def failed(command: Future) -> None:  # the command itself raised: the pause fails with it
+            if command.exception() is not None and not done.done():
+                done.set_exception(command.exception())
+
+        self._call(lambda: self._pause(mode, done)).add_done_callback(failed)
+        return done
 
     def resume(self) -> None:
-        self._call(self._resume).result()
+        self.resume_async().result()
+
+    def resume_async(self) -> Future:
+        return self._call(self._resume)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Copy HF-named weights in place between two steps, all or nothing; in-flight sequences
         continue under the new weights (their K/V recomputed). Returns how many were copied."""
-        return self._call(lambda: self.engine.load_weights(named_tensors)).result()
+        return self.update_weights_async(named_tensors).result()
+
+    def update_weights_async(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Future:
+        return self._call(lambda: self.engine.load_weights(named_tensors))
 
     def call(self, fn: Callable[[LLMEngine], object]) -> object:
         """Run `fn(engine)` on the loop thread between two steps; returns its result."""
         return self._call(lambda: fn(self.engine)).result()
 
     def stats(self) -> dict[str, int]:
-        """What the engine holds now (read without stopping the loop)."""
-        scheduler, blocks = self.engine.scheduler, self.engine.block_manager
-        total = blocks.allocator.num_blocks
-        return {
-            "running": len(scheduler.running),
-            "waiting": len(scheduler.waiting) + len(self._held),
-            "kv_blocks_used": total - blocks.num_free,
-            "kv_blocks_total": total,
-            "preemptions": scheduler.num_preemptions,
-        }
+        """What the engine holds now (read without stopping the loop): sequences running and waiting, KV
+        blocks, and requests in flight (`requests_running`), held before they started (`requests_waiting`)
+        and stopped mid-generation by a pause (`requests_paused`)."""
+        stats = self.engine.stats()
+        live = list(self._live.values())
+        started = sum(1 for r in live if r.request is not None)
+        return {**stats, "waiting": stats["waiting"] + len(self._held),
+                "requests_running": 0 if self._paused else started, "requests_waiting": len(live) - started,
+                "requests_paused": started if self._paused else 0}
 
     # -- the loop thread ------------------------------------------------------------------
 
@@ -235,7 +261,7 @@ class EngineLoop:
             log.error("engine step failed: %s: %s", type(e).__name__, e)
             for handle in list(self._live):
                 if self._live[handle].request is not None:
-                    self._end(handle, "abort", error=e)
+                    self._end(handle, "abort", error=e, cause="error")
             return
         self.metrics.step_seconds += time.perf_counter() - start
         batch = len(engine.last_batch.seqs)
@@ -315,10 +341,12 @@ class EngineLoop:
     def _forget(self, handle: int) -> None:
         del self._live[handle]
 
-    def _end(self, handle: int, reason: str, error: Exception | None = None) -> None:
+    def _end(self, handle: int, reason: str, error: Exception | None = None, cause: str | None = None) -> None:
         live = self._live.get(handle)
         if live is None:
             return
+        if cause is not None:
+            self.metrics.aborts[cause] = self.metrics.aborts.get(cause, 0) + 1
         if live.request is None:  # held while paused: nothing ran
             self._held.remove(handle)
             self._forget(handle)
@@ -327,6 +355,10 @@ class EngineLoop:
         self.engine.abort_request(live.request.request_id)
         self._report(handle, final_reason=reason, error=error)
         self._check_drained()
+
+    def _end_all(self, cause: str) -> None:
+        for handle in list(self._live):
+            self._end(handle, "abort", cause=cause)
 
     def _stop_one(self, handle: int, index: int) -> None:
         live = self._live.get(handle)
@@ -339,8 +371,14 @@ class EngineLoop:
     def _pause(self, mode: str, done: Future) -> None:
         if mode == "abort":
             for handle in [h for h, live in self._live.items() if live.request is not None]:
-                self._end(handle, "abort")
+                self._end(handle, "abort", cause="pause")
         if mode == "wait" and self.engine.has_unfinished():
+            if self._paused:
+                held = sum(1 for live in self._live.values() if live.request is not None)
+                done.set_exception(PauseConflict(
+                    f"paused with {held} request(s) kept mid-generation: they cannot finish while paused, so a "
+                    "pause with mode wait would never return; resume first, or pause with mode abort"))
+                return
             self._draining.append(done)
             return
         self._paused = True
@@ -364,7 +402,7 @@ class EngineLoop:
 
     def _close_in_loop(self) -> None:
         for handle in list(self._live):
-            self._end(handle, "abort")
+            self._end(handle, "abort", cause="shutdown")
         for done in self._draining:
             done.set_result(None)
         self._closed = True

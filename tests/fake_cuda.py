@@ -205,7 +205,8 @@ def fake_cuda(monkeypatch, num_devices: int = 2, memory: FakeMemory | None = Non
         monkeypatch.setattr(cuda, name, value)
     import safetensors
 
-    monkeypatch.setattr(safetensors, "safe_open", lambda *a, open_file=safetensors.safe_open, **k: _HostFile(open_file, *a, **k))
+    open_file = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda *args, **kwargs: _HostFile(open_file, *args, **kwargs))
     def launcher(kernel, grid):
         return lambda *args, **kwargs: _check_launch(launches, kernel.fn.__name__, args, kwargs)
 
@@ -251,7 +252,8 @@ def scripted_results(monkeypatch, script: ScriptedStep) -> None:
         rows = [min(steps, s.max_new_tokens - s.num_generated) for s in batch.seqs]
         done = [s.num_generated + k >= s.max_new_tokens for s, k in zip(batch.seqs, rows)]
         return StepResult(
-            tokens=[[script.token] * k for k in rows], logprobs=[[-0.5] * k for k in rows], forced=[[0] * k for k in rows],
+            tokens=[[script.token] * k for k in rows], logprobs=[[-0.5] * k for k in rows],
+            forced=[[0] * k for k in rows],
             phase=[DONE if d else s.phase for s, d in zip(batch.seqs, done)],
             think_count=[s.think_count for s in batch.seqs],
             solution_count=[s.solution_count + k for s, k in zip(batch.seqs, rows)],

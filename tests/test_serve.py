@@ -6,12 +6,10 @@ changes nothing."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,50 +19,23 @@ import torch
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'elastic_decode[serve]')")
 openai = pytest.importorskip("openai", reason="the test extra is not installed")
-import uvicorn  # noqa: E402
 
 from elastic_decode import LLM, SamplingParams  # noqa: E402
 from elastic_decode.client import RolloutClient  # noqa: E402
 from elastic_decode.engine_loop import EngineLoop  # noqa: E402
 from elastic_decode.errors import InvalidRequestError  # noqa: E402
-from elastic_decode.serve.app import ServerConfig, build_app  # noqa: E402
+from elastic_decode.serve.app import ServerConfig  # noqa: E402
 
 from conftest import make_tiny_checkpoint  # noqa: E402
+from serving import MODEL, empty, engine_kwargs, get, in_thread, post, serving, wait_for_tokens  # noqa: E402
 
-MODEL = "tiny"
 KEY = "test-key"
 MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
 
 
-def _engine_kwargs():
-    return dict(dtype="float32", device="cpu", seed=0, kv_cache_memory_gb=0.05, max_model_len=512)
-
-
-@contextlib.contextmanager
-def serving(loop: EngineLoop, config: ServerConfig):
-    """uvicorn on a free loopback port in a thread; yields the base URL; stops it after."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(loop, config), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def served(tiny_llama):
-    llm = LLM(str(tiny_llama), **_engine_kwargs())
+    llm = LLM(str(tiny_llama), **engine_kwargs())
     with EngineLoop(llm.engine) as loop:
         config = ServerConfig(model_name=MODEL, max_n=8, max_body_bytes=2**20, max_weights_bytes=64 * 2**20)
         with serving(loop, config) as url:
@@ -83,45 +54,12 @@ def loop(served):
 
 @pytest.fixture(scope="module")
 def ref(tiny_llama):
-    return LLM(str(tiny_llama), **_engine_kwargs())
+    return LLM(str(tiny_llama), **engine_kwargs())
 
 
 @pytest.fixture
 def client(url):
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-
-
-def _empty(loop: EngineLoop, wait: float = 10.0) -> bool:
-    """The engine holds no sequence and no KV block (waiting up to `wait` seconds for the loop)."""
-    deadline = time.monotonic() + wait
-    while True:
-        s = loop.stats()
-        if s["running"] == s["waiting"] == s["kv_blocks_used"] == 0:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-
-
-def _post(url: str, path: str, body, headers: dict | None = None, raw: bytes | None = None):
-    data = raw if raw is not None else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data=data, method="POST",
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def _get(url: str, path: str, headers: dict | None = None):
-    request = urllib.request.Request(url + path, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            body = reply.read()
-            return reply.status, body
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 BUDGETS = {"thinking_budget": 6, "solution_budget": 5}
@@ -133,7 +71,7 @@ PARAMS = SamplingParams(think_budget=6, solution_budget=5, seed=7, n=2, temperat
 
 def test_models_and_health(url, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
-    status, body = _get(url, "/health")
+    status, body = get(url, "/health")
     assert status == 200 and json.loads(body)["status"] == "ok"
 
 
@@ -276,7 +214,7 @@ def test_concurrent_clients_are_batched(url, loop, ref):
     assert texts == [o.outputs[0].text for o in want]
     assert loop.metrics.largest_batch > 1
     loop.metrics.largest_batch = max(before, loop.metrics.largest_batch)
-    assert _empty(loop)
+    assert empty(loop)
     allocator = loop.engine.block_manager
     assert allocator.num_free == allocator.allocator.num_blocks
 
@@ -294,58 +232,37 @@ def test_disconnect_mid_stream_aborts(client, loop):
         if i == 3:
             break
     stream.close()
-    assert _empty(loop)
+    assert empty(loop)
     assert loop.metrics.requests_finished.get("abort", 0) == aborted + 1
 
 
-def _in_thread(fn):
-    box = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            box["error"] = e
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
-
-
-def _wait_for_tokens(loop: EngineLoop, at_least: int = 1) -> None:
-    start = loop.metrics.output_tokens
-    deadline = time.monotonic() + 30
-    while loop.metrics.output_tokens < start + at_least and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
 def test_pause_abort_returns_partial_tokens(url, loop):
-    thread, box = _in_thread(lambda: _post(url, "/v1/completions", {"prompt": "go", **LONG}))
-    _wait_for_tokens(loop, 3)
-    assert _post(url, "/pause", {"mode": "abort"}) == (200, {"paused": True, "mode": "abort"})
+    thread, box = in_thread(lambda: post(url, "/v1/completions", {"prompt": "go", **LONG}))
+    wait_for_tokens(loop, 3)
+    assert post(url, "/pause", {"mode": "abort"}) == (200, {"paused": True, "mode": "abort"})
     thread.join(30)
     status, body = box["value"]
     assert status == 200 and body["choices"][0]["finish_reason"] == "abort"
     assert 0 < body["usage"]["completion_tokens"] < 400
-    assert _empty(loop, wait=0)
-    assert _post(url, "/resume", {}) == (200, {"paused": False})
+    assert empty(loop, wait=0)
+    assert post(url, "/resume", {}) == (200, {"paused": False})
 
 
 def test_pause_wait_drains_and_holds_new_requests(url, loop):
-    first, box1 = _in_thread(lambda: _post(url, "/v1/completions", {"prompt": "go", "max_tokens": 30,
+    first, box1 = in_thread(lambda: post(url, "/v1/completions", {"prompt": "go", "max_tokens": 30,
                                                                       "ignore_eos": True}))
-    _wait_for_tokens(loop, 1)
-    assert _post(url, "/pause", {"mode": "wait"})[0] == 200
+    wait_for_tokens(loop, 1)
+    assert post(url, "/pause", {"mode": "wait"})[0] == 200
     assert not first.is_alive() or first.join(5) is None
     assert box1["value"][1]["choices"][0]["finish_reason"] == "length"  # it ran to the end
     assert box1["value"][1]["usage"]["completion_tokens"] == 30
-    second, box2 = _in_thread(lambda: _post(url, "/v1/completions", {"prompt": "later", "max_tokens": 4}))
+    second, box2 = in_thread(lambda: post(url, "/v1/completions", {"prompt": "later", "max_tokens": 4}))
     deadline = time.monotonic() + 30
     while loop.stats()["waiting"] != 1 and time.monotonic() < deadline:  # until the request has arrived
         time.sleep(0.05)
     time.sleep(0.3)
     assert second.is_alive() and loop.stats()["waiting"] == 1  # held while paused, not run
-    _post(url, "/resume", {})
+    post(url, "/resume", {})
     second.join(30)
     assert box2["value"][0] == 200 and box2["value"][1]["usage"]["completion_tokens"] == 4
 
@@ -357,8 +274,8 @@ def test_update_weights_in_flight_with_keep(url, loop, tiny_llama, tmp_path):
     prompt = [1, 5, 9, 300, 7]
     params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
     client = RolloutClient(url)
-    thread, box = _in_thread(lambda: client.generate([prompt], params))
-    _wait_for_tokens(loop, 5)
+    thread, box = in_thread(lambda: client.generate([prompt], params))
+    wait_for_tokens(loop, 5)
     client.pause("keep")
     done = loop.call(lambda e: [s.output_ids for r in e.requests.values() for s in r.seqs])
     assert len(done) == 1 and 0 < len(done[0]) < 120
@@ -370,19 +287,19 @@ def test_update_weights_in_flight_with_keep(url, loop, tiny_llama, tmp_path):
     client.resume()
     thread.join(60)
     got = box["value"].completion_ids[0].tolist()
-    fresh = LLM(str(new), **_engine_kwargs())
+    fresh = LLM(str(new), **engine_kwargs())
     rest = fresh.generate([prompt + done], SamplingParams(temperature=0.0, max_tokens=120 - len(done),
                                                           ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
     assert got == done + rest
     # Back to the original weights, from a checkpoint directory on the server's machine.
     assert client.update_weights_from_path(str(tiny_llama)) > 0
     back = client.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6)).completion_ids[0].tolist()
-    assert back == LLM(str(tiny_llama), **_engine_kwargs()).generate(
+    assert back == LLM(str(tiny_llama), **engine_kwargs()).generate(
         [prompt], SamplingParams(temperature=0.0, max_tokens=6), use_tqdm=False)[0].outputs[0].token_ids
 
 
 def test_metrics_in_prometheus_text(url):
-    status, body = _get(url, "/metrics")
+    status, body = get(url, "/metrics")
     text = body.decode()
     assert status == 200
     for name in ("running_sequences", "waiting_sequences", "kv_blocks_used", "generation_tokens_total",
@@ -404,10 +321,10 @@ def test_a_failed_step_fails_its_requests_only(url, loop, monkeypatch):
         return real(batch)
 
     monkeypatch.setattr(runner, "run", broken_once)
-    status, reply = _post(url, "/v1/completions", {"prompt": "x", "max_tokens": 3})
+    status, reply = post(url, "/v1/completions", {"prompt": "x", "max_tokens": 3})
     assert status == 500 and reply["error"]["type"] == "server_error" and "device fell over" in reply["error"]["message"]
-    assert _empty(loop)
-    status, reply = _post(url, "/v1/completions", {"prompt": "x", "max_tokens": 3})
+    assert empty(loop)
+    status, reply = post(url, "/v1/completions", {"prompt": "x", "max_tokens": 3})
     assert status == 200 and reply["usage"]["completion_tokens"] == 3
 
 
@@ -455,12 +372,12 @@ def test_trl_rollout_func_over_http(url, ref, tiny_llama):
 
 def test_api_key(loop):
     with serving(loop, ServerConfig(model_name=MODEL, api_key=KEY)) as url:
-        assert _get(url, "/health")[0] == 200
+        assert get(url, "/health")[0] == 200
         for headers in ({}, {"Authorization": "Bearer wrong"}):
-            status, body = _get(url, "/v1/models", headers)
+            status, body = get(url, "/v1/models", headers)
             assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"
-            assert _post(url, "/generate", {"prompt_token_ids": [1, 2]}, headers)[0] == 401
-            assert _get(url, "/metrics", headers)[0] == 401
+            assert post(url, "/generate", {"prompt_token_ids": [1, 2]}, headers)[0] == 401
+            assert get(url, "/metrics", headers)[0] == 401
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens == 2
         with pytest.raises(openai.AuthenticationError):
@@ -506,33 +423,33 @@ BAD = [
 
 @pytest.mark.parametrize("path,body,status,param", BAD, ids=[f"{p}:{s}:{m}" for p, _, s, m in BAD])
 def test_bad_requests_get_json_errors(url, loop, path, body, status, param):
-    got, reply = _post(url, path, body)
+    got, reply = post(url, path, body)
     assert got == status, reply
     error = reply["error"]
     assert error["message"] and error["type"] and "Traceback" not in error["message"]
     if param is not None:
         assert error["param"] == param, error
-    assert _get(url, "/health")[0] == 200 and _empty(loop, wait=5)
+    assert get(url, "/health")[0] == 200 and empty(loop, wait=5)
 
 
 def test_malformed_oversized_and_bad_weights(url, loop):
-    status, reply = _post(url, "/v1/chat/completions", None, raw=b'{"model": "tiny", "messages": [')
+    status, reply = post(url, "/v1/chat/completions", None, raw=b'{"model": "tiny", "messages": [')
     assert status == 400 and "JSON" in reply["error"]["message"]
-    status, reply = _post(url, "/v1/completions", None, raw=json.dumps({"prompt": "x" * 2**21}).encode())
+    status, reply = post(url, "/v1/completions", None, raw=json.dumps({"prompt": "x" * 2**21}).encode())
     assert status == 413 and reply["error"]["code"] == "request_too_large"
     octet = {"Content-Type": "application/octet-stream"}
-    status, reply = _post(url, "/update_weights", None, headers=octet, raw=b"not safetensors")
+    status, reply = post(url, "/update_weights", None, headers=octet, raw=b"not safetensors")
     assert status == 400 and "safetensors" in reply["error"]["message"]
     from safetensors.torch import save
 
     for tensors, words in (({"model.nope.weight": torch.zeros(2)}, "unexpected weight"),
                            ({"model.norm.weight": torch.zeros(3)}, "shape"),
                            ({"model.norm.weight": torch.full((64,), float("nan"))}, "non-finite")):
-        status, reply = _post(url, "/update_weights", None, headers=octet, raw=save(tensors))
+        status, reply = post(url, "/update_weights", None, headers=octet, raw=save(tensors))
         assert status == 400 and words in reply["error"]["message"], reply
     with pytest.raises(InvalidRequestError, match="n must be"):
         RolloutClient(url).generate([[1, 2]], SamplingParams(n=9))
-    assert _get(url, "/health")[0] == 200
+    assert get(url, "/health")[0] == 200
 
 
 # -- the command line --------------------------------------------------------------------------------
@@ -552,7 +469,7 @@ def test_serve_cli_answers_the_openai_client(tiny_llama):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                if _get(url, "/health")[0] == 200:
+                if get(url, "/health")[0] == 200:
                     break
             except urllib.error.URLError:
                 time.sleep(0.2)

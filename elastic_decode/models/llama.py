@@ -268,30 +268,45 @@ class LlamaForCausalLM(nn.Module):
         return count
 
     def check_weights(self, named_tensors) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        """(name, full tensor, parameter) of every weight to load, after checking every name, shape
-        and value (non-finite values refused); tied and rotary names left out."""
+        """(name, full tensor, parameter) of every weight to load, after checking every name, shape, dtype
+        and value; tied and rotary names left out. Values are checked in the dtype they are copied into: a
+        float64 1e300 is finite, and inf once in bf16 (float8, which has no isfinite, is checked that way
+        too). Tensors that are not floating point (ints, bools, complex) are refused: no weight is one."""
         params = dict(self.named_parameters())
         pairs = [(name, tensor, self._target(name, tensor, params)) for name, tensor in named_tensors]
         pairs = [(name, tensor, target) for name, tensor, target in pairs if target is not None]
         if pairs:
-            finite = torch.stack([torch.isfinite(t).all().to(target.device) for _, t, target in pairs])  # one sync
+            finite = torch.stack([torch.isfinite(t.detach().to(device=target.device, dtype=target.dtype)).all()
+                                  for _, t, target in pairs])  # one sync; one converted tensor alive at a time
             if not bool(finite.all()):
                 bad = [name for (name, _, _), ok in zip(pairs, finite.tolist()) if not ok]
-                raise ModelLoadError(f"weight {bad[0]!r} has non-finite values (NaN or inf)"
+                raise ModelLoadError(f"weight {bad[0]!r} has non-finite values (NaN or inf) in the model's "
+                                     f"{str(pairs[0][2].dtype).removeprefix('torch.')}"
                                      + (f", and {len(bad) - 1} more" if len(bad) > 1 else "") + "; nothing was loaded")
         return pairs
 
-    def _target(self, name: str, tensor, params: dict[str, torch.Tensor], local: bool = False) -> torch.Tensor | None:
-        """The parameter `name` loads into (None: skipped), after checking the tensor's shape."""
+    def hf_shape(self, name: str, params: dict[str, torch.Tensor] | None = None) -> tuple[int, ...] | None:
+        """The shape of the full HF tensor `name` this model loads; None for names a checkpoint may hold
+        that are not loaded (a tied lm_head, old rotary buffers). Unknown names raise ModelLoadError."""
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.spec.tie_word_embeddings):
             return None
         target = self.hf_parameter(name, params)
         if target is None:
             raise ModelLoadError(f"unexpected weight {name!r} for a {self.spec.model_type} model")
+        shape = tuple(target.shape)
+        return self.shard.full_shape(name, shape) if self.shard else shape
+
+    def _target(self, name: str, tensor, params: dict[str, torch.Tensor], local: bool = False) -> torch.Tensor | None:
+        """The parameter `name` loads into (None: skipped), after checking the tensor's type, dtype and shape."""
+        if self.hf_shape(name, params) is None:
+            return None
+        target = self.hf_parameter(name, params)
         if not isinstance(tensor, torch.Tensor):
             raise ModelLoadError(f"weight {name!r} must be a tensor, got {type(tensor).__name__}")
-        shape = tuple(target.shape)
-        expected = self.shard.full_shape(name, shape) if self.shard and not local else shape
+        if not tensor.is_floating_point():
+            raise ModelLoadError(f"weight {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; weights "
+                                 "must be floating point; nothing was loaded")
+        expected = self.hf_shape(name, params) if self.shard and not local else tuple(target.shape)
         if expected != tuple(tensor.shape):
             raise ModelLoadError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {expected}")
         return target

@@ -1,8 +1,10 @@
 """Serve a model over HTTP: OpenAI-compatible chat and completions with thinking and solution budgets,
 a token-level /generate for RL trainers, pause / resume / update_weights, Prometheus /metrics.
 
-Binds to 127.0.0.1 unless --host says otherwise. With --api-key (or ELASTIC_DECODE_API_KEY), every
-route but /health needs "Authorization: Bearer <key>".
+Binds to 127.0.0.1 unless --host says otherwise. With an API key (ELASTIC_DECODE_API_KEY, --api-key-file,
+or --api-key, which `ps` shows), every route but /health needs "Authorization: Bearer <key>". SIGTERM or
+Ctrl-C stops taking requests, gives the ones in flight --shutdown-timeout seconds, aborts the rest
+cleanly and exits 0.
 
 example:
   python -m elastic_decode.serve --port 8000
@@ -37,8 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--api-key", default=os.environ.get("ELASTIC_DECODE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on every route but /health "
-                        "(default: $ELASTIC_DECODE_API_KEY, else no key)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: "
+                        "$ELASTIC_DECODE_API_KEY, else no key). A key given here is visible in `ps`: prefer the "
+                        "environment variable or --api-key-file")
+    s.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="read the API key from the first line of this file")
+    s.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="on SIGTERM / Ctrl-C, how long requests in flight may take to finish before they are "
+                        "aborted (default 5)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     lim = p.add_argument_group("request bounds (a request past one gets a 400 naming the field)")
     lim.add_argument("--max-n", type=int, default=64, help="completions per prompt (default 64)")
@@ -46,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cap on max_tokens, also applied when a request gives none (default: the context window)")
     lim.add_argument("--max-prompts", type=int, default=1024, help="prompts per /v1/completions or /generate call")
     lim.add_argument("--max-body-mb", type=float, default=16, help="JSON request bodies (default 16 MiB)")
-    lim.add_argument("--max-weights-gb", type=float, default=64,
-                     help="safetensors bodies posted to /update_weights (default 64 GiB)")
+    lim.add_argument("--max-weights-gb", type=float, default=None,
+                     help="safetensors bodies posted to /update_weights (default: what the model's weights take "
+                          "in float64, the largest valid body)")
     e = p.add_argument_group("engine")
     add_engine_arguments(e)
     e.add_argument("--backend", default=None, help="auto (Triton on CUDA, the C++ kernels on CPU) | triton | cpu | "
@@ -76,6 +85,20 @@ def _served_name(model: str | None, embedded) -> str:
     return path.stem if path.is_file() else path.resolve().name
 
 
+def _api_key(args) -> str | None:
+    """The key from --api-key-file, else --api-key / $ELASTIC_DECODE_API_KEY; None: no key."""
+    if args.api_key_file is None:
+        return args.api_key or None
+    try:
+        key = Path(args.api_key_file).expanduser().read_text().splitlines()[0].strip()
+    except (OSError, IndexError, UnicodeDecodeError) as e:
+        raise ElasticDecodeError(f"--api-key-file {args.api_key_file}: cannot read a key from it "
+                                 f"({getattr(e, 'strerror', None) or 'empty or not text'})") from None
+    if not key:
+        raise ElasticDecodeError(f"--api-key-file {args.api_key_file}: its first line is empty")
+    return key
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -86,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..llm import LLM
         from ..loader import embedded_gguf_path
         from .app import ServerConfig, build_app
+        from .shutdown import DrainingServer
     except ImportError as e:
         print(f"error: serving needs FastAPI and uvicorn ({e.name} is missing): "
               "pip install 'elastic_decode[serve]'", file=sys.stderr)
@@ -96,15 +120,18 @@ def main(argv: list[str] | None = None) -> int:
                 raise ElasticDecodeError(f"--{name.replace('_', '-')} must be at least 1")
         if args.max_tokens is not None and args.max_tokens < 1:
             raise ElasticDecodeError("--max-tokens must be at least 1")
-        if args.max_body_mb <= 0 or args.max_weights_gb <= 0:
+        if args.max_body_mb <= 0 or (args.max_weights_gb is not None and args.max_weights_gb <= 0):
             raise ElasticDecodeError("--max-body-mb and --max-weights-gb must be positive")
+        if not args.shutdown_timeout >= 0:
+            raise ElasticDecodeError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+        api_key = _api_key(args)
         if args.data_parallel_size != 1:
             raise ElasticDecodeError("the server drives one engine (tensor-parallel if asked): for data parallelism "
                                      "start one server per replica (each on its own --port) behind a load balancer")
         if not 0 <= args.port <= 65535:
             raise ElasticDecodeError(f"--port must be in [0, 65535], got {args.port}")
         _check_port(args.host, args.port)
-        if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
             log.warning("listening on %s with no --api-key: anyone who can reach it can use it", args.host)
         start = time.perf_counter()
         llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
@@ -113,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
                   cuda_graphs=args.cuda_graphs, enforce_eager=args.enforce_eager,
                   tensor_parallel_size=args.tensor_parallel_size)
         name = args.served_model_name or _served_name(args.model, embedded_gguf_path)
-        config = ServerConfig(model_name=name, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20),
-                              max_weights_bytes=int(args.max_weights_gb * 2**30), max_n=args.max_n,
-                              max_prompts=args.max_prompts, max_tokens=args.max_tokens)
+        config = ServerConfig(model_name=name, api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20),
+                              max_weights_bytes=None if args.max_weights_gb is None
+                              else int(args.max_weights_gb * 2**30),
+                              max_n=args.max_n, max_prompts=args.max_prompts, max_tokens=args.max_tokens,
+                              shutdown_timeout_s=args.shutdown_timeout)
     except ElasticDecodeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -127,15 +156,17 @@ def main(argv: list[str] | None = None) -> int:
              time.perf_counter() - start, engine.dtype, engine.device, engine.num_kv_blocks,
              engine.kv_capacity_tokens, engine.window)
     with EngineLoop(engine) as loop:
-        server = uvicorn.Server(uvicorn.Config(build_app(loop, config), host=args.host, port=args.port,
-                                               log_level=args.log_level, timeout_graceful_shutdown=5))
+        app = build_app(loop, config)
+        server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                               timeout_graceful_shutdown=5), app.state.server)
         try:
-            server.run()  # returns (or re-raises the signal) after a graceful shutdown on Ctrl-C / SIGTERM
-        except KeyboardInterrupt:
-            pass
+            server.run()  # returns after the drain on SIGTERM / Ctrl-C (shutdown.py)
+        finally:
+            app.state.server.close()
     m = loop.metrics
+    aborted = sum(m.aborts.values())
     print(f"served {sum(m.requests_finished.values())} requests ({m.output_tokens} tokens, {m.forced_ends} forced "
-          f"ends) in {m.steps} engine steps", file=sys.stderr)
+          f"ends, {aborted} aborted) in {m.steps} engine steps, {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return 0
 
 

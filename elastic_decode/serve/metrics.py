@@ -2,7 +2,7 @@
 written out directly (a dozen lines; no client library needed)."""
 from __future__ import annotations
 
-from ..engine_loop import EngineLoop
+from ..engine_loop import ABORT_CAUSES, EngineLoop
 
 
 def render_metrics(loop: EngineLoop) -> str:
@@ -16,8 +16,15 @@ def render_metrics(loop: EngineLoop) -> str:
 
     metric("running_sequences", "gauge", "Sequences in the running batch.", [("", stats["running"])])
     metric("waiting_sequences", "gauge", "Sequences queued (or held while paused).", [("", stats["waiting"])])
-    metric("kv_blocks_used", "gauge", "KV cache blocks in use.", [("", stats["kv_blocks_used"])])
+    metric("kv_blocks_used", "gauge", "KV cache blocks in use (0 when no request is in flight: else a leak).",
+           [("", stats["kv_blocks_used"])])
+    metric("kv_blocks_free", "gauge", "KV cache blocks free.", [("", stats["kv_blocks_free"])])
     metric("kv_blocks_total", "gauge", "KV cache blocks in all.", [("", stats["kv_blocks_total"])])
+    metric("requests_running", "gauge", "Requests generating.", [("", stats["requests_running"])])
+    metric("requests_waiting", "gauge", "Requests received but not started (held while paused).",
+           [("", stats["requests_waiting"])])
+    metric("requests_paused", "gauge", "Requests stopped mid-generation by a pause (keep).",
+           [("", stats["requests_paused"])])
     metric("paused", "gauge", "1 while the engine is paused.", [("", int(loop.paused))])
     metric("generation_tokens_total", "counter", "Tokens generated (forced ones included).",
            [("", m.output_tokens)])
@@ -33,6 +40,9 @@ def render_metrics(loop: EngineLoop) -> str:
     metric("requests_finished_total", "counter", "Requests finished, by finish reason.",
            [(f'{{finish_reason="{r}"}}', c) for r, c in sorted(m.requests_finished.items())])
     metric("requests_failed_total", "counter", "Requests that failed in the engine.", [("", m.requests_failed)])
+    metric("requests_aborted_total", "counter", "Requests aborted, by cause: the client left (client), a pause with "
+           "mode abort (pause), the server shutting down (shutdown), a failed step (error), an abort call (request).",
+           [(f'{{cause="{c}"}}', m.aborts.get(c, 0)) for c in ABORT_CAUSES])
     bounds = [f"{b:g}" for b in m.latency_buckets] + ["+Inf"]
     counts = list(m.latency_counts)
     metric("request_latency_seconds", "histogram", "Seconds from a request's arrival to its last token.",

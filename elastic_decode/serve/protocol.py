@@ -6,21 +6,59 @@ refused with a 400 that names them, so a misspelt budget never silently does not
 failure users report of the peers: vLLM #39573, SGLang #25536). OpenAI fields that would change
 sampling in ways this engine does not implement (penalties, logit_bias) are accepted only at
 their neutral values.
+
+Types are strict: a JSON `true` is not a budget, `1.0` not a count, `"7"` not a seed, `"yes"` not a
+boolean (pydantic's lax mode took them all, and `thinking_budget: true` ran as a budget of 1). Text
+must be valid Unicode: a lone surrogate (`"\ud800"`, which JSON can spell) is refused with a 400
+naming its field, where it used to reach the tokenizer and fail as a 500.
 """
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from ..errors import InvalidRequestError
 from ..sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        if isinstance(data, dict):
+            for name, value in data.items():
+                if _has_lone_surrogate(value):
+                    raise NotUnicode(str(name))
+        return data
+
+
+class NotUnicode(Exception):
+    """A request field holds a lone surrogate. Not a ValueError on purpose: pydantic would report it
+    against the whole body; this reaches the server's handler, which names the field."""
+
+    def __init__(self, field: str):
+        super().__init__(f"{field}: not valid Unicode text (a lone surrogate)")
+        self.field = field
+
+
+def _has_lone_surrogate(value) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 class StreamOptions(_Body):
@@ -174,13 +212,23 @@ class _GenerateBase(_Body):
         return SamplingParams(**self.model_dump(exclude={"prompt_token_ids", "return_text"}))
 
 
+def _json_type(hint):
+    """A type as JSON spells it: a tuple of ids is a JSON array, which strict validation takes only as a list."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        return list[args[0]]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.Union[tuple(_json_type(a) for a in args)]
+    return hint
+
+
 def _sampling_fields() -> dict:
     """SamplingParams' fields (types and defaults) as pydantic field definitions."""
     hints = typing.get_type_hints(SamplingParams)
     fields = {}
     for f in dataclasses.fields(SamplingParams):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        fields[f.name] = (hints[f.name], default)
+        fields[f.name] = (_json_type(hints[f.name]), list(default) if isinstance(default, tuple) else default)
     return fields
 
 
