@@ -1,19 +1,16 @@
-"""Build: the C++ extension elastic_decode._C and the package mapping of DESIGN.md.
+"""Build: the C++ extension elastic_decode._C and the package mapping of docs/architecture.md.
 
 kernels/ is installed as elastic_decode.kernels and train/ as elastic_decode.train: a
-top-level package named `kernels` would collide with the one transformers probes for.
+top-level package named `kernels` would collide with the one transformers probes for. Every
+package under elastic_decode/ is found, not listed (a hand list once left the server out of
+non-editable installs; tests/test_packaging.py builds a wheel and imports every subpackage).
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 setup(
-    packages=[
-        "elastic_decode",
-        "elastic_decode.models",
-        "elastic_decode.integrations",
-        "elastic_decode.kernels",
-        "elastic_decode.train",
-    ],
+    packages=[*find_packages(include=["elastic_decode", "elastic_decode.*"]), "elastic_decode.kernels",
+              "elastic_decode.train"],
     package_dir={
         "elastic_decode": "elastic_decode",
         "elastic_decode.kernels": "kernels",

@@ -16,9 +16,9 @@ forward, logits, sampler, host) so the next bottleneck has a name.
 
     .venv/bin/python benchmarks/bench_budget.py                     # CPU: embedded model, 16 seqs
     python benchmarks/bench_budget.py --shape reference --seqs 256 --prompt-len 256 \\
-        --think 1024 --solution 256                                 # GPU: DESIGN.md reference shape
+        --think 1024 --solution 256                                 # GPU: the reference shape
 
-`--shape reference` builds a random-weight Qwen2 checkpoint at the DESIGN.md reference shape
+`--shape reference` builds a random-weight Qwen2 checkpoint at the reference shape (docs/architecture.md)
 (hidden 1536, 28 layers, 12/2 heads, head_dim 128, vocab 151936) with a tiny word-level
 tokenizer, so nothing is downloaded; speed does not depend on the weights' values.
 """
@@ -67,7 +67,7 @@ def copy_bandwidth_gbs(device: str) -> float:
 
 
 def reference_checkpoint(folder: Path) -> Path:
-    """A random-weight Qwen2 at the DESIGN.md reference shape with a word-level tokenizer."""
+    """A random-weight Qwen2 at the reference shape (docs/architecture.md) with a word-level tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -88,7 +88,7 @@ def reference_checkpoint(folder: Path) -> Path:
 class BudgetProcessor:
     """HF LogitsProcessor: after t generated tokens force the marker, then allow s more tokens.
 
-    What a transformers user writes for a thinking budget (DESIGN.md, "peers"): the forced
+    What a transformers user writes for a thinking budget (the peers: README): the forced
     logits are masked to -inf except the marker token, row by row, every step.
     """
 
@@ -177,7 +177,7 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     from elastic_decode import LLM, SamplingParams
-    from elastic_decode.loader import resolve_checkpoint
+    from elastic_decode.models.loader import resolve_checkpoint
 
     tmp = None
     if args.shape == "reference":

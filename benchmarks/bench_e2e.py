@@ -60,7 +60,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from elastic_decode import LLM
-    from elastic_decode.loader import resolve_checkpoint
+    from elastic_decode.models.loader import resolve_checkpoint
 
     torch.manual_seed(0)
     path = resolve_checkpoint(None)
@@ -97,8 +97,8 @@ def run_llama_cpp(rows, args) -> list[tuple]:
         return []
     from transformers import AutoConfig
 
-    from elastic_decode.loader import embedded_gguf_path, resolve_checkpoint
-    from elastic_decode.tokenizer import Tokenizer
+    from elastic_decode.models.loader import embedded_gguf_path, resolve_checkpoint
+    from elastic_decode.engine.tokenizer import Tokenizer
 
     path = resolve_checkpoint(None)  # the engine's prompt ids (its chat template), as in the batch-1 rows
     tok = Tokenizer(path, AutoConfig.from_pretrained(path))

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from elastic_decode import LLM, SamplingParams  # noqa: E402
-from elastic_decode.loader import resolve_checkpoint  # noqa: E402
+from elastic_decode.models.loader import resolve_checkpoint  # noqa: E402
 
 # Metadata ops and allocations: no kernel runs for them on a GPU.
 SKIP = {"detach", "lift_fresh", "sym_size", "sym_stride", "sym_numel", "is_same_size", "size", "stride",

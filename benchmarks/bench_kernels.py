@@ -1,4 +1,4 @@
-"""GPU kernel benchmarks at the DESIGN.md reference shape; one table for benchmarks/RESULTS.md.
+"""GPU kernel benchmarks at the reference shape (docs/architecture.md); one table for benchmarks/RESULTS.md.
 
 Reference shape: Qwen2.5-1.5B attention (12 query heads, 2 KV heads, head_dim 128), bf16,
 vocab 151936. For each kernel: a correctness check against the torch reference on the same

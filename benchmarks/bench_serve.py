@@ -264,7 +264,7 @@ async def soak_round(url: str, port: int, args, r: int, checkpoint: str) -> dict
 
 
 def soak(args) -> None:
-    from elastic_decode.loader import resolve_checkpoint
+    from elastic_decode.models.loader import resolve_checkpoint
 
     checkpoint = str(resolve_checkpoint(args.model))
     port = free_port()

@@ -21,7 +21,7 @@ import time
 import torch
 
 from elastic_decode import LLM, SamplingParams
-from elastic_decode import parallel
+from elastic_decode.distributed import group as parallel
 
 
 def timed_collectives() -> dict:

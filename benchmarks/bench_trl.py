@@ -73,7 +73,7 @@ def main() -> None:
     p.add_argument("--solution-budget", type=int, default=32)
     args = p.parse_args()
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    from elastic_decode.loader import resolve_checkpoint
+    from elastic_decode.models.loader import resolve_checkpoint
 
     model_path = str(resolve_checkpoint(args.model))
     torch.manual_seed(0)

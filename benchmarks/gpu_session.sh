@@ -11,7 +11,7 @@
 #
 # The GPU machine has no network and cannot hold the embedded model, so the tests' tiny
 # models take their tokenizer from .gpu/tokenizer (ELASTIC_DECODE_TEST_TOKENIZER) and the
-# benchmarks build random-weight checkpoints at the DESIGN.md reference shape.
+# benchmarks build random-weight checkpoints at the reference shape (docs/architecture.md).
 set -uo pipefail
 stage=${1:?"stage: prep | tests | kernels | budget64 | budget256"}
 OUT=${OUT:-$PWD/.gpu/out}
@@ -35,7 +35,7 @@ prep)
 import shutil
 from pathlib import Path
 
-from elastic_decode.loader import resolve_checkpoint
+from elastic_decode.models.loader import resolve_checkpoint
 
 src, dst = resolve_checkpoint(None), Path(".gpu/tokenizer")
 dst.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from elastic_decode.kernels import cpu
-    from elastic_decode.loader import resolve_checkpoint
+    from elastic_decode.models.loader import resolve_checkpoint
 
     path = resolve_checkpoint(None)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

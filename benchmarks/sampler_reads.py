@@ -1,6 +1,6 @@
 """How many times the fused sampler reads each logits row, counted in Triton's interpreter.
 
-The sampler's goal is to read a row about once (DESIGN.md: bytes per row <= 2x one read of the
+The sampler's goal is to read a row about once (the GPU target: bytes per row <= 2x one read of the
 row). This counts the bytes each row's kernels load from the logits (tests/load_counter.py wraps
 the interpreter's loads) and checks every drawn token against the reference, on:
 
@@ -44,7 +44,7 @@ SETTINGS = [  # (temperature, top_k, top_p, min_p)
 def model_logits(rows: int) -> torch.Tensor:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from elastic_decode.loader import resolve_checkpoint
+    from elastic_decode.models.loader import resolve_checkpoint
 
     path = resolve_checkpoint(None)
     tok = AutoTokenizer.from_pretrained(path)

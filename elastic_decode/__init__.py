@@ -5,11 +5,11 @@
 import torch  # noqa: F401  (the native extension links against libc10: load torch first)
 
 from . import _C  # noqa: F401
-from .answers import Vote, majority_vote
 from .errors import ElasticDecodeError, InvalidRequestError, ModelLoadError, NonFiniteLogitsError
 from .llm import LLM, RolloutBatch
 from .outputs import CompletionOutput, GenerationStats, RequestOutput
 from .sampling_params import SamplingParams
+from .utils.answers import Vote, majority_vote
 
 __all__ = [
     "LLM",

@@ -6,6 +6,11 @@ from dataclasses import dataclass
 from .errors import ElasticDecodeError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Kernel implementations (worker/backend.py): Triton on CUDA, the C++ CPU kernels, or the torch reference.
+BACKENDS = ("auto", "triton", "cpu", "reference")
+# Weight-only quantization (opt-in): "int4", the decoder layers' GEMMs on 4-bit weights and the LM head's on
+# 8-bit ones, in groups of 32 (kernels/cpu.py, csrc/cpu_quant.cpp); CPU backend only.
+QUANTIZATIONS = ("int4",)
 # How a thinking budget is enforced: "in-kernel" (the sampler forces the marker on the device,
 # this engine's point) or "two-call" (the reference recipe: think, append the marker, prefill
 # again, solve), kept to measure against.
@@ -55,7 +60,7 @@ class EngineConfig:
     cuda_graphs: bool | None = None
     # Never capture CUDA graphs (vLLM's name for the switch): decode step by step, eagerly.
     enforce_eager: bool = False
-    # Ranks the model is split over (Megatron-style tensor parallelism, parallel.py): the LLM
+    # Ranks the model is split over (Megatron-style tensor parallelism, distributed/): the LLM
     # starts tensor_parallel_size - 1 worker processes, one per extra GPU (or CPU process).
     tensor_parallel_size: int = 1
     # Seconds a collective may wait on a worker before the engine gives up with an error.
@@ -81,5 +86,10 @@ class EngineConfig:
             raise ElasticDecodeError("cuda_graphs=True and enforce_eager=True contradict each other")
         if not self.tensor_parallel_timeout_s > 0:
             raise ElasticDecodeError(f"tensor_parallel_timeout_s must be > 0, got {self.tensor_parallel_timeout_s!r}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ElasticDecodeError(f"backend must be one of {', '.join(BACKENDS)} or None, got {self.backend!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ElasticDecodeError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or None, "
+                                     f"got {self.quantization!r}")
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
             raise ElasticDecodeError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")

@@ -25,10 +25,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .answers import majority_vote
+from .cli import OneLineErrorParser, add_engine_arguments, engine_kwargs, parse_budget
 from .errors import ElasticDecodeError
-from .generate import OneLineErrorParser, add_engine_arguments, parse_budget
-from .outpaths import check_output_dir
+from .utils.answers import majority_vote
+from .utils.outpaths import check_output_dir
 
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
@@ -202,86 +202,103 @@ def write_results(results: list[BudgetResult], out_dir: Path) -> None:
         writer.writerows(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+@dataclass(frozen=True)
+class Plan:
+    """What a run evaluates, checked before any model loads."""
+
+    models: list[str | None]
+    labels: list[str]
+    task: object
+    examples: list
+
+
+def plan(args) -> Plan:
+    """Every argument checked (ElasticDecodeError, one line) and the problems drawn, before any model loads."""
+    models = args.model or [None]
+    if args.label and len(args.label) != len(models):
+        raise ElasticDecodeError(f"{len(args.label)} --label for {len(models)} --model")
+    labels = args.label or [m or "embedded" for m in models]
+    if len(set(labels)) != len(labels):
+        raise ElasticDecodeError("two checkpoints share a label: give each --model its own --label")
+    for flag, value, least in (("--num-problems", args.num_problems, 1), ("-n", args.n, 1),
+                               ("--num-scheduler-steps", args.num_scheduler_steps, 1),
+                               ("--solution-budget", args.solution_budget, 1)):
+        if value < least:
+            raise ElasticDecodeError(f"{flag} must be >= {least}, got {value}")
+    if args.cuda_graphs:
+        from .engine.startup import pick_device
+
+        if pick_device(args.device).type != "cuda":
+            raise ElasticDecodeError("--cuda-graphs needs a CUDA device")
+    from .models.loader import resolve_checkpoint
+    from .sampling_params import SamplingParams
+    from .train.tasks import make_task
+
+    SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                   max_tokens=args.max_tokens)  # range checks, before any model loads
+    for m in models:
+        resolve_checkpoint(m)  # a bad path fails before any work
     try:
-        models = args.model or [None]
-        if args.label and len(args.label) != len(models):
-            raise ElasticDecodeError(f"{len(args.label)} --label for {len(models)} --model")
-        labels = args.label or [m or "embedded" for m in models]
-        if len(set(labels)) != len(labels):
-            raise ElasticDecodeError("two checkpoints share a label: give each --model its own --label")
-        if args.num_problems < 1:
-            raise ElasticDecodeError(f"--num-problems must be >= 1, got {args.num_problems}")
-        if args.n < 1:
-            raise ElasticDecodeError(f"-n must be >= 1, got {args.n}")
-        if args.num_scheduler_steps < 1:
-            raise ElasticDecodeError(f"--num-scheduler-steps must be >= 1, got {args.num_scheduler_steps}")
-        if args.cuda_graphs:
-            import torch
+        task = make_task(args.task)
+    except ValueError as e:
+        raise ElasticDecodeError(str(e)) from None
+    check_output_dir(args.output_dir, "--output-dir")
+    return Plan(models, labels, task, eval_examples(task, args.num_problems, args.seed))
 
-            if not (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
-                raise ElasticDecodeError("--cuda-graphs needs a CUDA device")
-        if args.solution_budget < 1:
-            raise ElasticDecodeError(f"--solution-budget must be >= 1, got {args.solution_budget}")
-        from .loader import resolve_checkpoint
-        from .sampling_params import SamplingParams
-        from .train.tasks import make_task
 
-        SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                       max_tokens=args.max_tokens)  # range checks, before any model loads
-        for m in models:
-            resolve_checkpoint(m)  # a bad path fails before any work
-        try:
-            task = make_task(args.task)
-        except ValueError as e:
-            raise ElasticDecodeError(str(e)) from None
-        examples = eval_examples(task, args.num_problems, args.seed)
-        check_output_dir(args.output_dir, "--output-dir")
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-    except ElasticDecodeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run_cells(run: Plan, args, results: list[BudgetResult]) -> None:
+    """Every (checkpoint, budget) cell, appended to `results` and written as it finishes (an interrupt keeps
+    the finished rows)."""
     from tqdm.auto import tqdm
 
     from .llm import LLM
 
-    start = time.perf_counter()
-    results: list[BudgetResult] = []
     completions = open(args.output_dir / COMPLETIONS_FILE, "w") if args.save_completions else None
-    bar = tqdm(total=len(models) * len(args.think_budgets), desc="eval", unit="cell", disable=args.no_progress)
+    bar = tqdm(total=len(run.models) * len(args.think_budgets), desc="eval", unit="cell", disable=args.no_progress)
     try:
-        for model, label in zip(models, labels):
-            llm = LLM(model, dtype=args.dtype, device=args.device, quantization=args.quantization, seed=args.seed,
-                      kv_cache_memory_gb=args.kv_cache_memory_gb, num_scheduler_steps=args.num_scheduler_steps,
-                      cuda_graphs=args.cuda_graphs, enforce_eager=args.enforce_eager,
-                      tensor_parallel_size=args.tensor_parallel_size,
-                      data_parallel_size=args.data_parallel_size)
+        for model, label in zip(run.models, run.labels):
+            llm = LLM(model, seed=args.seed, kv_cache_memory_gb=args.kv_cache_memory_gb,
+                      data_parallel_size=args.data_parallel_size, **engine_kwargs(args))
             for budget in args.think_budgets:
                 bar.set_postfix(model=label[-20:], budget=_name(budget))
-                result, records = evaluate_budget(llm, task, examples, label, budget, args)
+                result, records = evaluate_budget(llm, run.task, run.examples, label, budget, args)
                 results.append(result)
-                write_results(results, args.output_dir)  # partial results survive an interrupt
+                write_results(results, args.output_dir)
                 if completions is not None:
                     completions.writelines(json.dumps(r) + "\n" for r in records)
                 bar.update(1)
             del llm
             gc.collect()
+    finally:
+        bar.close()
+        if completions is not None:
+            completions.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run = plan(args)
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except ElasticDecodeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    results: list[BudgetResult] = []
+    try:
+        run_cells(run, args, results)
     except ElasticDecodeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: {len(results)} finished rows are in {args.output_dir / RESULTS_JSONL}", file=sys.stderr)
         return 130
-    finally:
-        bar.close()
-        if completions is not None:
-            completions.close()
-    figure = plot(results, args.output_dir / PLOT_FILE, f"{task.name}: {len(examples)} problems x {args.n} samples")
+    title = f"{run.task.name}: {len(run.examples)} problems x {args.n} samples"
+    figure = plot(results, args.output_dir / PLOT_FILE, title)
     print(table(results))
     seconds = time.perf_counter() - start
     tokens = sum(r.total_tokens * r.problems * r.samples for r in results)
-    print(f"{len(results)} rows ({len(models)} checkpoints x {len(args.think_budgets)} budgets, {len(examples)} "
+    print(f"{len(results)} rows ({len(run.models)} checkpoints x {len(args.think_budgets)} budgets, {len(run.examples)} "
           f"problems x {args.n} samples): {tokens:.0f} tokens in {seconds:.1f} s ({tokens / seconds:.0f} tokens/s); "
           f"wrote {args.output_dir / RESULTS_JSONL}, {RESULTS_CSV}" + (f", {PLOT_FILE}" if figure else ""))
     return 0

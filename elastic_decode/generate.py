@@ -16,34 +16,17 @@ import os
 import sys
 from pathlib import Path
 
+from .cli import OneLineErrorParser, add_engine_arguments, engine_kwargs, parse_budget
 from .config import BUDGET_MODES
 from .errors import ElasticDecodeError
-from .jsonl import check_messages, read_jsonl
-from .outpaths import check_output_file
+from .sampling_params import SamplingParams
+from .utils.jsonl import check_messages, read_jsonl
+from .utils.outpaths import check_output_file
 
 # Shown when the CLI is run with a prompt and nothing else: small enough for the embedded
 # 135M model to hit the budget, so the forced marker is visible.
 DEFAULT_THINK_BUDGET = 48
 DEFAULT_SOLUTION_BUDGET = 96
-
-
-def parse_budget(text: str) -> int | None:
-    """A budget flag's value: a non-negative integer, or 'none' for no budget."""
-    if text.lower() == "none":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer or 'none', got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer or 'none', got {text!r}")
-    return value
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        """One line for a bad argument (argparse's default also prints the whole usage)."""
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,38 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="majority vote (self-consistency) over the n completions' \\boxed{} answers; "
                         "needs -n 2 or more")
     e = p.add_argument_group("engine")
-    add_engine_arguments(e)
-    e.add_argument("--backend", default=None, help="auto (Triton on CUDA, the C++ kernels on CPU) | triton | cpu | "
-                   "reference")
+    add_engine_arguments(e, backend=True)
     e.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     return p
-
-
-def add_engine_arguments(group) -> None:
-    """The engine flags every CLI that builds an LLM shares (generate, eval)."""
-    group.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                       help="weights and KV cache; auto: bfloat16 on a CPU with AVX512-BF16 or AMX, else float32 "
-                       "on CPU, the checkpoint's 16-bit dtype on CUDA; float32 is exact parity with HF [auto]")
-    group.add_argument("--quantization", default=None, choices=("int4",),
-                       help="weight-only quantization: int4 keeps the decoder layers' GEMM weights in 4 bits and "
-                            "the LM head's in 8 (groups of 32, GGUF's Q4_1 / Q8_0; the embedded Q4_1 model keeps its "
-                            "own weights), activations in float32; CPU backend only; faster at batch 1, slower at "
-                            "batch 16 (default: none, the weights in --dtype)")
-    group.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    group.add_argument("--num-scheduler-steps", type=int, default=1,
-                       help="decode steps run on the device between host syncs; same output for any value (default 1)")
-    graphs = group.add_mutually_exclusive_group()
-    graphs.add_argument("--cuda-graphs", action="store_const", const=True, default=None,
-                        help="ask for CUDA graphs of the decode step, an error where they cannot run (default: on "
-                             "where they can: CUDA, Triton kernels, one rank; a capture that fails at start-up "
-                             "falls back to eager decoding with a warning)")
-    graphs.add_argument("--enforce-eager", action="store_true",
-                        help="never capture CUDA graphs: decode eagerly")
-    group.add_argument("--tensor-parallel-size", type=int, default=1,
-                       help="split the model over this many GPUs (or CPU processes), Megatron-style (default 1)")
-    group.add_argument("--data-parallel-size", type=int, default=1,
-                       help="run this many engine replicas (each --tensor-parallel-size GPUs) and deal the prompts "
-                            "among them (default 1)")
 
 
 def read_prompts(args) -> list[dict]:
@@ -135,8 +89,6 @@ def read_prompts(args) -> list[dict]:
             if len(fields) == 2:
                 raise ElasticDecodeError(f'{where}: give "prompt" or "messages", not both')
             check_messages(row, where)
-            if "messages" in row and any(not str(m["content"]).strip() for m in row["messages"]):
-                raise ElasticDecodeError(f"{where}: a message has empty content")
             if "prompt" in row and not isinstance(row["prompt"], str):
                 raise ElasticDecodeError(f'{where}: "prompt" must be a string')
             rows.append(row)
@@ -188,81 +140,79 @@ def _show(index: int, total: int, row: dict, out, decode, think_budget: int | No
     print()
 
 
+def sampling_params(args) -> SamplingParams:
+    return SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          seed=args.seed, max_tokens=args.max_tokens, think_budget=args.think_budget,
+                          solution_budget=args.solution_budget, end_think=args.end_think, min_think=args.min_think)
+
+
+def encode(llm, rows: list[dict], chat_template: bool) -> list[list[int]]:
+    """Each row's prompt ids: a conversation or a text prompt through the chat template, or raw text."""
+    if not chat_template:
+        return [llm.encode_chat(row["messages"]) if "messages" in row else llm.encode(row["prompt"]) for row in rows]
+    return [llm.encode_chat(row.get("messages") or [{"role": "user", "content": row["prompt"]}]) for row in rows]
+
+
+class RowSink:
+    """--output: each prompt's row written (and flushed) as soon as its completions finish, so an interrupt
+    or a late error keeps every finished row; a finished run is rewritten in prompt order."""
+
+    def __init__(self, path, rows: list[dict], vote: bool):
+        self.path, self.rows, self.vote = path, rows, vote
+        self.written: list[dict] = []
+        self.file = open(path, "w")
+
+    def __call__(self, index: int, out) -> None:
+        record = _record(self.rows[index], index, out, self.vote)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self.written.append(record)
+
+    def close_partial(self) -> None:
+        self.file.close()
+        print(f"wrote the {len(self.written)} of {len(self.rows)} rows that finished to {self.path} "
+              "(each with its prompt's \"index\")", file=sys.stderr)
+
+    def close_in_order(self) -> None:
+        self.file.close()
+        ordered = sorted(self.written, key=lambda r: r["index"])
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in ordered))
+        os.replace(tmp, self.path)
+        print(f"wrote {len(ordered)} rows to {self.path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        from .sampling_params import SamplingParams
-
-        params = SamplingParams(
-            n=args.n,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            min_p=args.min_p,
-            seed=args.seed,
-            max_tokens=args.max_tokens,
-            think_budget=args.think_budget,
-            solution_budget=args.solution_budget,
-            end_think=args.end_think,
-            min_think=args.min_think,
-        )
+    try:  # everything a user can get wrong, before and while the model loads
+        params = sampling_params(args)
         if args.vote and args.n < 2:
             raise ElasticDecodeError("--vote needs -n 2 or more (a vote over one completion is that completion)")
         rows = read_prompts(args)
         if args.output is not None:
             check_output_file(args.output, "--output")
-
         from .llm import LLM
 
-        llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
-                  quantization=args.quantization, max_model_len=args.max_model_len, num_scheduler_steps=args.num_scheduler_steps,
-                  budget_mode=args.budget_mode, cuda_graphs=args.cuda_graphs, enforce_eager=args.enforce_eager,
-                  tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size)
-        tok = llm.engine.tokenizer
-        encoded = []
-        for i, row in enumerate(rows):
-            if "messages" in row:
-                encoded.append(tok.encode_chat(row["messages"]))
-            elif args.no_chat_template:
-                encoded.append(tok.encode(row["prompt"]))
-            else:
-                encoded.append(tok.encode_chat([{"role": "user", "content": row["prompt"]}]))
+        llm = LLM(args.model, budget_mode=args.budget_mode, data_parallel_size=args.data_parallel_size,
+                  **engine_kwargs(args, max_model_len=args.max_model_len))
+        encoded = encode(llm, rows, chat_template=not args.no_chat_template)
     except ElasticDecodeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-    # Each prompt's row is written (and flushed) as soon as its completions finish, so an
-    # interrupt or a late error keeps every finished row; a finished run is rewritten in prompt order.
-    written: list[dict] = []
-    sink = open(args.output, "w") if args.output is not None else None
-
-    def keep(index: int, out) -> None:
-        if sink is not None:
-            record = _record(rows[index], index, out, args.vote)
-            sink.write(json.dumps(record) + "\n")
-            sink.flush()
-            written.append(record)
-
+    sink = RowSink(args.output, rows, args.vote) if args.output is not None else None
     try:
-        outputs = llm.generate(encoded, params, use_tqdm=len(rows) > 1, on_finished=keep)
+        outputs = llm.generate(encoded, params, use_tqdm=len(rows) > 1, on_finished=sink)
     except (ElasticDecodeError, KeyboardInterrupt) as e:
         interrupted = isinstance(e, KeyboardInterrupt)
         print("interrupted" if interrupted else f"error: {e}", file=sys.stderr)
         if sink is not None:
-            sink.close()
-            print(f"wrote the {len(written)} of {len(rows)} rows that finished to {args.output} "
-                  "(each with its prompt's \"index\")", file=sys.stderr)
+            sink.close_partial()
         return 130 if interrupted else 2
     if sink is not None:
-        sink.close()
-        ordered = sorted(written, key=lambda r: r["index"])
-        tmp = args.output.with_name(args.output.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in ordered))
-        os.replace(tmp, args.output)
-        print(f"wrote {len(ordered)} rows to {args.output}")
+        sink.close_in_order()
     else:
         for i, (row, out) in enumerate(zip(rows, outputs)):
             _show(i, len(rows), row, out, llm.engine.tokenizer.decode, args.think_budget)

@@ -1,6 +1,7 @@
 """The public API: `LLM(...).generate / chat / generate_tensors / load_weights`."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -11,10 +12,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import BUDGET_MODES, EngineConfig
-from .engine import LLMEngine, _pick_device
+from .distributed import Replicas
+from .engine import LLMEngine
+from .engine.startup import pick_device
+from .engine.two_call import run_two_call
 from .errors import ElasticDecodeError, InvalidRequestError
 from .outputs import GenerationStats, RequestOutput
 from .sampling_params import SamplingParams
+from .utils.jsonl import check_conversation
 
 Prompt = str | Sequence[int]
 
@@ -80,77 +85,43 @@ class LLM:
     ...                SamplingParams(think_budget=64, solution_budget=32))
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        dtype: str = "auto",
-        device: str | None = None,
-        *,
-        backend: str | None = None,
-        quantization: str | None = None,
-        seed: int | None = None,
-        block_size: int = 16,
-        max_model_len: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 8192,
-        num_kv_blocks: int | None = None,
-        kv_cache_memory_gb: float | None = None,
-        num_scheduler_steps: int = 1,
-        budget_mode: str = "in-kernel",
-        cuda_graphs: bool | None = None,
-        enforce_eager: bool = False,
-        tensor_parallel_size: int = 1,
-        data_parallel_size: int = 1,
-    ):
+    def __init__(self, model: str | None = None, *, budget_mode: str = "in-kernel", data_parallel_size: int = 1,
+                 **engine):
+        """`model`: a checkpoint directory, a .gguf file, or None for the embedded model. `engine`: the
+        EngineConfig fields (dtype, device, backend, quantization, seed, block_size, max_model_len,
+        max_num_seqs, max_num_batched_tokens, num_kv_blocks, kv_cache_memory_gb, num_scheduler_steps,
+        cuda_graphs, enforce_eager, tensor_parallel_size, tensor_parallel_timeout_s; config.py says what
+        each is for). `budget_mode`: "in-kernel" or "two-call" (config.BUDGET_MODES). `data_parallel_size`:
+        engine replicas, each in a process of its own but this one."""
         if budget_mode not in BUDGET_MODES:
             raise InvalidRequestError(f"budget_mode must be one of {', '.join(BUDGET_MODES)}, got {budget_mode!r}")
+        if isinstance(data_parallel_size, bool) or not isinstance(data_parallel_size, int) or data_parallel_size < 1:
+            raise InvalidRequestError(f"data_parallel_size must be a positive integer, got {data_parallel_size!r}")
+        unknown = set(engine) - {f.name for f in fields(EngineConfig)}
+        if unknown:
+            raise InvalidRequestError(f"LLM got unknown argument(s) {', '.join(sorted(unknown))}; it takes model, "
+                                      "budget_mode, data_parallel_size and EngineConfig's fields")
+        config = EngineConfig(model=model, **engine)
         self.budget_mode = budget_mode
-        processes = tensor_parallel_size * data_parallel_size if all(
-            isinstance(x, int) and x >= 1 for x in (tensor_parallel_size, data_parallel_size)) else 1
-        if processes > 1 and _pick_device(device).type == "cpu":
+        tp = config.tensor_parallel_size
+        if tp * data_parallel_size > 1 and pick_device(config.device).type == "cpu":
             # The engine's processes share the cores: oversubscribed torch threads spin against each other.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
-        self.engine = LLMEngine(
-            EngineConfig(
-                model=model,
-                dtype=dtype,
-                device=device,
-                backend=backend,
-                quantization=quantization,
-                seed=seed,
-                block_size=block_size,
-                max_model_len=max_model_len,
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
-                num_kv_blocks=num_kv_blocks,
-                kv_cache_memory_gb=kv_cache_memory_gb,
-                num_scheduler_steps=num_scheduler_steps,
-                cuda_graphs=cuda_graphs,
-                enforce_eager=enforce_eager,
-                tensor_parallel_size=tensor_parallel_size,
-            )
-        )
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // (tp * data_parallel_size)))
+        self.engine = LLMEngine(config)
         self.last_stats: GenerationStats | None = None
         self._lock = threading.RLock()  # one caller at a time (see _run)
         self.replicas = None
-        if isinstance(data_parallel_size, bool) or not isinstance(data_parallel_size, int) or data_parallel_size < 1:
-            raise InvalidRequestError(f"data_parallel_size must be a positive integer, got {data_parallel_size!r}")
         if data_parallel_size > 1:
             if budget_mode == "two-call":
                 raise InvalidRequestError("budget_mode two-call runs on one replica: use data_parallel_size 1")
-            # A replica is this LLM again: its engine's settings (LLM takes every EngineConfig field but
-            # the timeout) and the budget mode.
-            config = self.engine.config
+            # A replica is this LLM again: its engine's settings (but the timeout) and the budget mode.
             self._start_replicas(data_parallel_size, {
-                **{f.name: getattr(config, f.name) for f in fields(config)
-                   if f.name != "tensor_parallel_timeout_s"},
+                **{f.name: getattr(config, f.name) for f in fields(config) if f.name != "tensor_parallel_timeout_s"},
                 "budget_mode": budget_mode})
 
     def _start_replicas(self, size: int, kwargs: dict) -> None:
         """Replicas 1..size-1 of this engine in processes of their own (this LLM's engine is replica 0);
         on CUDA replica r takes the GPUs from r * tensor_parallel_size on."""
-        from .parallel import Replicas
-
         tp, device = kwargs["tensor_parallel_size"], self.engine.device
         if device.type == "cuda" and size * tp > torch.cuda.device_count():
             self.engine.close()
@@ -237,11 +208,7 @@ class LLM:
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """A conversation's prompt token ids through the chat template (for `generate_tensors`)."""
-        if (not isinstance(messages, Sequence) or isinstance(messages, str) or not messages
-                or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
-            raise InvalidRequestError('a conversation must be a non-empty list of {"role", "content"} messages')
-        if any(not str(m.get("content", "")).strip() for m in messages):
-            raise InvalidRequestError("a conversation has an empty message")
+        check_conversation(messages)
         return self.engine.tokenizer.encode_chat(list(messages))
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
@@ -252,7 +219,7 @@ class LLM:
                 return self.engine.load_weights(named_tensors)
             # Checked here first (all or nothing), then every replica loads the same tensors.
             named = [(name, t.detach().to("cpu")) for name, t in named_tensors]
-            self.engine.model.check_weights(named)
+            self.engine.check_weights(named)
             self.replicas.everywhere(("load", named))
             return self.engine.load_weights(named)
 
@@ -314,13 +281,11 @@ class LLM:
             except InvalidRequestError as e:
                 raise InvalidRequestError(f"prompt {i}: {e}") from None
         start = time.perf_counter()
-        preempted_before = engine.scheduler.num_preemptions
-        before = set(engine.requests)
+        preempted_before = engine.stats()["preemptions"]
+        before = engine.request_ids()
         try:
             if self.budget_mode == "two-call":
-                from .two_call import run_two_call
-
-                results = run_two_call(self, encoded, params, use_tqdm)
+                results = run_two_call(engine, self._generate_once, encoded, params, use_tqdm)
                 if on_finished is not None:
                     for i, out in enumerate(results):
                         on_finished(i, out)
@@ -331,7 +296,7 @@ class LLM:
         except BaseException:
             # Whatever stopped this call (an error, Ctrl-C, a callback raising), its requests
             # leave the engine with their blocks, so the next call starts as on a fresh engine.
-            for request_id in set(engine.requests) - before:
+            for request_id in engine.request_ids() - before:
                 engine.abort_request(request_id)
             raise
         completions = [c for r in results for c in r.outputs]
@@ -344,7 +309,7 @@ class LLM:
             solution_tokens=sum(c.solution_tokens for c in completions),
             forced_tokens=sum(sum(c.forced_mask) for c in completions),
             forced_ends=sum(c.forced_end for c in completions),
-            preemptions=engine.scheduler.num_preemptions - preempted_before,
+            preemptions=engine.stats()["preemptions"] - preempted_before,
             seconds=time.perf_counter() - start,
             engine=f"{str(engine.dtype).removeprefix('torch.')} on {engine.device.type}, {engine.ops.name} kernels"
                    + (f", {engine.config.quantization} weights" if engine.config.quantization else ""),
@@ -358,8 +323,8 @@ class LLM:
         size = self.replicas.size
         shares = [list(range(r, len(encoded), size)) for r in range(size)]
         for r in range(1, size):
-            if shares[r]:
-                self.replicas.send(r, ("generate", [encoded[i] for i in shares[r]], [params[i] for i in shares[r]]))
+            if shares[r]:  # token ids: the prompts' text is put back on the outputs here
+                self.replicas.send(r, ("generate", [encoded[i][1] for i in shares[r]], [params[i] for i in shares[r]]))
         results: dict[int, RequestOutput] = {}
         local = shares[0]
 
@@ -377,7 +342,7 @@ class LLM:
             if isinstance(answer, BaseException):
                 raise answer
             for i, out in zip(shares[r], answer):
-                results[i] = out
+                results[i] = out = dataclasses.replace(out, prompt=encoded[i][0])
                 if on_finished is not None:
                     on_finished(i, out)
         return [results[i] for i in range(len(encoded))]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .answers import Vote, vote_on_texts
+from .utils.answers import Vote, vote_on_texts
 
 
 @dataclass

@@ -49,7 +49,7 @@ def _check_float(name: str, value, lo: float, hi: float, lo_open: bool, hi_open:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one prompt is sampled and how its thinking is budgeted (DESIGN.md, "Budget semantics")."""
+    """How one prompt is sampled and how its thinking is budgeted (docs/architecture.md, "The budget contract")."""
 
     # Number of completions for the prompt; they share the prompt's KV blocks.
     n: int = 1

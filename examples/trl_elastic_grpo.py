@@ -45,7 +45,7 @@ def main() -> int:
 
     from elastic_decode import LLM, ElasticDecodeError
     from elastic_decode.integrations.trl import make_rollout_func
-    from elastic_decode.loader import resolve_checkpoint
+    from elastic_decode.models.loader import resolve_checkpoint
     from elastic_decode.train.tasks import JsonlTask, make_task
 
     try:

@@ -80,7 +80,7 @@ class ModelShape:
     block_size: int = 16
 
 
-# DESIGN.md's reference shape, the embedded model, and two wide ones (a 32B reasoning model such as
+# The reference shape (docs/architecture.md), the embedded model, and two wide ones (a 32B reasoning model such as
 # QwQ-32B / DeepSeek-R1-Distill-Qwen-32B, and a 70B Llama): rms_norm holds a whole row per program,
 # so its register use grows with the hidden width.
 QWEN25_1_5B = ModelShape("qwen2.5-1.5b", num_q_heads=12, num_kv_heads=2, head_dim=128, hidden=1536,

@@ -1,7 +1,7 @@
 """Tensor containers for `sample_with_budget`: per-row sampling parameters and budget state.
 
 Every field is a device tensor with one row per sequence in the batch, so one kernel launch
-advances the whole batch's Elastic Reasoning budget machine (DESIGN.md, "Budget semantics"):
+advances the whole batch's Elastic Reasoning budget machine (docs/architecture.md, "The budget contract"):
 
     THINKING -> FORCING -> SOLVING -> DONE
 
@@ -29,12 +29,33 @@ FINISH_LENGTH = 2  # solution budget, max_tokens or the context window reached
 FINISH_NONFINITE = 3  # the row's logits held NaN or +inf, or no finite value: nothing was sampled
 
 PAD_TOKEN = -1  # emitted by rows that are already DONE
+# Padding of the right-aligned rows (never a token id, and the two differ: a recent window that is all
+# padding never matches a marker's padding, so an empty window never closes a thought).
+MARKER_PAD = -2  # marker columns before E
+RECENT_PAD = -1  # recent-window columns before the first thinking token
+STOP_PAD = -1  # stop-id columns past a row's stop ids
 NO_LIMIT = 2**31 - 1  # int32 stand-in for "no budget"
 MAX_MARKER_TOKENS = 64  # longest end-of-thinking marker, in tokens (the Triton sampler holds it in registers)
 
 
+class _Rows:
+    """Field-wise helpers of a dataclass of [num_seqs, ...] tensors, written once for both below."""
+
+    @classmethod
+    def take(cls, tensors):
+        """The fields' tensors from a mapping that holds them by name (and maybe more)."""
+        return cls(**{f.name: tensors[f.name] for f in fields(cls)})
+
+    def map(self, fn):
+        """fn applied to every field's tensor (a device move, a selection of rows)."""
+        return type(self)(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
+    def to(self, device: torch.device):
+        return self.map(lambda t: t.to(device))
+
+
 @dataclass
-class SamplerParams:
+class SamplerParams(_Rows):
     """Per-row sampling settings; read-only for the kernel."""
 
     temperature: torch.Tensor  # float32 [num_seqs]; 0 = greedy
@@ -48,14 +69,13 @@ class SamplerParams:
     min_think: torch.Tensor  # int32 [num_seqs]; m, 0 = off
     marker: torch.Tensor  # int32 [num_seqs, max_marker]; E right-aligned
     marker_len: torch.Tensor  # int32 [num_seqs]; k >= 1
-    stop_ids: torch.Tensor  # int32 [num_seqs, max_stop]; EOS + stop ids, -1 padded
+    stop_ids: torch.Tensor  # int32 [num_seqs, max_stop]; EOS + stop ids, STOP_PAD padded
 
-    def to(self, device: torch.device) -> "SamplerParams":
-        return SamplerParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
 
 
 @dataclass
-class BudgetState:
+class BudgetState(_Rows):
     """Per-row budget machine state; the kernel updates every field in place."""
 
     phase: torch.Tensor  # int32 [num_seqs]; THINKING / FORCING / SOLVING / DONE
@@ -68,8 +88,7 @@ class BudgetState:
     forced: torch.Tensor  # int32 [num_seqs]; 1 if this step's token was forced
     finish: torch.Tensor  # int32 [num_seqs]; FINISH_* code once DONE
 
-    def to(self, device: torch.device) -> "BudgetState":
-        return BudgetState(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
 
 
 def sampling_batch(
@@ -96,7 +115,7 @@ def sampling_batch(
         min_think=torch.zeros(n, dtype=i32),
         marker=torch.zeros(n, 1, dtype=i32),
         marker_len=torch.ones(n, dtype=i32),
-        stop_ids=torch.full((n, 1), -1, dtype=i32),
+        stop_ids=torch.full((n, 1), STOP_PAD, dtype=i32),
     )
     state = BudgetState(
         phase=torch.full((n,), SOLVING, dtype=i32),
@@ -104,7 +123,7 @@ def sampling_batch(
         solution_count=torch.zeros(n, dtype=i32),
         generated=torch.full((n,), generated, dtype=i32),
         force_pos=torch.zeros(n, dtype=i32),
-        recent=torch.full((n, 1), -1, dtype=i32),
+        recent=torch.full((n, 1), RECENT_PAD, dtype=i32),
         forced_end=torch.zeros(n, dtype=i32),
         forced=torch.zeros(n, dtype=i32),
         finish=torch.zeros(n, dtype=i32),

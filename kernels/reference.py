@@ -1,4 +1,4 @@
-"""Pure-torch reference of every kernel op (DESIGN.md, "Kernel contracts").
+"""Pure-torch reference of every kernel op (docs/architecture.md, "Kernel contracts and the reference shape").
 
 These are the ground truth the Triton kernels are tested against and the CPU backend of
 the engine, so they are written for clarity first and vectorised enough to run a small

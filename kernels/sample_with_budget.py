@@ -1,7 +1,7 @@
 """sample_with_budget: fused sampling + Elastic Reasoning budget machine, reading each row once.
 
 Per row: min_think suppression, greedy / temperature sampling with top-k, top-p and min-p, the
-logprob of the emitted token, and the phase machine of DESIGN.md (THINKING -> FORCING ->
+logprob of the emitted token, and the phase machine of docs/architecture.md (THINKING -> FORCING ->
 SOLVING -> DONE) updated in place. DONE rows cost nothing; FORCING and greedy rows need only
 the row's max and softmax sum.
 
@@ -49,9 +49,12 @@ from .budget_state import (
     FINISH_NONFINITE,
     FINISH_STOP,
     FORCING,
+    MARKER_PAD,
     MAX_MARKER_TOKENS,
     PAD_TOKEN,
+    RECENT_PAD,
     SOLVING,
+    STOP_PAD,
     THINKING,
     BudgetState,
     SamplerParams,
@@ -69,6 +72,9 @@ _FINISH_STOP = tl.constexpr(FINISH_STOP)
 _FINISH_LENGTH = tl.constexpr(FINISH_LENGTH)
 _FINISH_NONFINITE = tl.constexpr(FINISH_NONFINITE)
 _PAD_TOKEN = tl.constexpr(PAD_TOKEN)
+_MARKER_PAD = tl.constexpr(MARKER_PAD)
+_RECENT_PAD = tl.constexpr(RECENT_PAD)
+_STOP_PAD = tl.constexpr(STOP_PAD)
 _MIN_KEY = tl.constexpr(-2147483647)  # below the order key of every float, -inf included
 _NO_INDEX = tl.constexpr(2147483647)
 _TOPK = tl.constexpr(0)  # radix search modes
@@ -82,7 +88,6 @@ TAIL_SHARE = 0.5  # top-p compaction drops the bottom TAIL_SHARE of the (1 - top
 SEARCH_BLOCK = 128  # buffer entries per search step: a [SEARCH_BLOCK, RADIX] compare tile
 RADIX = 16  # candidate thresholds tested per search pass
 SEARCH_PASSES = 8  # RADIX ** 8 = 2 ** 32: enough to pin any 32-bit key exactly
-MAX_MARKER = MAX_MARKER_TOKENS  # the marker window the kernel holds in registers
 STOP_BLOCK = 16  # stop ids compared per step
 MAX_TILES = 256  # tile sums merged per step of the unfiltered draw
 SCAN_WARPS = 8
@@ -147,9 +152,9 @@ def _row_setup(row, phase_ptr, think_ptr, think_budget_ptr, min_think_ptr, marke
     col = j - (MAX_MARKER - marker_width)  # [MAX_MARKER] column in the stored rows
     stored = col >= 0
     base = row.to(tl.int64) * marker_width
-    marker = tl.load(marker_ptr + base + col, mask=stored, other=-2)  # [MAX_MARKER]
-    recent = tl.load(recent_ptr + base + col, mask=stored, other=-1)
-    shifted = tl.load(recent_ptr + base + col + 1, mask=stored & (j < MAX_MARKER - 1), other=-1)  # recent[j + 1]
+    marker = tl.load(marker_ptr + base + col, mask=stored, other=_MARKER_PAD)  # [MAX_MARKER]
+    recent = tl.load(recent_ptr + base + col, mask=stored, other=_RECENT_PAD)
+    shifted = tl.load(recent_ptr + base + col + 1, mask=stored & (j < MAX_MARKER - 1), other=_RECENT_PAD)  # recent[j + 1]
     pad = j < MAX_MARKER - k_len  # columns before E[0]
     thinking = phase == _THINKING
     min_think = tl.load(min_think_ptr + row)
@@ -318,7 +323,7 @@ def _scan_kernel(
     marker_ptr,  # int32 [num_seqs, marker_width], right-aligned
     marker_len_ptr,  # int32 [num_seqs]
     marker_width,
-    stop_ids_ptr,  # int32 [num_seqs, num_stop], -1 padded
+    stop_ids_ptr,  # int32 [num_seqs, num_stop], STOP_PAD padded
     num_stop,
     phase_ptr, think_ptr,  # int32 [num_seqs]
     recent_ptr,  # int32 [num_seqs, marker_width]
@@ -617,7 +622,7 @@ def _finish_kernel(
     marker_ptr,  # int32 [num_seqs, marker_width], right-aligned
     marker_len_ptr,  # int32 [num_seqs]
     marker_width,
-    stop_ids_ptr,  # int32 [num_seqs, num_stop], -1 padded
+    stop_ids_ptr,  # int32 [num_seqs, num_stop], STOP_PAD padded
     num_stop,
     phase_ptr, think_ptr, solution_ptr, generated_ptr, force_pos_ptr,  # int32 [num_seqs], in place
     recent_ptr,  # int32 [num_seqs, marker_width], in place
@@ -734,11 +739,11 @@ def _finish_kernel(
                 sampled = _draw_from_row(logits_ptr, row_off, vocab, sup_tok, sup_stop, stop_row, num_stop, temperature,
                                          m, z, top_k, top_p, min_e, u, RADIX, SEARCH_PASSES, SEARCH_BLOCK)
 
-    # -- the budget machine (DESIGN.md), scalar per row ------------------------------
+    # -- the budget machine (docs/architecture.md), scalar per row ------------------------------
     is_stop = 0
     for s0 in range(0, num_stop):
         s = s0 + tl.arange(0, STOP_BLOCK)
-        stops = tl.load(stop_row + s, mask=s < num_stop, other=-1)
+        stops = tl.load(stop_row + s, mask=s < num_stop, other=_STOP_PAD)
         is_stop |= (tl.sum(((stops == sampled) & (stops >= 0)).to(tl.int32), axis=0) > 0).to(tl.int32)
     stop_in_thought = thinking & (is_stop != 0)
     forcing = (phase == _FORCING) | stop_in_thought
@@ -797,8 +802,8 @@ def sample_with_budget(
     marker_width = params.marker.shape[1]
     if state.recent.shape[1] != marker_width:
         raise ValueError("state.recent and params.marker must have the same width")
-    if not 1 <= marker_width <= MAX_MARKER:
-        raise ValueError(f"markers of 1 to {MAX_MARKER} tokens are supported, got a width of {marker_width}")
+    if not 1 <= marker_width <= MAX_MARKER_TOKENS:
+        raise ValueError(f"markers of 1 to {MAX_MARKER_TOKENS} tokens are supported, got a width of {marker_width}")
     device = logits.device
     tokens = torch.empty(num_seqs, dtype=torch.long, device=device)
     logprobs = torch.empty(num_seqs, dtype=torch.float32, device=device)
@@ -822,7 +827,7 @@ def sample_with_budget(
         marker_ptr=params.marker, marker_len_ptr=params.marker_len, marker_width=marker_width,
         stop_ids_ptr=params.stop_ids, num_stop=num_stop, phase_ptr=state.phase, think_ptr=state.think_count,
         recent_ptr=state.recent, tile_ptr=tile_stats, num_tiles=num_tiles,
-        BLOCK_V=BLOCK_V, CAPACITY=CAPACITY, MAX_MARKER=MAX_MARKER, RADIX=RADIX,
+        BLOCK_V=BLOCK_V, CAPACITY=CAPACITY, MAX_MARKER=MAX_MARKER_TOKENS, RADIX=RADIX,  # the marker window in registers
         SEARCH_PASSES=SEARCH_PASSES, SEARCH_BLOCK=SEARCH_BLOCK,
     )
     _scan_kernel[(num_seqs, num_chunks)](

@@ -1,4 +1,4 @@
-"""An independent, token-by-token statement of the budget contract (DESIGN.md).
+"""An independent, token-by-token statement of the budget contract (docs/architecture.md, "The budget contract").
 
 Written as plainly as possible from the text of the contract, with no code shared with the
 kernels, so the batched kernels can be checked against it.

@@ -15,7 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from elastic_decode.loader import resolve_checkpoint  # noqa: E402
+from elastic_decode.models.loader import resolve_checkpoint  # noqa: E402
 
 
 def _patch_the_language_once_per_launch() -> None:

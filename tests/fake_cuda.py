@@ -231,9 +231,9 @@ def scripted_results(monkeypatch, script: ScriptedStep) -> None:
     """Replace the runner's device-to-host read-back (which a fake tensor cannot give) with host values a
     step would produce, after checking that what it reads is on the runner's device; the rest of the
     runner (plan, device batch, launches, release of finished rows) runs as it is."""
-    from elastic_decode import model_runner
+    from elastic_decode.worker import model_runner
     from elastic_decode.kernels import DONE, FINISH_LENGTH
-    from elastic_decode.scheduler import StepResult
+    from elastic_decode.core.step import StepResult
 
     current: dict = {}
     run = model_runner.ModelRunner.run

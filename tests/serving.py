@@ -9,11 +9,11 @@ import time
 import urllib.error
 import urllib.request
 
+from engines import engine_kwargs  # noqa: F401 - the servers' engines are the tests' usual one
+
 MODEL = "tiny"  # the served model name of the tests
 
 
-def engine_kwargs() -> dict:
-    return dict(dtype="float32", device="cpu", seed=0, kv_cache_memory_gb=0.05, max_model_len=512)
 
 
 @contextlib.contextmanager

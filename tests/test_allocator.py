@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from elastic_decode._C import BlockAllocator, OutOfBlocksError
-from elastic_decode.block_manager import BlockManager
+from elastic_decode.core.block_manager import BlockManager
 from elastic_decode.kernels import DONE, FINISH_LENGTH
 from elastic_decode.sampling_params import SamplingParams
-from elastic_decode.scheduler import Scheduler, StepResult
-from elastic_decode.sequence import Sequence, SequenceStatus
+from elastic_decode.core.scheduler import Scheduler, StepResult
+from elastic_decode.core.sequence import Sequence, SequenceStatus
 
 
 def test_allocate_free_and_exhaustion():

@@ -1,11 +1,11 @@
-"""Backend selection: the engine's choice, never the kernels' (DESIGN.md, "Backends")."""
+"""Backend selection: the engine's choice, never the kernels' (docs/architecture.md, worker/backend.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from elastic_decode import ElasticDecodeError
-from elastic_decode.backend import select_ops
+from elastic_decode.worker.backend import select_ops
 
 
 def test_auto_on_cpu_is_the_cpp_kernels():
@@ -109,25 +109,25 @@ def test_native_bf16_is_read_from_the_cpu_flags():
 
 @pytest.mark.parametrize("native", [False, True])
 def test_dtype_auto_on_cpu_is_bf16_only_where_native(monkeypatch, native):
-    from elastic_decode import engine
+    from elastic_decode.engine import startup
     from elastic_decode.kernels import cpu
 
     monkeypatch.setattr(cpu, "native_bf16", lambda: native)
-    picked = engine._pick_dtype("auto", torch.device("cpu"), hf_config=None)
+    picked = startup.pick_dtype("auto", torch.device("cpu"), hf_config=None)
     assert picked == (torch.bfloat16 if native else torch.float32)
-    assert engine._pick_dtype("float32", torch.device("cpu"), hf_config=None) == torch.float32
+    assert startup.pick_dtype("float32", torch.device("cpu"), hf_config=None) == torch.float32
 
 
 @pytest.mark.parametrize("native", [False, True])
 def test_dtype_auto_under_int4_is_float32_where_its_decoder_runs(monkeypatch, native):
     """The int4 one-call decoder runs in float32 only: `auto` must not pick bf16 for it on a CPU with native
     bf16 (the per-op path it would then take decoded make demo at 74 tokens/s instead of 103 there)."""
-    from elastic_decode import engine
+    from elastic_decode.engine import startup
     from elastic_decode.kernels import cpu
 
     monkeypatch.setattr(cpu, "native_bf16", lambda: native)
-    assert engine._pick_dtype("auto", torch.device("cpu"), None, "int4") == torch.float32
-    assert engine._pick_dtype("bfloat16", torch.device("cpu"), None, "int4") == torch.bfloat16  # asked: as asked
+    assert startup.pick_dtype("auto", torch.device("cpu"), None, "int4") == torch.float32
+    assert startup.pick_dtype("bfloat16", torch.device("cpu"), None, "int4") == torch.bfloat16  # asked: as asked
 
 
 def test_the_bf16_reading_can_be_forced_for_a_test_run(monkeypatch):
@@ -143,7 +143,7 @@ def test_head_dims_the_triton_kernels_cannot_run_are_refused_at_start_up_and_at_
     """tl.dot needs K >= 16 on NVIDIA GPUs (the interpreter runs smaller ones, so only a check catches it)."""
     import dataclasses
 
-    from elastic_decode.engine import check_kernel_shapes
+    from elastic_decode.worker.backend import check_kernel_shapes
     from elastic_decode.kernels import paged_decode_attention, paged_prefill_attention
     from elastic_decode.models import ModelSpec
 

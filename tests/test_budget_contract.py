@@ -47,7 +47,7 @@ def test_reference_follows_the_contract(batch):
 
 
 def check_invariants(row, g):
-    """Facts DESIGN.md states about every completion, independent of the script."""
+    """Facts the budget contract (docs/architecture.md) states about every completion, independent of the script."""
     t, s, marker, k = row["t"], row["s"], row["marker"], len(row["marker"])
     n = len(g["tokens"])
     assert n <= row["max_new"]

@@ -151,7 +151,7 @@ def test_a_read_only_output_is_refused_up_front(tmp_path, capsys):
 def test_prompts_file_rows_that_cannot_be_served(tmp_path, capsys):
     rows = tmp_path / "p.jsonl"
     for text, message in [
-        (json.dumps({"messages": [{"role": "user", "content": ""}]}), "line 1: a message has empty content"),
+        (json.dumps({"messages": [{"role": "user", "content": ""}]}), "line 1: a conversation has an empty message"),
         (json.dumps({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}),
          'line 1: give "prompt" or "messages", not both'),
         ("", "holds no prompts"),

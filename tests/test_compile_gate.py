@@ -110,7 +110,7 @@ SHADOW_ENGINE = r"""
 import json, sys
 import torch
 from elastic_decode import LLM, SamplingParams
-from elastic_decode import startup
+from elastic_decode.engine import startup
 from elastic_decode.kernels import aot, reference
 from elastic_decode.models.batch import KernelOps
 import elastic_decode.kernels as triton_ops

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from elastic_decode import LLM
-from elastic_decode.cuda_graphs import DecodeGraphs, batch_buckets
+from elastic_decode.worker.cuda_graphs import DecodeGraphs, batch_buckets
 from elastic_decode.errors import ElasticDecodeError
 from test_multistep import PROMPTS, run, same, workload
 
@@ -205,7 +205,7 @@ def test_cuda_graphs_need_a_cuda_device(tiny_llama):
 ])
 def test_cuda_graphs_are_on_by_default_where_they_can_run(asked, eager, device, backend, tp, expected):
     from elastic_decode.config import EngineConfig
-    from elastic_decode.engine import wants_cuda_graphs
+    from elastic_decode.worker.cuda_graphs import wants_cuda_graphs
 
     config = EngineConfig(cuda_graphs=asked, enforce_eager=eager, tensor_parallel_size=tp)
     assert wants_cuda_graphs(config, device, backend) is expected

@@ -11,6 +11,7 @@ import torch
 from test_tensor_parallel import _alive, _gone
 
 from elastic_decode import LLM, ElasticDecodeError, SamplingParams
+from engines import tiny_llm
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +20,7 @@ PARAMS = SamplingParams(n=2, seed=5, think_budget=4, solution_budget=4, temperat
 
 
 def _llm(path, **kw) -> LLM:
-    return LLM(str(path), dtype="float32", device="cpu", seed=0, kv_cache_memory_gb=0.05, max_model_len=256, **kw)
+    return tiny_llm(path, max_model_len=256, **kw)
 
 
 def _ids(outputs):

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from elastic_decode import LLM, SamplingParams
-from elastic_decode.device_batch import DeviceBatch, RowPlanner, decode_fields, upload
+from elastic_decode.worker.device_batch import DeviceBatch, RowPlanner, decode_fields, upload
 from elastic_decode.kernels import DONE
-from elastic_decode.sequence import Sequence
+from elastic_decode.core.sequence import Sequence
 
 
 def _sequence(rng: random.Random, seq_id: int) -> Sequence:

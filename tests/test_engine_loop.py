@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from elastic_decode import LLM, ElasticDecodeError, SamplingParams
-from elastic_decode.engine_loop import EngineLoop
+from elastic_decode import ElasticDecodeError, SamplingParams
+from elastic_decode.engine.loop import EngineLoop
+from engines import tiny_llm
 
 
-def _llm(path):
-    return LLM(str(path), dtype="float32", device="cpu", seed=0, kv_cache_memory_gb=0.05, max_model_len=512)
+_llm = tiny_llm
 
 
 class Collector:

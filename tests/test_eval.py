@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from elastic_decode.answers import majority_vote
+from elastic_decode.utils.answers import majority_vote
 from elastic_decode.eval import BudgetResult, main
 from test_cli import assert_clean_error
 

@@ -21,7 +21,7 @@ PROMPTS = ["Hello there, how are", "The quick brown fox", "1 2 3"]
 def guard_decode_steps(monkeypatch) -> list[int]:
     """Run every decode step (eager, or the one a graph captures) under a mode that refuses host-to-device
     copies; returns the list of steps run."""
-    from elastic_decode import cuda_graphs, decode_step, model_runner
+    from elastic_decode.worker import cuda_graphs, decode_step, model_runner
 
     steps, mode = [], NoHostCopies()
 
@@ -66,7 +66,7 @@ def test_the_engine_runs_its_cuda_path_on_cuda_1(monkeypatch, tiny_models, k):
 
 def test_the_engine_loop_thread_launches_on_the_engines_device(monkeypatch, tiny_models):
     """The server's engine loop steps the engine on a thread of its own, whose current device is cuda:0."""
-    from elastic_decode.engine_loop import EngineLoop
+    from elastic_decode.engine.loop import EngineLoop
 
     with fake_cuda(monkeypatch) as launches:
         scripted_results(monkeypatch, ScriptedStep())
@@ -116,7 +116,7 @@ def test_a_host_sync_inside_the_decode_step_is_caught(monkeypatch, tiny_models):
     and a graph capture would fail."""
     from torch._subclasses.fake_tensor import DataDependentOutputException
 
-    from elastic_decode import decode_step
+    from elastic_decode.worker import decode_step
 
     with fake_cuda(monkeypatch):
         scripted_results(monkeypatch, ScriptedStep())

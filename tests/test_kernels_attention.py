@@ -1,21 +1,29 @@
-"""Triton paged decode / paged prefill attention against the torch reference.
+"""Paged decode / paged prefill attention against the torch reference, for every provider of the op
+contract: the Triton kernels (in Triton's interpreter on CPU, fp32 / fp16; with a GPU, bf16 too) and the
+C++ CPU kernels (csrc/cpu_attention.cpp through kernels/cpu.py: fp32 / bf16 / fp16).
 
-Fresh random inputs every case; GQA ratios 1/3/4/6/8, head dims 64/128, block sizes 16/32,
-length-1 contexts, exact block boundaries, ragged mixes, permuted block tables, split-KV on
-and off. On CPU this runs in Triton's interpreter (fp32 / fp16); with a GPU, in bf16 too.
+Fresh random inputs every case; GQA ratios 1/3/4/6/8, head dims 64/128 (and 80, not a power of two, on
+the C++ kernels, which take it), block sizes 16/32, length-1 contexts, exact block boundaries, ragged
+mixes, permuted block tables, split-KV on and off and several tiles (Triton); prefill over a cached
+prefix and longer than one tile.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from elastic_decode.kernels import reference
+from elastic_decode.kernels import cpu, reference
 from elastic_decode.kernels.paged_decode_attention import paged_decode_attention
 from elastic_decode.kernels.paged_prefill_attention import paged_prefill_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.5e-2, 1.5e-2)}
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+CPU_KERNELS = pytest.mark.skipif(not cpu.HAVE_CPU_KERNELS, reason="elastic_decode._C built without its CPU kernels")
+# (provider, dtype): the Triton launchers at the dtypes the interpreter runs, the C++ kernels at all three.
+PROVIDERS = [pytest.param("triton", d, id=f"triton-{str(d)[6:]}") for d in DTYPES] + [
+    pytest.param("cpu", d, id=f"cpu-{str(d)[6:]}", marks=CPU_KERNELS)
+    for d in (torch.float32, torch.bfloat16, torch.float16)]
 
 
 def make_paged(context_lens, num_kv_heads, head_dim, block_size, dtype, extra_blocks=3, seed=0):
@@ -48,14 +56,43 @@ DECODE_CASES = [
     (4, 1, 128, 32, [64, 33, 1, 7]),
     (6, 2, 128, 16, [47, 48, 49]),
     (8, 1, 64, 32, [1, 95, 96, 200]),
+    (4, 2, 128, 32, [31, 32, 33]),
+    (3, 3, 80, 16, [1, 15, 16, 33, 64]),  # head_dim 80: the C++ kernels take it, the Triton ones refuse it
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+def op(provider: str, name: str):
+    triton = {"paged_decode_attention": paged_decode_attention, "paged_prefill_attention": paged_prefill_attention}
+    return getattr(cpu, name) if provider == "cpu" else triton[name]
+
+
+def skip_unsupported(provider: str, head_dim: int) -> None:
+    if provider == "triton" and head_dim & (head_dim - 1):
+        pytest.skip("the Triton kernels take power-of-two head dims (a model with another is refused at start-up)")
+
+
+@pytest.mark.parametrize("provider, dtype", PROVIDERS)
 @pytest.mark.parametrize("group, num_kv_heads, head_dim, block_size, lens", DECODE_CASES)
+def test_decode_attention_matches_reference(provider, dtype, group, num_kv_heads, head_dim, block_size, lens):
+    skip_unsupported(provider, head_dim)
+    k_cache, v_cache, bt = make_paged(lens, num_kv_heads, head_dim, block_size, dtype, seed=group * head_dim)
+    q = torch.randn(len(lens), num_kv_heads * group, head_dim).to(dtype).to(DEVICE)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
+    got = op(provider, "paged_decode_attention")(q, k_cache, v_cache, bt, ctx, scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    expected = reference.paged_decode_attention(q, k_cache, v_cache, bt, ctx, scale)
+    atol, rtol = TOL[dtype]
+    assert torch.allclose(got.float(), expected.float(), atol=atol, rtol=rtol), f"worst abs error {worst(got, expected):.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group, num_kv_heads, head_dim, block_size, lens", DECODE_CASES[:5])
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("tile", [None, 16, 128])  # default 64; one block (16 -> block_size); wider than a split
-def test_decode_attention_matches_reference(dtype, group, num_kv_heads, head_dim, block_size, lens, num_splits, tile):
+def test_triton_decode_attention_splits_and_tiles(dtype, group, num_kv_heads, head_dim, block_size, lens, num_splits,
+                                                  tile):
+    """The Triton kernel's own launch choices (split-KV, tile width) change nothing but rounding."""
     torch.manual_seed(2)
     k_cache, v_cache, bt = make_paged(lens, num_kv_heads, head_dim, block_size, dtype)
     q = torch.randn(len(lens), num_kv_heads * group, head_dim).to(dtype).to(DEVICE)
@@ -74,12 +111,14 @@ PREFILL_CASES = [
     (4, 2, 128, 32, [(70, 70), (31, 12)]),
     (6, 1, 64, 16, [(20, 20)]),
     (8, 1, 128, 32, [(96, 40), (5, 5)]),
+    (3, 3, 80, 16, [(1, 1), (15, 10), (33, 33), (64, 59)]),  # head_dim 80 (the C++ kernels), prefixes
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("provider, dtype", PROVIDERS)
 @pytest.mark.parametrize("group, num_kv_heads, head_dim, block_size, seqs", PREFILL_CASES)
-def test_prefill_attention_matches_reference(dtype, group, num_kv_heads, head_dim, block_size, seqs):
+def test_prefill_attention_matches_reference(provider, dtype, group, num_kv_heads, head_dim, block_size, seqs):
+    skip_unsupported(provider, head_dim)
     torch.manual_seed(3)
     lens = [c for c, _ in seqs]
     k_cache, v_cache, bt = make_paged(lens, num_kv_heads, head_dim, block_size, dtype)
@@ -88,7 +127,7 @@ def test_prefill_attention_matches_reference(dtype, group, num_kv_heads, head_di
     q = torch.randn(sum(n_new), num_kv_heads * group, head_dim).to(dtype).to(DEVICE)
     ctx = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     scale = head_dim**-0.5
-    got = paged_prefill_attention(q, k_cache, v_cache, bt, cu, ctx, scale)
+    got = op(provider, "paged_prefill_attention")(q, k_cache, v_cache, bt, cu, ctx, scale)
     expected = reference.paged_prefill_attention(q, k_cache, v_cache, bt, cu, ctx, scale)
     atol, rtol = TOL[dtype]
     assert torch.allclose(got.float(), expected.float(), atol=atol, rtol=rtol), f"worst abs error {worst(got, expected):.3g}"

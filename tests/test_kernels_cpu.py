@@ -1,53 +1,24 @@
-"""The C++ CPU attention kernels (csrc/cpu_attention.cpp via kernels/cpu.py) against the torch reference.
-
-Fresh random inputs every case: GQA ratios 1/3/4/6/8, head dims 64/128 and 80 (not a power of two),
-block sizes 16/32, length-1 contexts, exact block boundaries, ragged mixes, permuted block tables;
-prefill over a cached prefix (new tokens fewer than the context) and longer than one 16-token tile;
-fp32 at the attention tests' tight tolerance, bf16 and fp16 at theirs.
-"""
+"""The C++ CPU backend's own matters (kernels/cpu.py over csrc/): the attention kernels' input handling,
+packed and int4 GEMMs, the sort-free sampler, Philox. Where the C++ kernels implement an op contract the
+Triton kernels implement too, their comparison with the reference is the same test, parametrized over the
+providers: tests/test_kernels_attention.py, test_kernels_fused.py, test_kernels_rope.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from elastic_decode.kernels import cpu, reference
-from test_kernels_attention import DECODE_CASES, make_paged
+from test_kernels_attention import make_paged
 
 pytestmark = pytest.mark.skipif(not cpu.HAVE_CPU_KERNELS, reason="elastic_decode._C built without its CPU kernels")
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.5e-2, 1.5e-2)}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-CASES = DECODE_CASES + [(3, 3, 80, 16, [1, 15, 16, 33, 64]), (4, 2, 128, 32, [31, 32, 33])]
 
 
 def close(got, expected, dtype):
     atol, rtol = TOL[dtype]
     worst = float((got.float() - expected.float()).abs().max())
     assert torch.allclose(got.float(), expected.float(), atol=atol, rtol=rtol), f"worst abs error {worst:.3g}"
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("group, num_kv_heads, head_dim, block_size, lens", CASES)
-def test_cpu_paged_decode_attention_matches_reference(dtype, group, num_kv_heads, head_dim, block_size, lens):
-    k_cache, v_cache, bt = make_paged(lens, num_kv_heads, head_dim, block_size, dtype, seed=group * head_dim)
-    q = torch.randn(len(lens), num_kv_heads * group, head_dim).to(dtype)
-    ctx = torch.tensor(lens, dtype=torch.int32)
-    scale = head_dim**-0.5
-    got = cpu.paged_decode_attention(q, k_cache, v_cache, bt, ctx, scale)
-    assert got.dtype == dtype and got.shape == q.shape
-    close(got, reference.paged_decode_attention(q, k_cache, v_cache, bt, ctx, scale), dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("group, num_kv_heads, head_dim, block_size, lens", CASES)
-def test_cpu_paged_prefill_attention_matches_reference(dtype, group, num_kv_heads, head_dim, block_size, lens):
-    k_cache, v_cache, bt = make_paged(lens, num_kv_heads, head_dim, block_size, dtype, seed=group + head_dim)
-    n_new = [max(1, n - 5) if i % 2 else n for i, n in enumerate(lens)]  # odd rows: a 5-token cached prefix
-    cu = torch.tensor([0] + torch.tensor(n_new).cumsum(0).tolist(), dtype=torch.int32)
-    q = torch.randn(sum(n_new), num_kv_heads * group, head_dim).to(dtype)
-    ctx = torch.tensor(lens, dtype=torch.int32)
-    scale = head_dim**-0.5
-    got = cpu.paged_prefill_attention(q, k_cache, v_cache, bt, cu, ctx, scale)
-    close(got, reference.paged_prefill_attention(q, k_cache, v_cache, bt, cu, ctx, scale), dtype)
 
 
 def test_cpu_attention_takes_strided_queries_and_writes_out():
@@ -301,56 +272,3 @@ def test_cpu_philox_is_bit_identical_to_the_reference():
     assert torch.equal(cpu.philox_uniform(seed, offset), reference.philox_uniform(seed, offset))
     steps = (offset & 0x7FFFFFFF).to(torch.int32)  # the engine's offsets: BudgetState.generated, int32
     assert torch.equal(cpu.philox_uniform(seed, steps), reference.philox_uniform(seed, steps))
-
-
-# The fused RMSNorm and RoPE + cache write: the reference's roundings in its order. Only the sum of squares
-# is added in another order, so its fp32 statistic can differ by an ulp: fp32 results agree to an ulp or two,
-# and a bf16/fp16 element now and then rounds the other way (one unit of the dtype; nearly all are equal).
-FUSED_TOL = {torch.float32: (2e-6, 1e-6), torch.bfloat16: (1e-2, 1e-2), torch.float16: (1e-3, 1e-3)}
-
-
-def fused_close(got, expected, dtype):
-    atol, rtol = FUSED_TOL[dtype]
-    torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
-    if dtype != torch.float32:
-        assert (got != expected).float().mean() < 0.01
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows, hidden", [(1, 576), (16, 576), (37, 80), (3, 1536)])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_cpu_rms_norm_matches_reference(dtype, rows, hidden, with_residual):
-    g = torch.Generator().manual_seed(rows * hidden)
-    base = torch.randn(rows, hidden + 8, generator=g).to(dtype)
-    x = base[:, 4:4 + hidden]  # a strided row view, as the model's split columns are
-    residual = torch.randn(rows, hidden, generator=g).to(dtype) if with_residual else None
-    weight = torch.randn(hidden, generator=g).to(dtype)
-    got, expected = cpu.rms_norm(x, weight, 1e-5, residual), reference.rms_norm(x, weight, 1e-5, residual)
-    if with_residual:
-        assert torch.equal(got[1], expected[1])  # the new residual: one add in the model dtype
-        got, expected = got[0], expected[0]
-    fused_close(got, expected, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hq, hkv, d, tokens", [(9, 3, 64, 1), (9, 3, 64, 16), (8, 1, 128, 5), (6, 2, 80, 40)])
-@pytest.mark.parametrize("head_norms", [False, True])
-def test_cpu_rope_write_kv_matches_reference(dtype, hq, hkv, d, tokens, head_norms):
-    """Rotated q returned, rotated k and v written at their slots (a -1 slot writes nothing), from q/k/v that
-    are column views of one qkv row as the model's are; Qwen3's head norms; tables at scattered positions."""
-    g = torch.Generator().manual_seed(hq * d + tokens)
-    qkv = torch.randn(tokens, (hq + 2 * hkv) * d, generator=g).to(dtype)
-    q, k, v = (t.view(tokens, -1, d) for t in qkv.split((hq * d, hkv * d, hkv * d), dim=-1))
-    positions = torch.randint(0, 500, (tokens,), generator=g)
-    cos, sin = torch.randn(512, d, generator=g), torch.randn(512, d, generator=g)
-    blocks, block_size = 2 * tokens // 16 + 3, 16
-    slots = torch.randperm(blocks * block_size, generator=g)[:tokens]
-    slots[tokens // 2] = -1
-    norms = (torch.randn(d, generator=g).to(dtype), torch.randn(d, generator=g).to(dtype)) if head_norms else (None, None)
-    caches = [[torch.randn(blocks, block_size, hkv, d, generator=g).to(dtype) for _ in range(2)]]
-    caches.append([c.clone() for c in caches[0]])
-    got = cpu.rope_write_kv(q, k, v, positions, cos, sin, *caches[0], slots, *norms, 1e-6)
-    expected = reference.rope_write_kv(q, k, v, positions, cos, sin, *caches[1], slots, *norms, 1e-6)
-    fused_close(got, expected, dtype)
-    fused_close(caches[0][0], caches[1][0], dtype)
-    assert torch.equal(caches[0][1], caches[1][1])  # v: copied

@@ -1,16 +1,20 @@
-"""Triton rope_write_kv (RoPE on q and k, Qwen3's head norms, k/v into the paged cache) against the
-torch reference, on fresh random inputs: the checkpoint's rope types (default, linear, llama3, yarn's
-attention scaling), GQA ratios 1/3/8, head dims 64/128 and 80 (not a power of two), q/k/v as strided
-views of a packed QKV row, random positions, skipped slots (< 0), and the cache around them untouched.
-Without the head norms the kernel rounds exactly as the reference does, so results are compared
-bit for bit; with them, within the attention tests' tolerance (1/sqrt vs rsqrt, sum order)."""
+"""rope_write_kv (RoPE on q and k, Qwen3's head norms, k/v into the paged cache) against the torch
+reference, for both providers of the contract: the Triton kernel (in Triton's interpreter on CPU) and the
+C++ CPU op. Fresh random inputs: the checkpoint's rope types (default, linear, llama3, yarn's attention
+scaling), GQA ratios 1/3/8, head dims 64/128 and 80 (not a power of two), q/k/v as strided views of a
+packed QKV row, random positions, skipped slots (< 0), and the cache around them untouched.
+Without the head norms the Triton kernel rounds exactly as the reference does (on hardware too: it is
+launched with FMA contraction off), so results are compared bit for bit; the C++ op, and both with the
+head norms, within one rounding (the norm's sum is added in another order)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from elastic_decode.kernels import reference
+from elastic_decode.kernels import cpu, reference
 from elastic_decode.kernels.rope_write_kv import rope_write_kv
+from test_kernels_attention import PROVIDERS
+from test_kernels_fused import fused_close
 from elastic_decode.models.llama import rope_inv_freq, rope_tables
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -49,31 +53,40 @@ def case(hq, hkv, d, dtype, n=29, num_blocks=7, bs=16, seed=0):
     return q, k, v, positions, slots, caches
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+def launcher(provider: str):
+    return cpu.rope_write_kv if provider == "cpu" else rope_write_kv
+
+
+@pytest.mark.parametrize("provider, dtype", PROVIDERS)
 @pytest.mark.parametrize("rope", list(ROPES))
-@pytest.mark.parametrize("hq, hkv, d", [(2, 2, 64), (6, 2, 128), (8, 1, 80)])
-def test_rope_write_kv_matches_reference(dtype, rope, hq, hkv, d):
+@pytest.mark.parametrize("hq, hkv, d", [(2, 2, 64), (6, 2, 128), (8, 1, 80), (9, 3, 64)])
+def test_rope_write_kv_matches_reference(provider, dtype, rope, hq, hkv, d):
     q, k, v, positions, slots, caches = case(hq, hkv, d, dtype, seed=hq * d)
     cos, sin = tables(rope, d)
     mine, theirs = caches.clone(), caches.clone()
-    got = rope_write_kv(q, k, v, positions, cos, sin, mine[0], mine[1], slots)
+    got = launcher(provider)(q, k, v, positions, cos, sin, mine[0], mine[1], slots)
     expected = reference.rope_write_kv(q, k, v, positions, cos, sin, theirs[0], theirs[1], slots)
     assert got.shape == (q.shape[0], hq, d) and got.is_contiguous()
-    assert torch.equal(got, expected)
-    assert torch.equal(mine, theirs)  # rotated k and plain v in the written slots, the rest untouched
+    if provider == "triton":
+        assert torch.equal(got, expected)
+        assert torch.equal(mine, theirs)  # rotated k and plain v in the written slots, the rest untouched
+    else:
+        fused_close(provider, got, expected, dtype)
+        fused_close(provider, mine[0], theirs[0], dtype)
+        assert torch.equal(mine[1], theirs[1])  # v: copied
     written = mine[1].view(-1, hkv, d)[slots[slots >= 0]]
     assert torch.equal(written, v[slots >= 0])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hq, hkv, d", [(4, 2, 64), (8, 1, 80)])
-def test_rope_write_kv_with_qwen3_head_norms_matches_reference(dtype, hq, hkv, d):
+@pytest.mark.parametrize("provider, dtype", PROVIDERS)
+@pytest.mark.parametrize("hq, hkv, d", [(4, 2, 64), (8, 1, 80), (8, 1, 128)])
+def test_rope_write_kv_with_qwen3_head_norms_matches_reference(provider, dtype, hq, hkv, d):
     q, k, v, positions, slots, caches = case(hq, hkv, d, dtype, seed=7 * d)
     g = torch.Generator().manual_seed(d)
     q_norm, k_norm = (torch.rand(d, generator=g).add(0.5).to(dtype).to(DEVICE) for _ in range(2))
     cos, sin = tables("default", d)
     mine, theirs = caches.clone(), caches.clone()
-    got = rope_write_kv(q, k, v, positions, cos, sin, mine[0], mine[1], slots, q_norm, k_norm, 1e-6)
+    got = launcher(provider)(q, k, v, positions, cos, sin, mine[0], mine[1], slots, q_norm, k_norm, 1e-6)
     expected = reference.rope_write_kv(q, k, v, positions, cos, sin, theirs[0], theirs[1], slots, q_norm, k_norm, 1e-6)
     atol, rtol = TOL[dtype]
     assert torch.allclose(got.float(), expected.float(), atol=atol, rtol=rtol)

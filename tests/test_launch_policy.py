@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from elastic_decode.cuda_graphs import batch_buckets
+from elastic_decode.worker.cuda_graphs import batch_buckets
 from elastic_decode.kernels.launch_policy import MAX_SPLITS, choose_num_chunks, choose_num_splits, rows_class
 
 

@@ -1,9 +1,26 @@
-"""Sampling in `sample_with_budget` (reference): greedy, filters, distribution, seeding."""
+"""Sampling in `sample_with_budget`, for every provider of the contract (the torch reference, the C++ CPU
+sampler, the Triton kernel in its interpreter): greedy, filters, distribution, seeding. Each provider's
+own matters live beside it (tests/test_kernels_sampler.py for the Triton kernel's one-pass reading,
+tests/test_kernels_cpu.py for the C++ sampler's candidates)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from elastic_decode.kernels import reference, sampling_batch
+from elastic_decode.kernels import cpu, reference, sampling_batch
+from elastic_decode.kernels.sample_with_budget import sample_with_budget
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SAMPLERS = {"reference": reference.sample_with_budget, "cpu": cpu.sample_with_budget, "triton": sample_with_budget}
+PROVIDERS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(not cpu.HAVE_CPU_KERNELS,
+                                                                       reason="no C++ CPU kernels")), "triton"]
+
+
+def sample(provider: str, logits: torch.Tensor, params, state):
+    """The provider's tokens and logprobs (on the GPU for Triton where there is one), as CPU tensors."""
+    device = DEVICE if provider == "triton" else "cpu"
+    tokens, logprobs = SAMPLERS[provider](logits.to(device), params.to(device), state.to(device))
+    return tokens.cpu(), logprobs.cpu()
 
 
 def allowed_set(logits_row: torch.Tensor, temperature, top_k, top_p, min_p) -> set[int]:
@@ -39,47 +56,57 @@ def test_greedy_is_argmax():
     assert torch.allclose(logprobs, torch.log_softmax(logits, -1).max(-1).values)
 
 
-def test_filters_never_emit_outside_the_allowed_set():
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_filters_never_emit_outside_the_allowed_set(provider):
     torch.manual_seed(1)
     vocab = 50
     for temperature, top_k, top_p, min_p in [(1.0, 5, 1.0, 0.0), (0.7, 0, 0.8, 0.0), (1.3, 0, 1.0, 0.1),
                                                (1.0, 10, 0.5, 0.05), (0.5, 3, 0.9, 0.2)]:
-        logits = torch.randn(64, vocab) * 2
-        for step in range(5):
-            params, state = sampling_batch(64, temperature, top_k, top_p, min_p, generated=step)
-            tokens, _ = reference.sample_with_budget(logits, params, state)
+        logits = torch.randn(32, vocab) * 2
+        for step in range(3):
+            params, state = sampling_batch(32, temperature, top_k, top_p, min_p, generated=step)
+            tokens, _ = sample(provider, logits, params, state)
             for row, tok in enumerate(tokens.tolist()):
                 assert tok in allowed_set(logits[row], temperature, top_k, top_p, min_p)
 
 
-def test_distribution_matches_the_renormalised_target():
-    """Chi-square over 20000 fixed seeds: the draws follow the filtered distribution."""
-    vocab, n = 8, 20000
+@pytest.mark.parametrize("provider, draws, top_p, min_p", [
+    ("reference", 20000, 0.9, 0.0), pytest.param("cpu", 20000, 0.9, 0.0, marks=PROVIDERS[1].marks),
+    # The interpreter is slow: fewer draws, and min-p (the top-k/top-p paths of the kernel are pinned by
+    # test_kernels_sampler.test_draws_equal_the_reference_draws, token for token with the reference).
+    ("triton", 3000, 1.0, 0.05),
+])
+def test_distribution_matches_the_renormalised_target(provider, draws, top_p, min_p):
+    """Chi-square over fixed seeds (a fixed set, so the test is deterministic): the draws follow the
+    filtered distribution."""
+    vocab = 8
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
-    temperature, top_p = 0.9, 0.9
-    params, state = sampling_batch(n, temperature=temperature, top_p=top_p, seeds=range(1000, 1000 + n))
-    tokens, _ = reference.sample_with_budget(logits.expand(n, vocab).clone(), params, state)
+    temperature = 0.9
+    params, state = sampling_batch(draws, temperature=temperature, top_p=top_p, min_p=min_p,
+                                   seeds=range(1000, 1000 + draws))
+    tokens, _ = sample(provider, logits.expand(draws, vocab).contiguous(), params, state)
     counts = torch.bincount(tokens, minlength=vocab).double()
-    keep = sorted(allowed_set(logits, temperature, 0, top_p, 0.0))
+    keep = sorted(allowed_set(logits, temperature, 0, top_p, min_p))
     p = torch.softmax(logits.double() / temperature, -1)[keep]
-    expected = p / p.sum() * n
+    expected = p / p.sum() * draws
     assert counts[[i for i in range(vocab) if i not in keep]].sum() == 0
     chi2 = float(((counts[keep] - expected) ** 2 / expected).sum())
     # 99.9% quantile of chi-square with len(keep) - 1 degrees of freedom (<= 7): 24.3
     assert chi2 < 24.3, (chi2, counts[keep].tolist(), expected.tolist())
 
 
-def test_same_seed_and_step_same_token_whatever_the_batch():
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_same_seed_and_step_same_token_whatever_the_batch(provider):
     torch.manual_seed(2)
     vocab = 300
     row = torch.randn(vocab)
     alone_params, alone_state = sampling_batch(1, seeds=[1234], generated=7)
-    alone, _ = reference.sample_with_budget(row[None].clone(), alone_params, alone_state)
+    alone, _ = sample(provider, row[None].clone(), alone_params, alone_state)
     others = torch.randn(9, vocab)
     batch = torch.cat([others[:4], row[None], others[4:]])
     seeds = [5, 6, 7, 8, 1234, 9, 10, 11, 12, 13]
     params, state = sampling_batch(10, seeds=seeds, generated=7)
-    tokens, _ = reference.sample_with_budget(batch, params, state)
+    tokens, _ = sample(provider, batch, params, state)
     assert int(tokens[4]) == int(alone[0])
 
 

@@ -22,7 +22,7 @@ openai = pytest.importorskip("openai", reason="the test extra is not installed")
 
 from elastic_decode import LLM, SamplingParams  # noqa: E402
 from elastic_decode.client import RolloutClient  # noqa: E402
-from elastic_decode.engine_loop import EngineLoop  # noqa: E402
+from elastic_decode.engine.loop import EngineLoop  # noqa: E402
 from elastic_decode.errors import InvalidRequestError  # noqa: E402
 from elastic_decode.serve.app import ServerConfig  # noqa: E402
 

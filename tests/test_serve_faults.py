@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'elastic_decode[serve]')")
 
 from elastic_decode import LLM  # noqa: E402
-from elastic_decode.engine_loop import EngineLoop  # noqa: E402
+from elastic_decode.engine.loop import EngineLoop  # noqa: E402
 from elastic_decode.serve.app import ServerConfig  # noqa: E402
 from serving import MODEL, empty, engine_kwargs, get, in_thread, post, serving, wait_for_tokens  # noqa: E402
 

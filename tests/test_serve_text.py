@@ -8,7 +8,7 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from elastic_decode.engine_loop import CompletionDelta
+from elastic_decode.engine.loop import CompletionDelta
 from elastic_decode.serve.text import CompletionText
 
 THINK = "Let me think: 17 × 23 = 391 🙂 — 三百九十一, ok."

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from elastic_decode import LLM, SamplingParams
-from elastic_decode.tokenizer import Tokenizer
+from elastic_decode.engine.tokenizer import Tokenizer
 from elastic_decode.train import GRPOConfig
 from elastic_decode.train.__main__ import main
 from elastic_decode.train.loss import sft_loss

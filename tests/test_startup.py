@@ -14,7 +14,7 @@ import pytest
 
 from elastic_decode import LLM
 from elastic_decode.engine import LLMEngine
-from elastic_decode.startup import GPU_MEMORY_UTILIZATION, MemoryProbe
+from elastic_decode.engine.startup import GPU_MEMORY_UTILIZATION, MemoryProbe
 from test_cuda_graphs import EagerCaptureGraphs
 from test_multistep import PROMPTS, run, same, workload
 
@@ -136,7 +136,7 @@ def test_a_failed_capture_leaves_the_engine_eager_with_one_warning(monkeypatch, 
 def test_too_little_memory_for_a_cache_is_one_clear_error(monkeypatch, tiny_models):
     from elastic_decode.errors import ElasticDecodeError
 
-    monkeypatch.setattr("elastic_decode.startup.GPU_MEMORY_UTILIZATION", 0.1)
+    monkeypatch.setattr("elastic_decode.engine.startup.GPU_MEMORY_UTILIZATION", 0.1)
     with pytest.raises(ElasticDecodeError, match="not enough device memory for a KV cache: 0.01 GiB free after the "
                                                  "weights, the largest step needs 0.00 GiB and the CUDA graphs 0.00 GiB"):
         start(monkeypatch, tiny_models["qwen3"])

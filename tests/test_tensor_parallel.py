@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from elastic_decode import LLM, ElasticDecodeError, SamplingParams
+from engines import tiny_llm
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +27,7 @@ PARAMS = [
 
 
 def _llm(path, tp: int = 1, **kw) -> LLM:
-    return LLM(str(path), dtype="float32", device="cpu", seed=0, kv_cache_memory_gb=0.05, max_model_len=256,
-               tensor_parallel_size=tp, **kw)
+    return tiny_llm(path, max_model_len=256, tensor_parallel_size=tp, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,7 @@ def test_jsonl_task_reads_prompts_and_messages(tmp_path):
         ([{"prompt": "2+2?"}], 'no "answer"'),
         (["{not json"], "not valid JSON"),
         ([{"answer": "4"}], 'needs a non-empty "prompt"'),
-        ([{"messages": [{"content": "x"}], "answer": "1"}], '"messages" must be'),
+        ([{"messages": [{"content": "x"}], "answer": "1"}], 'a conversation must be a non-empty list'),
     ],
 )
 def test_bad_datasets_name_the_line(tmp_path, rows, message):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from elastic_decode import CompletionOutput, RequestOutput, majority_vote
-from elastic_decode.answers import vote_on_texts
+from elastic_decode.utils.answers import vote_on_texts
 
 from test_cli import assert_clean_error, run_cli
 

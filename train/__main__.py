@@ -24,8 +24,8 @@ import sys
 from pathlib import Path
 
 from elastic_decode.errors import ElasticDecodeError
-from elastic_decode.generate import OneLineErrorParser
-from elastic_decode.outpaths import check_output_dir
+from elastic_decode.cli import OneLineErrorParser
+from elastic_decode.utils.outpaths import check_output_dir
 
 from .config import GRPOConfig
 

@@ -2,13 +2,13 @@
 
 Only the solution (the text after the marker) is searched, so an answer buried in the thinking
 earns nothing: that is the point of training under a thinking budget. Extraction and
-equivalence live in `elastic_decode.answers` (shared with majority voting and evaluation).
+equivalence live in `elastic_decode.utils.answers` (shared with majority voting and evaluation).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from elastic_decode.answers import answers_match, extract_boxed, is_number, normalize_answer, to_sympy  # noqa: F401
+from elastic_decode.utils.answers import answers_match, extract_boxed, is_number, normalize_answer, to_sympy  # noqa: F401
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from elastic_decode import LLM, SamplingParams
 from elastic_decode.errors import ElasticDecodeError
-from elastic_decode.jsonl import check_messages, read_jsonl
-from elastic_decode.loader import resolve_checkpoint
-from elastic_decode.tokenizer import Tokenizer
+from elastic_decode.utils.jsonl import check_messages, read_jsonl
+from elastic_decode.models.loader import resolve_checkpoint
+from elastic_decode.engine.tokenizer import Tokenizer
 
 from .config import GRPOConfig
 from .loss import sft_loss

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from elastic_decode.jsonl import check_messages, read_jsonl
+from elastic_decode.utils.jsonl import check_messages, read_jsonl
 
 from .rewards import Score, extract_boxed, score_math
 

@@ -68,7 +68,7 @@ def addition_rows(digits: int, count: int, seed: int, check: bool = False) -> li
 
 
 def main(argv: list[str] | None = None) -> int:
-    from elastic_decode.generate import OneLineErrorParser
+    from elastic_decode.cli import OneLineErrorParser
 
     p = OneLineErrorParser(prog="python -m elastic_decode.train.traces", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from elastic_decode import LLM, SamplingParams
-from elastic_decode.loader import resolve_checkpoint
+from elastic_decode.models.loader import resolve_checkpoint
 
 from .config import GRPOConfig
 from .data_parallel import DataParallel

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elastic_decode.backend import reference_ops, triton_ops
+from elastic_decode.worker.backend import reference_ops, triton_ops
 from elastic_decode.kernels import cpu, sampling_batch
 
 CUDA = torch.cuda.is_available()
@@ -144,9 +144,9 @@ def test_block_allocator_allocate_and_free_64(benchmark):
 
 def test_scheduler_decode_step_of_256_sequences(benchmark):
     from elastic_decode import SamplingParams
-    from elastic_decode.block_manager import BlockManager
-    from elastic_decode.scheduler import Scheduler
-    from elastic_decode.sequence import Sequence
+    from elastic_decode.core.block_manager import BlockManager
+    from elastic_decode.core.scheduler import Scheduler
+    from elastic_decode.core.sequence import Sequence
 
     manager = BlockManager(num_blocks=256 * 8, block_size=BLOCK)
     scheduler = Scheduler(manager, max_num_seqs=256, max_num_batched_tokens=1 << 20)

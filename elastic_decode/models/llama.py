@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..distributed import Group, Shard, vocab_parallel_embedding
 from ..errors import ModelLoadError
-from ..parallel import Group, Shard, vocab_parallel_embedding
 from .batch import AttentionBatch, KernelOps
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -221,7 +221,7 @@ class Backbone(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The whole decoder; `forward` returns hidden states, `compute_logits` the chosen rows.
 
-    With `tp` (parallel.Group), this rank's shard of it (parallel.py): parameter names stay HF's,
+    With `tp` (distributed.Group), this rank's shard of it (distributed/shard.py): parameter names stay HF's,
     shapes are the local slices, and `load_weights` takes full HF tensors and keeps its slice."""
 
     def __init__(self, spec: ModelSpec, tp: Group | None = None):

@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli import OneLineErrorParser, add_engine_arguments, engine_kwargs
 from ..errors import ElasticDecodeError
-from ..generate import OneLineErrorParser, add_engine_arguments
 
 log = logging.getLogger("elastic_decode.serve")
 
@@ -58,9 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="safetensors bodies posted to /update_weights (default: what the model's weights take "
                           "in float64, the largest valid body)")
     e = p.add_argument_group("engine")
-    add_engine_arguments(e)
-    e.add_argument("--backend", default=None, help="auto (Triton on CUDA, the C++ kernels on CPU) | triton | cpu | "
-                   "reference")
+    add_engine_arguments(e, backend=True)
     e.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     e.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together (default 256)")
     e.add_argument("--kv-cache-memory-gb", type=float, default=None,
@@ -105,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvicorn
 
-        from ..engine_loop import EngineLoop
+        from ..engine import EngineLoop
         from ..llm import LLM
-        from ..loader import embedded_gguf_path
+        from ..models.loader import embedded_gguf_path
         from .app import ServerConfig, build_app
         from .shutdown import DrainingServer
     except ImportError as e:
@@ -134,11 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
             log.warning("listening on %s with no --api-key: anyone who can reach it can use it", args.host)
         start = time.perf_counter()
-        llm = LLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
-                  quantization=args.quantization, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                  kv_cache_memory_gb=args.kv_cache_memory_gb, num_scheduler_steps=args.num_scheduler_steps,
-                  cuda_graphs=args.cuda_graphs, enforce_eager=args.enforce_eager,
-                  tensor_parallel_size=args.tensor_parallel_size)
+        llm = LLM(args.model, **engine_kwargs(args, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                                              kv_cache_memory_gb=args.kv_cache_memory_gb))
         name = args.served_model_name or _served_name(args.model, embedded_gguf_path)
         config = ServerConfig(model_name=name, api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20),
                               max_weights_bytes=None if args.max_weights_gb is None

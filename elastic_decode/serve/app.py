@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from ..engine_loop import EngineLoop
+from ..engine.loop import EngineLoop
 from . import openai_routes, rollout_routes
 from .errors import install_handlers
 from .guard import Guard

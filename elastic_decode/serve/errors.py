@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine_loop import PauseConflict
+from ..engine.loop import PauseConflict
 from ..errors import ElasticDecodeError, InvalidRequestError
 from .protocol import NotUnicode
 

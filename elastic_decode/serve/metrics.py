@@ -2,7 +2,7 @@
 written out directly (a dozen lines; no client library needed)."""
 from __future__ import annotations
 
-from ..engine_loop import ABORT_CAUSES, EngineLoop
+from ..engine.loop import ABORT_CAUSES, EngineLoop
 
 
 def render_metrics(loop: EngineLoop) -> str:

@@ -21,6 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from ..engine.loop import PAUSE_MODES
 from ..errors import InvalidRequestError
 from ..sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -247,7 +248,7 @@ class TokenizeRequest(_Body):
 
 
 class PauseRequest(_Body):
-    mode: Literal["abort", "wait", "keep"] = "keep"
+    mode: Literal[PAUSE_MODES] = "keep"
 
 
 class UpdateWeightsRequest(_Body):

@@ -13,7 +13,7 @@ from functools import partial
 
 from fastapi import Request
 
-from ..engine_loop import RequestUpdate
+from ..engine.loop import RequestUpdate
 from ..errors import InvalidRequestError
 from ..sampling_params import SamplingParams
 from .errors import Disconnected, ShuttingDown, StepFailed

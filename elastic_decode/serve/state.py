@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..engine_loop import EngineLoop
+from ..engine.loop import EngineLoop
 from ..errors import InvalidRequestError
 from ..sampling_params import SamplingParams
 
@@ -41,8 +41,7 @@ class ServerState:
         # Blocking work a route must not do on the event loop (reading a checkpoint, parsing weights): its own
         # threads, so it can never starve the routes that wait on the engine loop.
         self.blocking = ThreadPoolExecutor(max_workers=2, thread_name_prefix="elastic-decode-io")
-        numel = sum(p.numel() for p in loop.engine.model.parameters())
-        self.max_weights_bytes = config.max_weights_bytes or 8 * numel + 64 * 2**20
+        self.max_weights_bytes = config.max_weights_bytes or 8 * loop.engine.num_parameters + 64 * 2**20
 
     def close(self) -> None:
         self.blocking.shutdown(wait=False, cancel_futures=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..engine_loop import CompletionDelta
+from ..engine.loop import CompletionDelta
 
 _SPLIT_CHAR = "\ufffd"  # what a decoder gives for a character whose bytes are not all there yet
 

@@ -13,10 +13,9 @@ by that equivalence and picks the largest group.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from dataclasses import dataclass
-
-import sympy
 
 # Model output is untrusted: bound the work one comparison can cost.
 MAX_ANSWER_CHARS = 200
@@ -61,6 +60,15 @@ def is_number(text: str) -> bool:
     return bool(_NUMBER.fullmatch(normalize_answer(str(text))))
 
 
+@functools.cache
+def _sympy():
+    """sympy, imported when an answer is first compared by value (it takes about a second to import, which
+    `import elastic_decode` should not cost every user)."""
+    import sympy
+
+    return sympy
+
+
 def answers_match(predicted: str | None, gold: str) -> bool:
     """True when `predicted` states the same answer as `gold` (string or value)."""
     if predicted is None:
@@ -74,7 +82,7 @@ def answers_match(predicted: str | None, gold: str) -> bool:
     if a is None or b is None:
         return False
     try:
-        return bool(sympy.simplify(a - b) == 0)
+        return bool(_sympy().simplify(a - b) == 0)
     except (TypeError, ValueError, ArithmeticError, RecursionError):
         return False
 
@@ -117,6 +125,7 @@ _BINOPS = {
 
 
 def _convert(node):
+    sympy = _sympy()
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
         return sympy.Rational(repr(node.value)) if isinstance(node.value, float) else sympy.Integer(node.value)
     if isinstance(node, ast.Name):

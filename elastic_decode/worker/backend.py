@@ -16,14 +16,11 @@ import torch
 
 from elastic_decode import kernels
 from elastic_decode.kernels import cpu, reference
+from elastic_decode.kernels.paged_checks import MIN_HEAD_DIM
 
-from .errors import ElasticDecodeError
-from .models.batch import KernelOps
-
-BACKENDS = ("auto", "triton", "cpu", "reference")
-# Weight-only quantization (opt-in): "int4", the decoder layers' GEMMs on 4-bit weights and the LM head's on
-# 8-bit ones, in groups of 32 (kernels/cpu.py, csrc/cpu_quant.cpp); CPU backend only.
-QUANTIZATIONS = ("int4",)
+from ..config import BACKENDS, QUANTIZATIONS
+from ..errors import ElasticDecodeError
+from ..models import KernelOps, ModelSpec
 
 
 def _ops_from(name: str, namespace) -> KernelOps:
@@ -100,3 +97,13 @@ def _select(device: torch.device, backend: str | None) -> KernelOps:
     if ops is None:
         raise ElasticDecodeError("the triton backend needs the triton package, which is not installed")
     return ops
+
+
+def check_kernel_shapes(spec: ModelSpec, backend: str) -> None:
+    """Refuse, at start-up and in one line, a model the chosen kernels cannot run (instead of a ValueError
+    from the first launch)."""
+    d = spec.head_dim
+    if backend == "triton" and (d & (d - 1) or d < MIN_HEAD_DIM):
+        raise ElasticDecodeError(f"the Triton attention kernels need a head_dim that is a power of two and at least "
+                                 f"{MIN_HEAD_DIM} (tl.dot's smallest K on NVIDIA GPUs); this model's is {d}: use "
+                                 "backend='reference'")

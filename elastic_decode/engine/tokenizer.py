@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import InvalidRequestError, ModelLoadError
+from ..errors import InvalidRequestError, ModelLoadError
 
 THINK_CLOSE = "</think>"
 THINK_CLOSE_FALLBACK = "\n</think>\n\n"
@@ -50,7 +50,7 @@ class Tokenizer:
         return list(self.hf(text, add_special_tokens=False)["input_ids"])
 
     def marker(self, end_think: str | tuple[int, ...] | None) -> tuple[int, ...]:
-        """The end-of-thinking marker E as token ids (DESIGN.md, "Budget semantics")."""
+        """The end-of-thinking marker E as token ids (docs/architecture.md, "The budget contract")."""
         if isinstance(end_think, tuple):
             return end_think
         if end_think is None:

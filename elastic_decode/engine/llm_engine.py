@@ -1,36 +1,41 @@
 """The engine: load a model, accept requests at any time, step until they finish.
 
-request -> scheduler -> model runner -> model (kernels) -> sampler + budget -> outputs.
+request -> scheduler (core/) -> model runner (worker/) -> model (kernels) -> sampler + budget -> outputs.
+
+The engine owns the request table and the scheduler (only the scheduler changes a Sequence); the
+runner owns the model's device state (the KV cache, the CUDA graphs, the weights' prepared form) and
+is asked, never reached into. Callers read the engine through what it offers: `stats()`, `request()`,
+`check_request()`, `weight_shape()`.
 """
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import random
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from elastic_decode.kernels import FINISH_NONFINITE, FINISH_STOP, MAX_MARKER_TOKENS
-from elastic_decode.kernels import cpu as cpu_kernels
-from elastic_decode.kernels.paged_checks import MIN_HEAD_DIM
+from elastic_decode.kernels import FINISH_NONFINITE, MAX_MARKER_TOKENS
 
-from . import parallel, startup
-from .backend import select_ops
-from .block_manager import BlockManager
-from .config import EngineConfig
-from .cuda_graphs import DecodeGraphs
-from .device_batch import DeviceBatch
-from .errors import ElasticDecodeError, InvalidRequestError, NonFiniteLogitsError
-from .loader import resolve_checkpoint
-from .model_runner import ModelRunner
-from .models import LlamaForCausalLM, ModelSpec, rope_inv_freq
-from .outputs import CompletionOutput, RequestOutput
-from .sampling_params import SamplingParams
-from .scheduler import ScheduledBatch, Scheduler
-from .sequence import Sequence, SequenceStatus
+from ..config import EngineConfig
+from ..core.block_manager import BlockManager
+from ..core.scheduler import Scheduler
+from ..core.sequence import Sequence, SequenceStatus
+from ..core.step import ScheduledBatch
+from ..distributed import Workers, WorkerSpec, check_sizes
+from ..errors import ElasticDecodeError, InvalidRequestError, NonFiniteLogitsError
+from ..models import ModelSpec
+from ..models.loader import build_model, resolve_checkpoint
+from ..outputs import CompletionOutput, RequestOutput
+from ..sampling_params import SamplingParams
+from ..worker.backend import check_kernel_shapes, select_ops
+from ..worker.cuda_graphs import DecodeGraphs, wants_cuda_graphs
+from ..worker.device_batch import DeviceBatch
+from ..worker.model_runner import ModelRunner, allocate_kv_caches
+from . import startup
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("elastic_decode")
@@ -61,146 +66,6 @@ class Request:
         return all(s.status is SequenceStatus.FINISHED for s in self.seqs)
 
 
-def _pick_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ElasticDecodeError(f"unknown device {name!r}") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count()  # 0 without a GPU (or a CUDA build of torch)
-        if count == 0:
-            raise ElasticDecodeError("device 'cuda' requested but no CUDA GPU is available")
-        if device.index is not None and device.index >= count:
-            raise ElasticDecodeError(f"device {name!r} requested but this machine has {count} CUDA GPU"
-                                     f"{'s' if count > 1 else ''} (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
-    return device
-
-
-def _pick_dtype(name: str, device: torch.device, hf_config, quantization: str | None = None) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    if quantization == "int4":  # its one-call decoder runs in float32 only: bf16 would take the slower per-op path
-        return torch.float32
-    if device.type == "cpu":  # bf16 where the CPU has the instructions for it, else fp32 (exact and faster there)
-        return torch.bfloat16 if cpu_kernels.native_bf16() else torch.float32
-    if device.type != "cuda":
-        return torch.float32
-    ckpt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    ckpt = getattr(torch, ckpt) if isinstance(ckpt, str) else ckpt
-    return ckpt if ckpt in (torch.float16, torch.bfloat16) else torch.bfloat16
-
-
-def check_kernel_shapes(spec: ModelSpec, backend: str) -> None:
-    """Refuse, at start-up and in one line, a model the chosen kernels cannot run (instead of a ValueError
-    from the first launch)."""
-    d = spec.head_dim
-    if backend == "triton" and (d & (d - 1) or d < MIN_HEAD_DIM):
-        raise ElasticDecodeError(f"the Triton attention kernels need a head_dim that is a power of two and at least "
-                                 f"{MIN_HEAD_DIM} (tl.dot's smallest K on NVIDIA GPUs); this model's is {d}: use "
-                                 "backend='reference'")
-
-
-def wants_cuda_graphs(config: EngineConfig, device_type: str, backend: str) -> bool:
-    """Whether the engine captures CUDA graphs: as asked, else (cuda_graphs None) wherever they can run
-    (CUDA, the Triton kernels, one rank) unless enforce_eager."""
-    if config.cuda_graphs is not None:
-        return config.cuda_graphs
-    return (not config.enforce_eager and device_type == "cuda" and backend == "triton"
-            and config.tensor_parallel_size == 1)
-
-
-def build_model(path: Path, hf_config, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                max_model_len: int, tp: parallel.Group | None = None) -> LlamaForCausalLM:
-    """The model (or this rank's shard of it) with the checkpoint's weights; a shard reads only its
-    slices from the safetensors files."""
-    from safetensors import safe_open
-
-    with torch.device("meta"):
-        model = LlamaForCausalLM(spec, tp)
-    _materialize(model, device, dtype)
-    inv_freq, rope_scaling = rope_inv_freq(hf_config, spec.head_dim)
-    model.set_rope(inv_freq, rope_scaling, max_model_len)
-    expected = {n for n, _ in model.hf_named_parameters()}
-    loaded = 0
-    for file in sorted(path.glob("*.safetensors")):
-        # Read on the host and copy into the parameters (one host-to-device copy per tensor, no temporary
-        # on the device, as reading with device="cuda" would make).
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            names = [k for k in f.keys() if k in expected]
-            if model.shard is None:
-                loaded += model.load_weights((k, f.get_tensor(k)) for k in names)
-            else:
-                loaded += model.load_weights(((k, model.shard.read(k, f.get_slice(k))) for k in names), local=True)
-    if loaded != len(expected):
-        raise ElasticDecodeError(f"checkpoint {path} holds {loaded} of the model's {len(expected)} weights")
-    return model.eval()
-
-
-def _materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Give every parameter of a model built on the meta device uninitialised storage on `device`, in
-    `dtype` at once (`to_empty(device).to(dtype)` would hold the whole model in float32 first: twice a bf16
-    model's memory, which a 32B model does not have on an 80 GB GPU). Plain assignment, not Module._apply,
-    so it also runs under the tests' fake-CUDA mode."""
-    for module in model.modules():
-        for name, param in module._parameters.items():
-            if param is not None:
-                module._parameters[name] = torch.nn.Parameter(
-                    torch.empty(param.shape, dtype=dtype, device=device), requires_grad=param.requires_grad)
-        for name, buffer in module._buffers.items():
-            if buffer is not None:
-                module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device=device)
-
-
-def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, ...]]:
-    """Every layer's (k_cache, v_cache) of `num_blocks` blocks (this rank's kv heads)."""
-    spec, weight = model.spec, model.model.norm.weight
-    shape = (num_blocks, block_size, model.kv_heads, spec.head_dim)
-    return [(torch.zeros(shape, dtype=weight.dtype, device=weight.device),
-             torch.zeros(shape, dtype=weight.dtype, device=weight.device)) for _ in range(spec.num_layers)]
-
-
-class ShardWorker:
-    """A tensor-parallel rank other than 0: its shard of the model and KV cache, running what rank 0
-    sends (parallel.py)."""
-
-    def __init__(self, spec: parallel.WorkerSpec, group: parallel.Group):
-        from transformers import AutoConfig
-
-        self.spec, self.group = spec, group
-        path = Path(spec.path)
-        hf_config = AutoConfig.from_pretrained(path)
-        self.device = torch.device(spec.device)
-        self.model = build_model(path, hf_config, ModelSpec.from_hf_config(hf_config), getattr(torch, spec.dtype),
-                                 self.device, spec.max_model_len, group)
-        command, self.num_blocks = group.recv()  # rank 0 sends the cache size first
-        if command != "kv":
-            raise RuntimeError(f"tensor-parallel worker: expected the KV cache size, got {command!r}")
-        self.runner = ModelRunner(self.model, allocate_kv_caches(self.model, self.num_blocks, spec.block_size),
-                                  select_ops(self.device, spec.backend, spec.quantization), spec.block_size)
-        self.runner.ops.prepare_linear(*self.model.linear_weights())
-
-    def serve(self) -> None:
-        while True:
-            command, *args = self.group.recv()
-            if command == "step":
-                self.runner.execute(args[0])
-            elif command == "load":
-                params = dict(self.model.named_parameters())
-                for name, shape, dtype in args[0]:
-                    full = self.group.broadcast(torch.empty(shape, dtype=dtype, device=self.device))
-                    with torch.no_grad():
-                        self.model.hf_parameter(name, params).copy_(self.model.shard.take(name, full))
-                self.runner.ops.prepare_linear(*self.model.linear_weights())
-            elif command == "sleep":
-                self.runner.kv_caches = []
-            elif command == "wake":
-                self.runner.kv_caches = allocate_kv_caches(self.model, self.num_blocks, self.spec.block_size)
-            elif command == "stop":
-                return
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         from transformers import AutoConfig
@@ -209,19 +74,19 @@ class LLMEngine:
         path = resolve_checkpoint(config.model)
         hf_config = AutoConfig.from_pretrained(path)
         self.spec = ModelSpec.from_hf_config(hf_config)
-        self.device = _pick_device(config.device)
-        self.dtype = _pick_dtype(config.dtype, self.device, hf_config, config.quantization)
+        self.device = startup.pick_device(config.device)
+        self.dtype = startup.pick_dtype(config.dtype, self.device, hf_config, config.quantization)
         self.ops = select_ops(self.device, config.backend, config.quantization)
         check_kernel_shapes(self.spec, self.ops.name)
         self.tokenizer = Tokenizer(path, hf_config)
         self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
                                  self.spec.max_position_embeddings)
 
-        parallel.check_sizes(self.spec, config.tensor_parallel_size, self.device)
+        check_sizes(self.spec, config.tensor_parallel_size, self.device)
         self.workers = None
         if config.tensor_parallel_size > 1:
             self._check_parallel_settings()
-            self.workers = parallel.Workers(config.tensor_parallel_size, parallel.WorkerSpec(
+            self.workers = Workers(config.tensor_parallel_size, WorkerSpec(
                 path=str(path), dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
                 backend=config.backend, quantization=config.quantization,
                 block_size=config.block_size, max_model_len=self.max_model_len,
@@ -238,41 +103,29 @@ class LLMEngine:
 
         block_size = config.block_size
         graphs = self._graphs()
-        probe = self._memory_probe()
         if self.device.type == "cuda" and self.ops.name == "triton":
             startup.compile_kernels(self.spec, block_size, self.dtype, self.device)  # no request pays a compile
-        num_blocks = self._num_kv_blocks(block_size, probe, graphs)
+        self.num_kv_blocks = self._num_kv_blocks(self._memory_probe(), graphs)
         if self.memory_plan is not None and self.memory_plan.graph_bytes is None:
             graphs = None  # the capture failed while measuring it: decode eagerly
-        self.num_kv_blocks = num_blocks
         if self.workers is not None:
-            self.workers.send(("kv", num_blocks))
-        kv_caches = self._allocate_kv_caches(num_blocks)
-        self.kv_capacity_tokens = num_blocks * block_size
+            self.workers.send(("kv", self.num_kv_blocks))
+        self.kv_capacity_tokens = self.num_kv_blocks * block_size
         if self.kv_capacity_tokens < self.max_model_len:
             log.warning("the KV cache holds %d tokens, fewer than the %d-token context window: a prompt and its "
                         "completion are limited to %d tokens (raise kv_cache_memory_gb or num_kv_blocks)",
                         self.kv_capacity_tokens, self.max_model_len, self.kv_capacity_tokens)
-        self.block_manager = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(
-            self.block_manager,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=self._prefill_tokens,
-            num_steps=config.num_scheduler_steps,
-        )
-        self.runner = ModelRunner(self.model, kv_caches, self.ops, block_size, graphs, self.workers)
-        if graphs is not None and not startup.capture_or_eager(
-                lambda: graphs.capture_buckets(kv_caches, self.runner.batch)):
-            graphs.release()
-            self.runner.graphs = None
+        self.block_manager = BlockManager(self.num_kv_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=self._prefill_tokens, num_steps=config.num_scheduler_steps)
+        self.runner = ModelRunner(self.model, allocate_kv_caches(self.model, self.num_kv_blocks, block_size),
+                                  self.ops, block_size, graphs, self.workers)
+        self.runner.capture_graphs()
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
         self.last_batch: ScheduledBatch | None = None  # what the latest step ran (for metrics)
-
-    def _allocate_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return allocate_kv_caches(self.model, num_blocks, self.config.block_size)
 
     def _check_parallel_settings(self) -> None:
         config = self.config
@@ -290,17 +143,15 @@ class LLMEngine:
 
     @property
     def sleeping(self) -> bool:
-        return not self.runner.kv_caches
+        return self.runner.sleeping
 
     def sleep(self) -> None:
         """Free the KV cache (e.g. while a trainer runs its backward pass); weights stay."""
         if self.has_unfinished():
             raise ElasticDecodeError("cannot sleep with requests in flight")
-        self.runner.kv_caches = []
+        self.runner.free_kv_cache()
         if self.workers is not None:
             self.workers.send(("sleep",))
-        if self.runner.graphs is not None:
-            self.runner.graphs.reset()  # the graphs point at the freed cache
         self.block_manager.reset_prefix_cache()  # its cached K/V are gone with the memory
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -310,7 +161,7 @@ class LLMEngine:
         if self.sleeping:
             if self.workers is not None:
                 self.workers.send(("wake",))
-            self.runner.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
+            self.runner.allocate_kv_cache(self.num_kv_blocks)
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -340,7 +191,7 @@ class LLMEngine:
         block_size = self.config.block_size
         batch, blocks = startup.largest_prefill(self._prefill_tokens, self.config.max_num_seqs, self.max_model_len,
                                                 block_size, self.spec.vocab_size)
-        temporary = self._allocate_kv_caches(blocks + 1)
+        temporary = allocate_kv_caches(self.model, blocks + 1, block_size)
         runner = ModelRunner(self.model, temporary, self.ops, block_size)
         step_peak = startup.profile_step(lambda: runner.run(batch), probe)
         graph_bytes = 0
@@ -354,30 +205,22 @@ class LLMEngine:
         return startup.MemoryPlan(free=free, step_peak=step_peak, graph_bytes=graph_bytes,
                                   kv_cache=startup.kv_cache_bytes(free, step_peak, graph_bytes))
 
-    def _num_kv_blocks(self, block_size: int, probe: startup.MemoryProbe | None,
-                       graphs: DecodeGraphs | None) -> int:
+    def _num_kv_blocks(self, probe: startup.MemoryProbe | None, graphs: DecodeGraphs | None) -> int:
+        config, block_size = self.config, self.config.block_size
         self.memory_plan = None
-        if self.config.num_kv_blocks is not None:
-            return self.config.num_kv_blocks
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
         per_block = 2 * self.spec.num_layers * block_size * self.model.kv_heads * self.spec.head_dim
         per_block *= torch.empty((), dtype=self.dtype).element_size()
-        if self.config.kv_cache_memory_gb is not None:
-            budget = self.config.kv_cache_memory_gb * 2**30
+        if config.kv_cache_memory_gb is not None:
+            budget = config.kv_cache_memory_gb * 2**30
         elif probe is not None:
             self.memory_plan = self._profile(probe, graphs)
             budget = self.memory_plan.kv_cache
-            if budget < per_block:
-                plan = self.memory_plan
-                raise ElasticDecodeError(
-                    f"not enough device memory for a KV cache: {plan.free / 2**30:.2f} GiB free after the weights, "
-                    f"the largest step needs {plan.step_peak / 2**30:.2f} GiB and the CUDA graphs "
-                    f"{(plan.graph_bytes or 0) / 2**30:.2f} GiB (lower max_num_batched_tokens or max_num_seqs, "
-                    "or turn cuda_graphs off)")
         else:
             budget = 2**30
-        # No need for more than every sequence at full length.
-        most = self.config.max_num_seqs * ((self.max_model_len + block_size - 1) // block_size)
-        return max(1, min(int(budget // per_block), most))
+        return startup.num_kv_blocks(budget, per_block, config.max_num_seqs, self.max_model_len, block_size,
+                                     self.memory_plan)
 
     # -- requests ---------------------------------------------------------------------
 
@@ -405,15 +248,18 @@ class LLMEngine:
         if params.max_tokens is not None and params.max_tokens > room:
             raise InvalidRequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceed the context window of "
-                f"{window} tokens; lower max_tokens to {room} or less, or leave it unset (the window)", param="max_tokens")
+                f"{window} tokens; lower max_tokens to {room} or less, or leave it unset (the window)",
+                param="max_tokens")
         if any(t >= vocab for t in params.stop_token_ids):
-            raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {vocab}", param="stop_token_ids")
+            raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {vocab}",
+                                      param="stop_token_ids")
         marker = self.tokenizer.marker(params.end_think)
         if any(t >= vocab for t in marker):
-            raise InvalidRequestError(f"end_think token ids must be below the vocabulary size {vocab}", param="end_think")
-        if len(marker) > MAX_MARKER_TOKENS:
-            raise InvalidRequestError(f"end_think is {len(marker)} tokens long; at most {MAX_MARKER_TOKENS} are supported",
+            raise InvalidRequestError(f"end_think token ids must be below the vocabulary size {vocab}",
                                       param="end_think")
+        if len(marker) > MAX_MARKER_TOKENS:
+            raise InvalidRequestError(f"end_think is {len(marker)} tokens long; at most {MAX_MARKER_TOKENS} are "
+                                      "supported", param="end_think")
         return marker, room if params.max_tokens is None else params.max_tokens
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None) -> int:
@@ -441,6 +287,14 @@ class LLMEngine:
         self.requests[request.request_id] = request
         return request.request_id
 
+    def request(self, request_id: int) -> Request | None:
+        """A request in flight (read it; only the engine changes it), None once finished or aborted."""
+        return self.requests.get(request_id)
+
+    def request_ids(self) -> set[int]:
+        """The requests in flight."""
+        return set(self.requests)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -451,11 +305,6 @@ class LLMEngine:
         return {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
                 "kv_blocks_used": total - blocks.num_free, "kv_blocks_free": blocks.num_free, "kv_blocks_total": total,
                 "preemptions": scheduler.num_preemptions}
-
-    def weight_shape(self, name: str) -> tuple[int, ...] | None:
-        """The shape `load_weights` takes for the HF weight `name` (the full tensor, also under tensor
-        parallelism); None for a name it skips; ModelLoadError for one this model does not have."""
-        return self.model.hf_shape(name, self._params)
 
     def abort_request(self, request_id: int) -> None:
         """Drop a request whatever its state: its sequences leave the scheduler, their KV blocks
@@ -499,26 +348,20 @@ class LLMEngine:
     # -- outputs ----------------------------------------------------------------------
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
-        out = seq.output_ids
         decode = self.tokenizer.decode
-        if seq.params.think_budget is None:
-            thinking, solution = [], out
-        else:
-            # Thinking tokens come first, then the k marker tokens, then the solution.
-            thinking = out[: seq.think_count]
-            solution = out[seq.think_count + len(seq.marker) :]
+        thinking, _, solution = seq.output_parts()
         return CompletionOutput(
             index=seq.sample_index,
-            text=decode(out),
+            text=decode(seq.output_ids),
             thinking_text=decode(thinking),
             solution_text=decode(solution),
-            token_ids=list(out),
+            token_ids=list(seq.output_ids),
             logprobs=list(seq.logprobs),
             forced_mask=list(seq.forced_mask),
-            think_tokens=seq.think_count if seq.params.think_budget is not None else 0,
+            think_tokens=seq.think_tokens,
             solution_tokens=seq.solution_count,
             forced_end=bool(seq.forced_end),
-            finish_reason="stop" if seq.finish == FINISH_STOP else "length",
+            finish_reason=seq.finish_reason,
             top_logprobs=[list(row) for row in seq.top_logprobs] if seq.params.logprobs else None,
         )
 
@@ -532,6 +375,21 @@ class LLMEngine:
 
     # -- weights ----------------------------------------------------------------------
 
+    @property
+    def num_parameters(self) -> int:
+        """Parameters of the whole model (every rank's, under tensor parallelism: the HF count)."""
+        return sum(math.prod(shape) for shape in (self.weight_shape(n) for n, _ in self.model.hf_named_parameters())
+                   if shape is not None)
+
+    def weight_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape `load_weights` takes for the HF weight `name` (the full tensor, also under tensor
+        parallelism); None for a name it skips; ModelLoadError for one this model does not have."""
+        return self.model.hf_shape(name, self._params)
+
+    def check_weights(self, named_tensors) -> list:
+        """Check HF-named weights as `load_weights` would (names, shapes, dtypes, values), changing nothing."""
+        return self.model.check_weights(named_tensors)
+
     def load_weights(self, named_tensors) -> int:
         """Update weights in place (HF names), all or nothing; K/V of the old weights is dropped."""
         if self.workers is None:
@@ -544,7 +402,7 @@ class LLMEngine:
                     full = self.workers.group.broadcast(tensor.detach().to(self.device).contiguous())
                     target.copy_(self.model.shard.take(name, full))
             count = len(pairs)
-        self.ops.prepare_linear(*self.model.linear_weights())
+        self.runner.prepare_weights()
         # K/V computed under the old weights, cached or in flight, is stale: running sequences are
         # prefilled again (with their tokens and budget state) at the next step.
         self.scheduler.recompute_running()

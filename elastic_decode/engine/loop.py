@@ -2,7 +2,7 @@
 requests come and go (continuous batching across callers, as vLLM's AsyncLLM does).
 
 Callers on any thread submit requests, abort them, pause, resume and update weights; each call
-is a command the loop thread runs between two steps, so the engine keeps one owner (STYLE rule 7)
+is a command the loop thread runs between two steps, so the engine keeps one owner (docs/architecture.md, "Who owns what")
 and no step sees a half-applied change. After every step each live request hears, through its
 callback (called on the loop thread), what its completions gained: new token ids with their
 logprobs and forced flags, and the budget machine's counts.
@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from elastic_decode.kernels import FINISH_STOP, FORCING, THINKING
+from elastic_decode.kernels import FORCING
 
-from .engine import LLMEngine, Request
-from .errors import ElasticDecodeError, InvalidRequestError
-from .sampling_params import SamplingParams
-from .sequence import SequenceStatus
+from ..core.sequence import SequenceStatus
+from ..errors import ElasticDecodeError, InvalidRequestError
+from ..sampling_params import SamplingParams
+from .llm_engine import LLMEngine, Request
 
 log = logging.getLogger("elastic_decode")
 
@@ -290,7 +290,7 @@ class EngineLoop:
             self.metrics.requests_failed += 1
             live.callback(RequestUpdate([], True, e))
             return
-        live.request = self.engine.requests[request_id]
+        live.request = self.engine.request(request_id)
 
     def _report(self, handle: int, final_reason: str | None = None, error: Exception | None = None) -> None:
         """Send the request's deltas; `final_reason` ends every completion still running."""
@@ -303,7 +303,7 @@ class EngineLoop:
             out = seq.output_ids
             new = slice(live.sent[i], len(out))
             ended = seq.status is SequenceStatus.FINISHED and final_reason is None
-            reason = final_reason or (("stop" if seq.finish == FINISH_STOP else "length") if ended else None)
+            reason = final_reason or (seq.finish_reason if ended else None)
             if new.start == new.stop and reason is None:
                 continue
             live.sent[i] = len(out)
@@ -315,9 +315,7 @@ class EngineLoop:
                 self.metrics.forced_ends += bool(seq.forced_end)
             deltas.append(CompletionDelta(
                 index=i, token_ids=out[new], logprobs=seq.logprobs[new], forced_mask=forced, num_tokens=len(out),
-                think_tokens=seq.think_count if seq.params.think_budget is not None else 0,
-                solution_tokens=seq.solution_count,
-                thinking=seq.params.think_budget is not None and seq.phase in (THINKING, FORCING),
+                think_tokens=seq.think_tokens, solution_tokens=seq.solution_count, thinking=seq.in_thought,
                 forcing=seq.phase == FORCING, marker_len=len(seq.marker), forced_end=bool(seq.forced_end),
                 finish_reason=reason, top_logprobs=seq.top_logprobs[new] if seq.params.logprobs else None))
         finished = all(live.done)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import ElasticDecodeError
+from ..errors import ElasticDecodeError
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -13,7 +13,7 @@ import torch
 
 from elastic_decode.kernels import DONE, BudgetState, SamplerParams
 
-from .models import AttentionBatch, KernelOps, LlamaForCausalLM
+from ..models import AttentionBatch, KernelOps, LlamaForCausalLM
 
 
 @dataclass(frozen=True)

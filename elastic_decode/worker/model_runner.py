@@ -13,18 +13,26 @@ same resident rows.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from elastic_decode.kernels import DONE, PAD_TOKEN, BudgetState, SamplerParams
 
-from .cuda_graphs import DecodeGraphs
+from ..core.sequence import Sequence
+from ..core.step import ScheduledBatch, StepResult
+from ..models import AttentionBatch, KernelOps, LlamaForCausalLM
+from .cuda_graphs import DecodeGraphs, capture_or_eager
 from .decode_step import decode_step, top_logprobs
 from .device_batch import BatchUpdate, DeviceBatch, HostFields, RowPlanner, sampler_fields, upload
-from .models import AttentionBatch, KernelOps, LlamaForCausalLM
-from .scheduler import ScheduledBatch, StepResult
-from .sequence import Sequence
+
+
+def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, ...]]:
+    """Every layer's (k_cache, v_cache) of `num_blocks` blocks (this rank's kv heads)."""
+    spec, weight = model.spec, model.model.norm.weight
+    shape = (num_blocks, block_size, model.kv_heads, spec.head_dim)
+    return [(torch.zeros(shape, dtype=weight.dtype, device=weight.device),
+             torch.zeros(shape, dtype=weight.dtype, device=weight.device)) for _ in range(spec.num_layers)]
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,35 @@ class ModelRunner:
         if graphs is not None:
             graphs.reserve(self.batch)
 
+    # -- what the runner owns: the KV cache, the graphs, the weights' prepared form -------------------
+
+    @property
+    def sleeping(self) -> bool:
+        return not self.kv_caches
+
+    def free_kv_cache(self) -> None:
+        """Drop the KV cache (its memory goes back when nothing else holds it); the graphs, which point at
+        it, go with it and are captured again on first use after `allocate_kv_cache`."""
+        self.kv_caches = []
+        if self.graphs is not None:
+            self.graphs.reset()
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = allocate_kv_caches(self.model, num_blocks, self.block_size)
+
+    def prepare_weights(self) -> None:
+        """Make the weights ready for the ops' GEMMs (at load and after every update in place)."""
+        self.ops.prepare_linear(*self.model.linear_weights())
+
+    def capture_graphs(self) -> bool:
+        """Capture every bucket's CUDA graph now (start-up, largest first); a capture that fails leaves the
+        runner decoding eagerly, with one warning. Returns whether graphs are on."""
+        graphs = self.graphs
+        if graphs is not None and not capture_or_eager(lambda: graphs.capture_buckets(self.kv_caches, self.batch)):
+            graphs.release()
+            self.graphs = None
+        return self.graphs is not None
+
     # -- inputs -----------------------------------------------------------------------
 
     @staticmethod
@@ -72,8 +109,7 @@ class ModelRunner:
 
     @staticmethod
     def _sampler_inputs(dev: dict[str, torch.Tensor]) -> tuple[SamplerParams, BudgetState]:
-        return (SamplerParams(**{f.name: dev[f.name] for f in fields(SamplerParams)}),
-                BudgetState(**{f.name: dev[f.name] for f in fields(BudgetState)}))
+        return SamplerParams.take(dev), BudgetState.take(dev)
 
     @staticmethod
     def _prefill_host(seqs: tuple[Sequence, ...]) -> dict[str, tuple[torch.dtype, list, tuple[int, ...]]]:
@@ -171,7 +207,7 @@ class ModelRunner:
         perm = self.batch.perm  # rows -> batch order (None: the rows are in batch order)
         if perm is not None:
             tokens, logprobs, forced = tokens[:, perm], logprobs[:, perm], forced[:, perm]
-            state = BudgetState(**{f.name: getattr(state, f.name)[perm] for f in fields(BudgetState)})
+            state = state.map(lambda t: t[perm])
             top = None if top is None else (top[0][:, perm], top[1][:, perm])
         return tokens, logprobs, forced, state, top
 

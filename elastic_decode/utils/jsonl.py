@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import ElasticDecodeError
+from ..errors import ElasticDecodeError, InvalidRequestError
 
 
 def read_jsonl(path: str | Path, label: str) -> list[tuple[str, dict]]:
@@ -31,11 +31,19 @@ def read_jsonl(path: str | Path, label: str) -> list[tuple[str, dict]]:
     return rows
 
 
+def check_conversation(messages, where: str | None = None) -> None:
+    """A conversation: a non-empty list of {"role", "content"} objects whose contents are not blank (the one
+    check of the APIs, the CLIs and the trainer's data files)."""
+    prefix = f"{where}: " if where else ""
+    if not (isinstance(messages, list) and messages
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+        raise InvalidRequestError(f'{prefix}a conversation must be a non-empty list of {{"role", "content"}} objects',
+                                  param="messages")
+    if any(not str(m["content"]).strip() for m in messages):
+        raise InvalidRequestError(f"{prefix}a conversation has an empty message", param="messages")
+
+
 def check_messages(row: dict, where: str) -> None:
-    """A row's "messages", when present, must be a non-empty list of {"role", "content"} objects."""
-    if "messages" in row and not (
-        isinstance(row["messages"], list)
-        and row["messages"]
-        and all(isinstance(m, dict) and "role" in m and "content" in m for m in row["messages"])
-    ):
-        raise ElasticDecodeError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
+    """A row's "messages", when present, is a conversation (check_conversation)."""
+    if "messages" in row:
+        check_conversation(row["messages"], where)

@@ -30,13 +30,28 @@ replace `_capture` (the only lines that need CUDA) to check warm-up, reuse and r
 """
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
 
 from elastic_decode.kernels import BudgetState
 
+from ..config import EngineConfig
+from ..models import KernelOps, LlamaForCausalLM
 from .decode_step import decode_step
 from .device_batch import STOP_WIDTH, DeviceBatch
-from .models import KernelOps, LlamaForCausalLM
+
+log = logging.getLogger("elastic_decode")
+
+
+def wants_cuda_graphs(config: EngineConfig, device_type: str, backend: str) -> bool:
+    """Whether the engine captures CUDA graphs: as asked, else (cuda_graphs None) wherever they can run
+    (CUDA, the Triton kernels, one rank) unless enforce_eager."""
+    if config.cuda_graphs is not None:
+        return config.cuda_graphs
+    return (not config.enforce_eager and device_type == "cuda" and backend == "triton"
+            and config.tensor_parallel_size == 1)
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -176,3 +191,14 @@ class DecodeGraphs:
             logprobs_k.append(out_logprobs[:n].clone())
             forced_k.append(out_forced[:n].clone())
         return torch.stack(tokens_k), torch.stack(logprobs_k), torch.stack(forced_k), batch.view(n).state
+
+
+def capture_or_eager(capture_all: Callable[[], None]) -> bool:
+    """Capture every bucket (largest first); on failure warn once and report False (eager)."""
+    try:
+        capture_all()
+    except Exception as err:  # a capture that fails must not take the engine down  # noqa: BLE001
+        log.warning("CUDA graph capture failed at start-up (%s: %s); decoding eagerly",
+                    type(err).__name__, str(err).splitlines()[0] if str(err) else "no message")
+        return False
+    return True

@@ -1,6 +1,6 @@
 """One completion being generated: its tokens, its KV blocks and its budget-machine state.
 
-Only the scheduler changes a Sequence (STYLE rule 7); the runner reads a batch of them and
+Only the scheduler changes a Sequence (docs/architecture.md, "Who owns what"); the runner reads a batch of them and
 returns a StepResult that the scheduler applies.
 """
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from elastic_decode.kernels import FINISH_NONE, SOLVING, THINKING
+from elastic_decode.kernels import FINISH_NONE, FINISH_STOP, FORCING, RECENT_PAD, SOLVING, THINKING
 
-from .sampling_params import SamplingParams
+from ..sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -36,7 +36,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # leading tokens whose K/V a prefix-cache hit provides
     # Bumped whenever the scheduler frees the blocks (preempted, recomputed, aborted, finished): a
-    # resident device row written under an older epoch is stale (device_batch.py).
+    # resident device row written under an older epoch is stale (worker/device_batch.py).
     epoch: int = 0
 
     # budget machine state: one row of kernels.BudgetState, kept here between steps
@@ -56,7 +56,7 @@ class Sequence:
         if self.params.think_budget is None:
             self.phase = SOLVING
         if not self.recent:
-            self.recent = [-1] * len(self.marker)
+            self.recent = [RECENT_PAD] * len(self.marker)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -68,3 +68,30 @@ class Sequence:
     @property
     def num_generated(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    # -- the budget contract's readings (docs/architecture.md, "The budget contract"), said once -------------------------
+
+    @property
+    def think_tokens(self) -> int:
+        """Thinking tokens so far; 0 for a request without a thinking phase."""
+        return self.think_count if self.params.think_budget is not None else 0
+
+    @property
+    def in_thought(self) -> bool:
+        """Still before the end of thinking: thinking, or the marker being forced."""
+        return self.params.think_budget is not None and self.phase in (THINKING, FORCING)
+
+    @property
+    def finish_reason(self) -> str:
+        """What ended the sequence, as the APIs name it (read once it is FINISHED): "stop" for EOS or a stop
+        id, "length" for a budget, max_tokens or the window."""
+        return "stop" if self.finish == FINISH_STOP else "length"
+
+    def output_parts(self) -> tuple[list[int], list[int], list[int]]:
+        """(thinking, marker, solution) tokens of the output: thinking first, then the k marker tokens, then
+        the solution (everything is solution without a thinking phase)."""
+        out = self.output_ids
+        if self.params.think_budget is None:
+            return [], [], out
+        k = self.think_count
+        return out[:k], out[k : k + len(self.marker)], out[k + len(self.marker) :]

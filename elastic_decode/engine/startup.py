@@ -27,13 +27,50 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling_params import SamplingParams
-from .scheduler import ScheduledBatch
-from .sequence import Sequence, SequenceStatus
+from elastic_decode.kernels import cpu as cpu_kernels
+
+from ..core.sequence import Sequence, SequenceStatus
+from ..core.step import ScheduledBatch
+from ..errors import ElasticDecodeError
+from ..sampling_params import SamplingParams
+from ..worker.cuda_graphs import capture_or_eager
 
 log = logging.getLogger("elastic_decode")
 
 GPU_MEMORY_UTILIZATION = 0.9  # of the free memory after the weights, for activations, graphs and cache
+
+
+def pick_device(name: str | None) -> torch.device:
+    """The engine's device: as named (checked against this machine), else CUDA where there is a GPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ElasticDecodeError(f"unknown device {name!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()  # 0 without a GPU (or a CUDA build of torch)
+        if count == 0:
+            raise ElasticDecodeError("device 'cuda' requested but no CUDA GPU is available")
+        if device.index is not None and device.index >= count:
+            raise ElasticDecodeError(f"device {name!r} requested but this machine has {count} CUDA GPU"
+                                     f"{'s' if count > 1 else ''} (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device, hf_config, quantization: str | None = None) -> torch.dtype:
+    """The weights' and KV cache's dtype for `dtype="auto"` (EngineConfig.dtype says why), else as named."""
+    if name != "auto":
+        return getattr(torch, name)
+    if quantization == "int4":  # its one-call decoder runs in float32 only: bf16 would take the slower per-op path
+        return torch.float32
+    if device.type == "cpu":  # bf16 where the CPU has the instructions for it, else fp32 (exact and faster there)
+        return torch.bfloat16 if cpu_kernels.native_bf16() else torch.float32
+    if device.type != "cuda":
+        return torch.float32
+    ckpt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    ckpt = getattr(torch, ckpt) if isinstance(ckpt, str) else ckpt
+    return ckpt if ckpt in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
 @dataclass(frozen=True)
@@ -134,12 +171,15 @@ def kv_cache_bytes(free: int, step_peak: int, graph_bytes: int | None) -> int:
     return int(GPU_MEMORY_UTILIZATION * free) - step_peak - (graph_bytes or 0)
 
 
-def capture_or_eager(capture_all: Callable[[], None]) -> bool:
-    """Capture every bucket (largest first); on failure warn once and report False (eager)."""
-    try:
-        capture_all()
-    except Exception as err:  # a capture that fails must not take the engine down  # noqa: BLE001
-        log.warning("CUDA graph capture failed at start-up (%s: %s); decoding eagerly",
-                    type(err).__name__, str(err).splitlines()[0] if str(err) else "no message")
-        return False
-    return True
+def num_kv_blocks(budget: float, per_block: int, max_num_seqs: int, max_model_len: int, block_size: int,
+                  plan: MemoryPlan | None = None) -> int:
+    """Blocks a KV cache of `budget` bytes holds, but no more than every sequence at full length needs;
+    one clear error where a measured plan leaves not even one block."""
+    if budget < per_block and plan is not None:
+        raise ElasticDecodeError(
+            f"not enough device memory for a KV cache: {plan.free / 2**30:.2f} GiB free after the weights, "
+            f"the largest step needs {plan.step_peak / 2**30:.2f} GiB and the CUDA graphs "
+            f"{(plan.graph_bytes or 0) / 2**30:.2f} GiB (lower max_num_batched_tokens or max_num_seqs, "
+            "or turn cuda_graphs off)")
+    most = max_num_seqs * -(-max_model_len // block_size)
+    return max(1, min(int(budget // per_block), most))

@@ -17,9 +17,10 @@ request ids are call 1's (-1 for t = 0).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
-from .outputs import CompletionOutput, RequestOutput
-from .sampling_params import SamplingParams
+from ..outputs import CompletionOutput, RequestOutput
+from ..sampling_params import SamplingParams
 
 # Call 2's seed: a fixed function of the request's seed and the sample's index.
 _SEED_STRIDE = 1_000_003
@@ -44,10 +45,10 @@ def _nothing_yet(prompt: str | None, prompt_ids: list[int], n: int) -> RequestOu
     return RequestOutput(request_id=-1, prompt=prompt, prompt_token_ids=list(prompt_ids), outputs=empty)
 
 
-def run_two_call(llm, encoded: list[tuple[str | None, list[int]]], params: list[SamplingParams],
-                 use_tqdm: bool) -> list[RequestOutput]:
-    """`LLM.generate(..., budget_mode="two-call")`: the same outputs' shape as in-kernel forcing."""
-    engine = llm.engine
+def run_two_call(engine, generate: Callable[..., list[RequestOutput]], encoded: list[tuple[str | None, list[int]]],
+                 params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    """`LLM.generate(..., budget_mode="two-call")`: the same outputs' shape as in-kernel forcing. `generate(encoded,
+    params, use_tqdm)` runs requests on `engine` to completion (the LLM's loop)."""
     # Call 1: thinking only (requests without a thinking budget are plain decoding, done here;
     # with t = 0 there is no thinking to generate).
     first = [i for i, p in enumerate(params) if p.think_budget != 0]
@@ -64,7 +65,7 @@ def run_two_call(llm, encoded: list[tuple[str | None, list[int]]], params: list[
                            len(encoded[i][1])))
         for i, p in ((i, params[i]) for i in first)
     ]
-    ran = llm._generate_once([encoded[i] for i in first], first_params, use_tqdm) if first else []
+    ran = generate([encoded[i] for i in first], first_params, use_tqdm) if first else []
     thought = [_nothing_yet(text, ids, p.n) for (text, ids), p in zip(encoded, params)]
     for i, out in zip(first, ran):
         thought[i] = out
@@ -89,7 +90,7 @@ def run_two_call(llm, encoded: list[tuple[str | None, list[int]]], params: list[
                 second_inputs.append((None, prompt))
                 second_params.append(dataclasses.replace(solve, max_tokens=fit(solve.max_tokens, len(prompt))))
     # Call 2: every sample's prompt + thinking + marker, prefilled again.
-    solved = iter(llm._generate_once(second_inputs, second_params, use_tqdm) if second_inputs else [])
+    solved = iter(generate(second_inputs, second_params, use_tqdm) if second_inputs else [])
     merged = [list(o.outputs) for o in thought]
     for r, sample, thinking, marker, own, has_solution in pending:
         c = merged[r][sample]

@@ -28,12 +28,20 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from elastic_decode.kernels import DONE, MAX_MARKER_TOKENS, NO_LIMIT, BudgetState, SamplerParams
+from elastic_decode.kernels import (
+    DONE,
+    MARKER_PAD,
+    MAX_MARKER_TOKENS,
+    NO_LIMIT,
+    RECENT_PAD,
+    STOP_PAD,
+    BudgetState,
+    SamplerParams,
+)
 
+from ..core.sequence import Sequence
 from .decode_step import DecodeInputs
-from .sequence import Sequence
 
-MARKER_WIDTH = MAX_MARKER_TOKENS  # every marker the engine accepts fits (the sampler reads the width at run time)
 STOP_WIDTH = 8  # EOS ids + stop_token_ids per request; the batch widens (reallocates) for a longer list
 
 HostFields = dict[str, tuple[torch.dtype, list, tuple[int, ...]]]  # name -> (dtype, flat values, shape)
@@ -87,16 +95,16 @@ def sampler_fields(seqs, width: int | None = None, stop_width: int | None = None
         "solution_budget": (i32, [x.solution_budget if x.solution_budget is not None else NO_LIMIT for x in p], (n,)),
         "max_new_tokens": (i32, [s.max_new_tokens for s in seqs], (n,)),
         "min_think": (i32, [x.min_think for x in p], (n,)),
-        "marker": (i32, flat(_rows([s.marker for s in seqs], width, -2)), (n, width)),
+        "marker": (i32, flat(_rows([s.marker for s in seqs], width, MARKER_PAD)), (n, width)),
         "marker_len": (i32, [len(s.marker) for s in seqs], (n,)),
-        "stop_ids": (i32, flat([list(s.stop_ids) + [-1] * (stop_width - len(s.stop_ids)) for s in seqs]),
+        "stop_ids": (i32, flat([list(s.stop_ids) + [STOP_PAD] * (stop_width - len(s.stop_ids)) for s in seqs]),
                      (n, stop_width)),
         "phase": (i32, [s.phase for s in seqs], (n,)),
         "think_count": (i32, [s.think_count for s in seqs], (n,)),
         "solution_count": (i32, [s.solution_count for s in seqs], (n,)),
         "generated": (i32, [s.num_generated for s in seqs], (n,)),
         "force_pos": (i32, [s.force_pos for s in seqs], (n,)),
-        "recent": (i32, flat(_rows([s.recent for s in seqs], width, -1)), (n, width)),
+        "recent": (i32, flat(_rows([s.recent for s in seqs], width, RECENT_PAD)), (n, width)),
         "forced_end": (i32, [s.forced_end for s in seqs], (n,)),
         "forced": (i32, [0] * n, (n,)),
         "finish": (i32, [s.finish for s in seqs], (n,)),
@@ -240,8 +248,7 @@ def _decode_inputs(by_name: dict[str, torch.Tensor]) -> DecodeInputs:
     return DecodeInputs(
         input_ids=by_name["input_ids"], positions=by_name["positions"], context_lens=by_name["context_lens"],
         block_tables=by_name["block_tables"],
-        params=SamplerParams(**{f.name: by_name[f.name] for f in fields(SamplerParams)}),
-        state=BudgetState(**{f.name: by_name[f.name] for f in fields(BudgetState)}))
+        params=SamplerParams.take(by_name), state=BudgetState.take(by_name))
 
 
 class DeviceBatch:
@@ -275,7 +282,7 @@ class DeviceBatch:
         capacity, block_width = grow(max(capacity, 1), self.capacity), grow(max(block_width, 1), self.block_width)
         stop_width = max(stop_width, self.stop_width)
         old = self.tensors() if self.full is not None else {}
-        widths = {"marker": MARKER_WIDTH, "stop": stop_width, "blocks": block_width}
+        widths = {"marker": MAX_MARKER_TOKENS, "stop": stop_width, "blocks": block_width}
         dtypes = {"input_ids": torch.long, "positions": torch.long, "seed": torch.long,
                   "temperature": torch.float32, "top_p": torch.float32, "min_p": torch.float32}
         new = {}
@@ -336,7 +343,7 @@ class DeviceBatch:
                     continue
                 value = dev[f"join:{name}"]
                 if t.dim() == 2 and value.shape[1] < t.shape[1]:  # widen: markers right-aligned, stop ids left
-                    fill = {"marker": -2, "recent": -1, "stop_ids": -1}[name]
+                    fill = {"marker": MARKER_PAD, "recent": RECENT_PAD, "stop_ids": STOP_PAD}[name]
                     wide = torch.full((value.shape[0], t.shape[1]), fill, dtype=t.dtype, device=t.device)
                     (wide[:, -value.shape[1] :] if name != "stop_ids" else wide[:, : value.shape[1]]).copy_(value)
                     value = wide

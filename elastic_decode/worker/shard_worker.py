@@ -1,0 +1,75 @@
+"""A tensor-parallel rank other than 0: its shard of the model and of the KV cache, running what rank 0
+sends (distributed/processes.py starts it as `python -m elastic_decode._tp_worker`).
+
+Rank 0 sends the KV cache's size first, then commands: "step" (a StepPlan: the same host values rank 0's
+own runner runs, so every rank computes the same step), "load" (weights, broadcast one by one in the order
+named), "sleep" / "wake" (the KV cache) and "stop".
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from ..distributed.group import Group
+from ..distributed.processes import WorkerSpec, connect, unpack
+from ..models import ModelSpec
+from ..models.loader import build_model
+from .backend import select_ops
+from .model_runner import ModelRunner, allocate_kv_caches
+
+
+class ShardWorker:
+    def __init__(self, spec: WorkerSpec, group: Group):
+        from transformers import AutoConfig
+
+        self.spec, self.group = spec, group
+        path = Path(spec.path)
+        hf_config = AutoConfig.from_pretrained(path)
+        self.device = torch.device(spec.device)
+        self.model = build_model(path, hf_config, ModelSpec.from_hf_config(hf_config), getattr(torch, spec.dtype),
+                                 self.device, spec.max_model_len, group)
+        command, self.num_blocks = group.recv()  # rank 0 sends the cache size first
+        if command != "kv":
+            raise RuntimeError(f"tensor-parallel worker: expected the KV cache size, got {command!r}")
+        self.runner = ModelRunner(self.model, allocate_kv_caches(self.model, self.num_blocks, spec.block_size),
+                                  select_ops(self.device, spec.backend, spec.quantization), spec.block_size)
+        self.runner.prepare_weights()
+
+    def serve(self) -> None:
+        while True:
+            command, *args = self.group.recv()
+            if command == "step":
+                self.runner.execute(args[0])
+            elif command == "load":
+                params = dict(self.model.named_parameters())
+                for name, shape, dtype in args[0]:
+                    full = self.group.broadcast(torch.empty(shape, dtype=dtype, device=self.device))
+                    with torch.no_grad():
+                        self.model.hf_parameter(name, params).copy_(self.model.shard.take(name, full))
+                self.runner.prepare_weights()
+            elif command == "sleep":
+                self.runner.free_kv_cache()
+            elif command == "wake":
+                self.runner.allocate_kv_cache(self.num_blocks)
+            elif command == "stop":
+                return
+
+
+def worker_main(payload: str) -> int:
+    """A worker rank: build its shard, then run what rank 0 sends until it says stop (or goes away)."""
+    rank, size, port, (spec,) = unpack(payload)
+    torch.set_num_threads(spec.threads)
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    group = connect(rank, size, port, device, spec.timeout_s)
+    try:
+        ShardWorker(spec, group).serve()
+    except KeyboardInterrupt:
+        return 130
+    except RuntimeError as e:  # rank 0 went away (its end of the connection closed)
+        print(f"elastic_decode tensor-parallel worker {rank}: {e}", file=sys.stderr)
+        return 1
+    return 0
