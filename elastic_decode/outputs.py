@@ -15,12 +15,15 @@ class CompletionOutput:
     token_ids: list[int]  # thinking tokens + marker + solution tokens
     logprobs: list[float]  # of each emitted token, forced ones included (honest, not distorted)
     forced_mask: list[int]  # 1 where the engine forced the token instead of sampling it
-    think_tokens: int
-    solution_tokens: int
+    think_tokens: int  # the rollout's: a resubmitted one's prompt counts what it held (SamplingParams.think_spent)
+    solution_tokens: int  # the same for the solution
     forced_end: bool  # the marker was forced (budget spent, or the model tried to stop)
     finish_reason: str  # "stop" (EOS / stop id) or "length" (a budget or cap was reached)
     # With SamplingParams.logprobs = k: per token, the k most likely [(token id, raw logprob)].
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # The weights each token came from: (first token index, weight version) per stretch (one stretch unless
+    # the weights were updated while the request ran).
+    weight_versions: list[tuple[int, str]] | None = None
 
 
 @dataclass
@@ -29,6 +32,11 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    # With SamplingParams.prompt_logprobs: each prompt token's logprob (None for the first), and the
+    # alternatives per token when prompt_logprobs > 0.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    cached_tokens: int = 0  # prompt tokens the prefix cache held (computed once for the n samples)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -69,6 +69,8 @@ class SamplingParams:
     ignore_eos: bool = False
     # Extra token ids that end the solution like EOS.
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # No EOS or stop id before this many tokens of this request (vLLM's min_tokens; SkyRL sends 1).
+    min_tokens: int = 0
     # t: thinking tokens allowed before the end-of-thinking marker is forced. None = no
     # thinking phase (plain decoding).
     think_budget: int | None = None
@@ -83,6 +85,17 @@ class SamplingParams:
     # under the model's raw distribution (log_softmax of the logits, before temperature and
     # filters: vLLM's default "raw" mode). 0 = none (each token's own logprob is always returned).
     logprobs: int = 0
+    # Also return the prompt's logprobs (each prompt token under the model's raw distribution given the
+    # tokens before it; None for the first) and its `prompt_logprobs` most likely alternatives: what a
+    # trainer scores sequences with (vLLM's prompt_logprobs, SGLang's input_token_logprobs). None = none.
+    # The prompt is computed whole then (no cached prefix).
+    prompt_logprobs: int | None = None
+    # A resubmitted rollout's budget already spent (partial rollouts, docs/serving.md): thinking tokens the
+    # prompt ends with (its thought still open) or, with solution_spent, holds before its marker; solution
+    # tokens already written after the marker. None: read off the prompt's last assistant turn
+    # (core/resume.py); 0 asks for a fresh budget.
+    think_spent: int | None = None
+    solution_spent: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1, allow_none=False, maximum=MAX_N)
@@ -102,7 +115,20 @@ class SamplingParams:
         # would mean an empty completion, which is a mistake rather than a request.
         _check_int("solution_budget", self.solution_budget, 0 if self.think_budget is not None else 1, allow_none=True)
         _check_int("min_think", self.min_think, 0, allow_none=False)
+        _check_int("min_tokens", self.min_tokens, 0, allow_none=False)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+                                      param="min_tokens")
         _check_int("logprobs", self.logprobs, 0, allow_none=False, maximum=MAX_TOP_LOGPROBS)
+        _check_int("prompt_logprobs", self.prompt_logprobs, 0, allow_none=True, maximum=MAX_TOP_LOGPROBS)
+        _check_int("think_spent", self.think_spent, 0, allow_none=True)
+        _check_int("solution_spent", self.solution_spent, 0, allow_none=True)
+        if (self.think_spent is not None or self.solution_spent is not None) and self.think_budget is None \
+                and self.solution_budget is None:
+            raise InvalidRequestError("think_spent and solution_spent count against budgets: give think_budget or "
+                                      "solution_budget", param="think_spent")
+        if self.think_spent is not None and self.think_budget is None:
+            raise InvalidRequestError("think_spent needs a think_budget", param="think_spent")
         if self.min_think and self.think_budget is None:
             raise InvalidRequestError("min_think needs a think_budget (it bounds the thinking phase)", param="min_think")
         if self.think_budget is not None and self.min_think > self.think_budget:

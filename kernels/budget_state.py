@@ -67,6 +67,7 @@ class SamplerParams(_Rows):
     solution_budget: torch.Tensor  # int32 [num_seqs]; s, NO_LIMIT if none
     max_new_tokens: torch.Tensor  # int32 [num_seqs]; cap on all generated tokens
     min_think: torch.Tensor  # int32 [num_seqs]; m, 0 = off
+    min_tokens: torch.Tensor  # int32 [num_seqs]; no stop id while fewer tokens were generated, 0 = off
     marker: torch.Tensor  # int32 [num_seqs, max_marker]; E right-aligned
     marker_len: torch.Tensor  # int32 [num_seqs]; k >= 1
     stop_ids: torch.Tensor  # int32 [num_seqs, max_stop]; EOS + stop ids, STOP_PAD padded
@@ -113,6 +114,7 @@ def sampling_batch(
         solution_budget=torch.full((n,), NO_LIMIT, dtype=i32),
         max_new_tokens=torch.full((n,), NO_LIMIT, dtype=i32),
         min_think=torch.zeros(n, dtype=i32),
+        min_tokens=torch.zeros(n, dtype=i32),
         marker=torch.zeros(n, 1, dtype=i32),
         marker_len=torch.ones(n, dtype=i32),
         stop_ids=torch.full((n, 1), STOP_PAD, dtype=i32),

@@ -328,7 +328,8 @@ def sample_with_budget(
     thinking = state.phase == THINKING
     prefix_done = ((state.recent[:, 1:] == params.marker[:, :-1]) | marker_pad[:, :-1]).all(dim=-1)
     too_short_marker = thinking & prefix_done & (state.think_count - (marker_len - 1) < params.min_think)
-    too_short_stop = thinking & (state.think_count < params.min_think)
+    # min_tokens: no stop token before that many tokens of the request.
+    too_short_stop = (thinking & (state.think_count < params.min_think)) | (state.generated < params.min_tokens)
     masked = logits.clone()
     masked[rows[too_short_marker], params.marker[too_short_marker, -1].long()] = float("-inf")
     stop_cols = params.stop_ids.long().clamp(min=0)

@@ -136,10 +136,10 @@ def _narrow(lo, hi, cand, step, ok, RADIX: tl.constexpr):
 
 
 @triton.jit
-def _row_setup(row, phase_ptr, think_ptr, think_budget_ptr, min_think_ptr, marker_ptr, marker_len_ptr,
-               recent_ptr, marker_width, MAX_MARKER: tl.constexpr):
-    """The row's phase after a spent budget turns THINKING into FORCING, and what min_think
-    suppresses: the token completing the marker (or -1) and whether stop ids are suppressed.
+def _row_setup(row, phase_ptr, think_ptr, think_budget_ptr, min_think_ptr, min_tokens_ptr, generated_ptr, marker_ptr,
+               marker_len_ptr, recent_ptr, marker_width, MAX_MARKER: tl.constexpr):
+    """The row's phase after a spent budget turns THINKING into FORCING, and what min_think and
+    min_tokens suppress: the token completing the marker (or -1) and whether stop ids are suppressed.
 
     marker and recent rows are right-aligned [marker_width]; in registers they are right-aligned
     in MAX_MARKER columns (columns before the row's marker are padding)."""
@@ -161,7 +161,7 @@ def _row_setup(row, phase_ptr, think_ptr, think_budget_ptr, min_think_ptr, marke
     prefix_ok = tl.sum(tl.where(j < MAX_MARKER - 1, ((shifted == marker) | pad).to(tl.int32), 1), axis=0) == MAX_MARKER
     last_marker = tl.sum(tl.where(j == MAX_MARKER - 1, marker, 0), axis=0)
     sup_tok = tl.where(thinking & prefix_ok & (think - (k_len - 1) < min_think), last_marker, -1)
-    sup_stop = thinking & (think < min_think)
+    sup_stop = (thinking & (think < min_think)) | (tl.load(generated_ptr + row) < tl.load(min_tokens_ptr + row))
     return phase, think, k_len, j, marker, recent, shifted, pad, sup_tok, sup_stop
 
 
@@ -319,13 +319,13 @@ def _scan_kernel(
     vocab,
     chunk_tiles,  # tiles of BLOCK_V tokens per chunk (so the compiler knows chunks start tile-aligned)
     temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr,  # [num_seqs]
-    think_budget_ptr, min_think_ptr,  # int32 [num_seqs]
+    think_budget_ptr, min_think_ptr, min_tokens_ptr,  # int32 [num_seqs]
     marker_ptr,  # int32 [num_seqs, marker_width], right-aligned
     marker_len_ptr,  # int32 [num_seqs]
     marker_width,
     stop_ids_ptr,  # int32 [num_seqs, num_stop], STOP_PAD padded
     num_stop,
-    phase_ptr, think_ptr,  # int32 [num_seqs]
+    phase_ptr, think_ptr, generated_ptr,  # int32 [num_seqs]
     recent_ptr,  # int32 [num_seqs, marker_width]
     tile_ptr,  # fp32 [num_seqs, num_tiles, 2] out: each tile's (max s, sum exp(s - max))
     num_tiles,
@@ -348,8 +348,8 @@ def _scan_kernel(
     if tl.load(phase_ptr + row) == _DONE:
         return
     phase, think, k_len, j, marker, recent, shifted, pad, sup_tok, sup_stop = _row_setup(
-        row, phase_ptr, think_ptr, think_budget_ptr, min_think_ptr, marker_ptr, marker_len_ptr, recent_ptr,
-        marker_width, MAX_MARKER)
+        row, phase_ptr, think_ptr, think_budget_ptr, min_think_ptr, min_tokens_ptr, generated_ptr, marker_ptr,
+        marker_len_ptr, recent_ptr, marker_width, MAX_MARKER)
     temperature = tl.load(temperature_ptr + row)
     t_eff = tl.where(temperature > 0.0, temperature, 1.0)
     sampling = (phase != _FORCING) & (temperature > 0.0)
@@ -618,7 +618,7 @@ def _finish_kernel(
     tokens_ptr,  # int64 [num_seqs] out
     logprobs_ptr,  # fp32 [num_seqs] out
     temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr,  # [num_seqs]
-    think_budget_ptr, solution_budget_ptr, max_new_ptr, min_think_ptr,  # int32 [num_seqs]
+    think_budget_ptr, solution_budget_ptr, max_new_ptr, min_think_ptr, min_tokens_ptr,  # int32 [num_seqs]
     marker_ptr,  # int32 [num_seqs, marker_width], right-aligned
     marker_len_ptr,  # int32 [num_seqs]
     marker_width,
@@ -651,8 +651,8 @@ def _finish_kernel(
         return
     phase_in = tl.load(phase_ptr + row)
     phase, think, k_len, j, marker, recent, shifted, pad, sup_tok, sup_stop = _row_setup(
-        row, phase_ptr, think_ptr, think_budget_ptr, min_think_ptr, marker_ptr, marker_len_ptr, recent_ptr,
-        marker_width, MAX_MARKER)
+        row, phase_ptr, think_ptr, think_budget_ptr, min_think_ptr, min_tokens_ptr, generated_ptr, marker_ptr,
+        marker_len_ptr, recent_ptr, marker_width, MAX_MARKER)
     spent = (phase_in == _THINKING) & (phase == _FORCING)
     force_pos = tl.where(spent, 0, tl.load(force_pos_ptr + row))
     thinking = phase == _THINKING
@@ -823,9 +823,10 @@ def sample_with_budget(
     common = dict(
         logits_ptr=logits, logits_stride=logits.stride(0), vocab=vocab,
         temperature_ptr=params.temperature, top_k_ptr=params.top_k, top_p_ptr=params.top_p, min_p_ptr=params.min_p,
-        think_budget_ptr=params.think_budget, min_think_ptr=params.min_think,
+        think_budget_ptr=params.think_budget, min_think_ptr=params.min_think, min_tokens_ptr=params.min_tokens,
         marker_ptr=params.marker, marker_len_ptr=params.marker_len, marker_width=marker_width,
         stop_ids_ptr=params.stop_ids, num_stop=num_stop, phase_ptr=state.phase, think_ptr=state.think_count,
+        generated_ptr=state.generated,
         recent_ptr=state.recent, tile_ptr=tile_stats, num_tiles=num_tiles,
         BLOCK_V=BLOCK_V, CAPACITY=CAPACITY, MAX_MARKER=MAX_MARKER_TOKENS, RADIX=RADIX,  # the marker window in registers
         SEARCH_PASSES=SEARCH_PASSES, SEARCH_BLOCK=SEARCH_BLOCK,
@@ -837,7 +838,7 @@ def sample_with_budget(
     _finish_kernel[(num_seqs,)](
         tokens_ptr=tokens, logprobs_ptr=logprobs, seed_ptr=params.seed,
         solution_budget_ptr=params.solution_budget, max_new_ptr=params.max_new_tokens,
-        solution_ptr=state.solution_count, generated_ptr=state.generated, force_pos_ptr=state.force_pos,
+        solution_ptr=state.solution_count, force_pos_ptr=state.force_pos,
         forced_end_ptr=state.forced_end, forced_ptr=state.forced, finish_ptr=state.finish,
         stat_ptr=stats, count_ptr=counts, buf_idx_ptr=buf_idx, buf_val_ptr=buf_val, num_chunks=num_chunks,
         MAX_TILES=MAX_TILES, STOP_BLOCK=STOP_BLOCK, num_warps=FINISH_WARPS, maxnreg=FINISH_REGISTERS, **common,

@@ -36,6 +36,7 @@ def make_batch(rows, device="cpu"):
         solution_budget=torch.tensor([NO_LIMIT if r["s"] is None else r["s"] for r in rows], dtype=i32),
         max_new_tokens=torch.tensor([r["max_new"] for r in rows], dtype=i32),
         min_think=torch.tensor([r["m"] for r in rows], dtype=i32),
+        min_tokens=torch.tensor([r.get("min_tokens", 0) for r in rows], dtype=i32),
         marker=torch.tensor([[-2] * (width - len(r["marker"])) + list(r["marker"]) for r in rows], dtype=i32),
         marker_len=torch.tensor([len(r["marker"]) for r in rows], dtype=i32),
         stop_ids=torch.tensor([x + [-1] * (stop_width - len(x)) for x in stops], dtype=i32),

@@ -18,11 +18,12 @@ class Expected:
     finish: str = "length"
 
 
-def run_contract(wishes, t, s, marker, m, stop, max_new, fallback) -> Expected:
+def run_contract(wishes, t, s, marker, m, stop, max_new, fallback, min_tokens=0) -> Expected:
     """What a sequence emits when at generation step j the model's favourite token is wishes[j].
 
     `fallback` is the model's second choice at every step (used when the favourite is
-    suppressed by min_think). t = None means no thinking phase.
+    suppressed by min_think, or is a stop token before min_tokens tokens). t = None means no
+    thinking phase.
     """
     e = Expected()
     k = len(marker)
@@ -37,7 +38,7 @@ def run_contract(wishes, t, s, marker, m, stop, max_new, fallback) -> Expected:
             completes = wish == marker[-1] and thought[len(thought) - (k - 1):] == marker[:-1] if k > 1 else wish == marker[0]
             if completes and e.think_tokens - (k - 1) < m:
                 wish = fallback
-            if wish in stop and e.think_tokens < m:
+            if wish in stop and (e.think_tokens < m or len(e.tokens) < min_tokens):
                 wish = fallback
             if wish in stop:  # the model tries to stop while thinking: the marker replaces it
                 pending, e.forced_end = list(marker), True
@@ -61,6 +62,8 @@ def run_contract(wishes, t, s, marker, m, stop, max_new, fallback) -> Expected:
                     return e
             continue
         wish = wishes[len(e.tokens)]
+        if wish in stop and len(e.tokens) < min_tokens:
+            wish = fallback
         e.tokens.append(wish)
         e.forced.append(0)
         e.solution_tokens += 1

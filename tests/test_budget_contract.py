@@ -20,13 +20,14 @@ def budget_rows(draw):
     s = draw(st.one_of(st.none(), st.integers(0 if t is not None else 1, 8)))
     m = draw(st.integers(0, t)) if t is not None and draw(st.booleans()) else 0
     max_new = draw(st.integers(1, 30))
+    min_tokens = draw(st.integers(0, max_new)) if draw(st.booleans()) else 0
     # Wishes drawn mostly from the marker tokens, plus EOS and other tokens.
     pool = st.one_of(st.sampled_from(marker), st.integers(0, 13), st.just(EOS))
     wishes = draw(st.lists(pool, min_size=max_new, max_size=max_new))
     if draw(st.booleans()):  # the model writes the whole marker at a random point
         at = draw(st.integers(0, max_new - 1))
         wishes[at : at + k] = marker[: max_new - at]
-    return dict(t=t, s=s, marker=marker, m=m, max_new=max_new), wishes
+    return dict(t=t, s=s, marker=marker, m=m, max_new=max_new, min_tokens=min_tokens), wishes
 
 
 @settings(max_examples=300, deadline=None)
@@ -36,7 +37,8 @@ def test_reference_follows_the_contract(batch):
     wishes = [w for _, w in batch]
     got = drive(reference.sample_with_budget, rows, wishes)
     for row, w, g in zip(rows, wishes, got):
-        exp = run_contract(w, row["t"], row["s"], row["marker"], row["m"], {EOS}, row["max_new"], FALLBACK)
+        exp = run_contract(w, row["t"], row["s"], row["marker"], row["m"], {EOS}, row["max_new"], FALLBACK,
+                           row.get("min_tokens", 0))
         assert g["tokens"] == exp.tokens, (row, w)
         assert g["forced"] == exp.forced
         assert g["think_tokens"] == exp.think_tokens
@@ -113,6 +115,17 @@ def test_min_think_suppresses_the_closing_token():
     assert got["think_tokens"] == 3 and not got["forced_end"]
 
 
+def test_min_tokens_suppresses_stop_tokens_in_both_phases():
+    """vLLM's min_tokens (SkyRL sends 1): no stop token before that many tokens, thinking or solving."""
+    rows = [dict(t=10, s=5, marker=[4], m=0, max_new=20, min_tokens=2),
+            dict(t=None, s=None, marker=[4], m=0, max_new=20, min_tokens=3)]
+    got = drive(reference.sample_with_budget, rows, [[EOS, EOS, EOS, 9], [EOS, 9, EOS, EOS]])
+    # Row 0: the first two stops become the second choice; the third, allowed, closes the thought.
+    assert got[0]["tokens"] == [FALLBACK, FALLBACK, 4, 9, 9, 9, 9, 9]
+    assert got[0]["forced"] == [0, 0, 1, 0, 0, 0, 0, 0] and got[0]["think_tokens"] == 2
+    assert got[1]["tokens"] == [FALLBACK, 9, FALLBACK, EOS] and got[1]["finish"] == "stop"
+
+
 def test_logprobs_are_honest_for_sampled_and_forced_tokens():
     rows = [dict(t=1, s=1, marker=[4], m=0, max_new=5)]
     got = drive(reference.sample_with_budget, rows, [[1, 1, 1]])[0]
@@ -136,5 +149,6 @@ def test_step_needs_no_per_sequence_python_loop():
     wishes = [[(i + j) % 13 for j in range(12)] for i in range(1000)]
     got = drive(reference.sample_with_budget, rows, wishes)
     for row, w, g in zip(rows, wishes, got):
-        exp = run_contract(w, row["t"], row["s"], row["marker"], row["m"], {EOS}, row["max_new"], FALLBACK)
+        exp = run_contract(w, row["t"], row["s"], row["marker"], row["m"], {EOS}, row["max_new"], FALLBACK,
+                           row.get("min_tokens", 0))
         assert g["tokens"] == exp.tokens

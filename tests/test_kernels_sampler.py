@@ -38,7 +38,8 @@ def test_kernel_follows_the_contract(batch):
     got = drive(sample_with_budget, rows, wishes, device=DEVICE)
     ref = drive(reference.sample_with_budget, rows, wishes)
     for row, w, g, r in zip(rows, wishes, got, ref):
-        exp = run_contract(w, row["t"], row["s"], row["marker"], row["m"], {EOS}, row["max_new"], FALLBACK)
+        exp = run_contract(w, row["t"], row["s"], row["marker"], row["m"], {EOS}, row["max_new"], FALLBACK,
+                           row["min_tokens"])
         assert (g["tokens"], g["forced"]) == (exp.tokens, exp.forced), (row, w)
         assert (g["think_tokens"], g["solution_tokens"], g["forced_end"], g["finish"]) == (
             exp.think_tokens, exp.solution_tokens, exp.forced_end, exp.finish)

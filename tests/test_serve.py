@@ -239,13 +239,13 @@ def test_disconnect_mid_stream_aborts(client, loop):
 def test_pause_abort_returns_partial_tokens(url, loop):
     thread, box = in_thread(lambda: post(url, "/v1/completions", {"prompt": "go", **LONG}))
     wait_for_tokens(loop, 3)
-    assert post(url, "/pause", {"mode": "abort"}) == (200, {"paused": True, "mode": "abort"})
+    assert post(url, "/pause", {"mode": "abort"}) == (200, {"status": "paused", "paused": True, "mode": "abort"})
     thread.join(30)
     status, body = box["value"]
     assert status == 200 and body["choices"][0]["finish_reason"] == "abort"
     assert 0 < body["usage"]["completion_tokens"] < 400
     assert empty(loop, wait=0)
-    assert post(url, "/resume", {}) == (200, {"paused": False})
+    assert post(url, "/resume", {}) == (200, {"status": "resumed", "paused": False})
 
 
 def test_pause_wait_drains_and_holds_new_requests(url, loop):

@@ -128,7 +128,7 @@ def test_pause_wait_while_paused_with_keep_answers_at_once(url, loop):
     assert all(b["value"][0] == 409 and "resume first" in b["value"][1]["error"]["message"] for _, b in calls)
     assert time.monotonic() - start < 10
     assert get(url, "/health")[0] == 200 and loop.stats()["requests_paused"] == 1
-    assert post(url, "/resume", {}) == (200, {"paused": False})
+    assert post(url, "/resume", {}) == (200, {"status": "resumed", "paused": False})
     thread.join(60)
     assert box["value"][0] == 200 and box["value"][1]["choices"][0]["finish_reason"] == "length"
     assert empty(loop)
@@ -146,7 +146,7 @@ def test_a_long_pause_wait_blocks_no_other_route(url, loop):
     for t, _ in waits:
         t.join(120)
     thread.join(60)
-    assert all(b["value"] == (200, {"paused": True, "mode": "wait"}) for _, b in waits)
+    assert all(b["value"] == (200, {"status": "paused", "paused": True, "mode": "wait"}) for _, b in waits)
     assert post(url, "/resume", {})[0] == 200
 
 

@@ -36,10 +36,15 @@ class BlockManager:
             hashes.append(parent)
         return hashes
 
+    @staticmethod
+    def _reuses_prefix(seq: Sequence) -> bool:
+        """A prompt whose logprobs are asked for is computed whole (a cached block has no hidden states)."""
+        return seq.params.prompt_logprobs is None or seq.prompt_logprobs is not None
+
     def blocks_to_admit(self, seq: Sequence) -> int:
         """Free blocks that admitting `seq` would take (shared blocks in use cost nothing)."""
         in_use = 0
-        for h in self._prefix_hashes(seq):
+        for h in self._prefix_hashes(seq) if self._reuses_prefix(seq) else ():
             block = self.allocator.peek(h)
             if block < 0:
                 break
@@ -54,7 +59,7 @@ class BlockManager:
         assert not seq.block_table, "allocate() on a sequence that holds blocks"
         table: list[int] = []
         hashes = self._prefix_hashes(seq)
-        for h in hashes:
+        for h in hashes if self._reuses_prefix(seq) else ():
             block = self.allocator.lookup(h)
             if block < 0:
                 break

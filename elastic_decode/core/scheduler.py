@@ -74,6 +74,8 @@ class Scheduler:
             if not self.block_manager.can_allocate(seq):
                 break
             self.block_manager.allocate(seq)
+            if seq.cached_tokens is None:  # the first admission: what the prefix cache gave its prompt
+                seq.cached_tokens = seq.num_cached_tokens
             num_tokens += len(seq) - seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             admitted.append(self.waiting.popleft())
@@ -120,10 +122,15 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def postprocess(self, batch: ScheduledBatch, result: StepResult) -> list[Sequence]:
-        """Apply a step result; returns the sequences that finished with it."""
+    def postprocess(self, batch: ScheduledBatch, result: StepResult, weight_version: str = "0") -> list[Sequence]:
+        """Apply a step result (its tokens came from the weights of `weight_version`); returns the sequences
+        that finished with it."""
         finished = []
         for i, seq in enumerate(batch.seqs):
+            if result.tokens[i] and seq.weight_version != weight_version:
+                seq.weight_versions.append((seq.num_generated, weight_version))
+            if result.prompt_logprobs is not None and i in result.prompt_logprobs:
+                seq.prompt_logprobs, seq.prompt_top_logprobs = result.prompt_logprobs[i]
             seq.token_ids += result.tokens[i]
             seq.logprobs += result.logprobs[i]
             seq.forced_mask += result.forced[i]

@@ -47,16 +47,36 @@ class Sequence:
     recent: list[int] = field(default_factory=list)  # last len(marker) thinking tokens
     forced_end: int = 0
     finish: int = FINISH_NONE
+    # Where the machine started (core/resume.py): a resubmitted rollout's prompt holds some of its thinking
+    # (counted in think_count) and maybe the start of a forced marker.
+    start_phase: int = THINKING
+    prompt_think: int = 0
+    prompt_marker: int = 0
 
     logprobs: list[float] = field(default_factory=list)
     forced_mask: list[int] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # with params.logprobs > 0
+    # Prompt logprobs (with params.prompt_logprobs): one per prompt token, None for the first; and their
+    # alternatives [(token id, logprob)] per token.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    cached_tokens: int | None = None  # prompt tokens its first prefill found in the prefix cache
+    # The weights each output token came from: (first output index, weight version) for every stretch.
+    weight_versions: list[tuple[int, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.params.think_budget is None:
-            self.phase = SOLVING
+            self.phase = self.start_phase = SOLVING
         if not self.recent:
             self.recent = [RECENT_PAD] * len(self.marker)
+
+    def start_from(self, state) -> None:
+        """Start the budget machine where a resumed rollout stands (a core.resume.StartState)."""
+        self.phase = self.start_phase = state.phase
+        self.think_count, self.solution_count = state.think_count, state.solution_count
+        self.force_pos, self.forced_end = state.force_pos, state.forced_end
+        self.recent = list(state.recent)
+        self.prompt_think, self.prompt_marker = state.prompt_think, state.prompt_marker
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -82,6 +102,11 @@ class Sequence:
         return self.params.think_budget is not None and self.phase in (THINKING, FORCING)
 
     @property
+    def weight_version(self) -> str | None:
+        """The weights the latest token came from (None before the first)."""
+        return self.weight_versions[-1][1] if self.weight_versions else None
+
+    @property
     def finish_reason(self) -> str:
         """What ended the sequence, as the APIs name it (read once it is FINISHED): "stop" for EOS or a stop
         id, "length" for a budget, max_tokens or the window."""
@@ -89,9 +114,11 @@ class Sequence:
 
     def output_parts(self) -> tuple[list[int], list[int], list[int]]:
         """(thinking, marker, solution) tokens of the output: thinking first, then the k marker tokens, then
-        the solution (everything is solution without a thinking phase)."""
+        the solution (everything is solution without a thinking phase, or when the prompt closed the thought;
+        a resumed rollout's output holds only its new thinking, and the rest of a marker the prompt began)."""
         out = self.output_ids
-        if self.params.think_budget is None:
+        if self.params.think_budget is None or self.start_phase == SOLVING:
             return [], [], out
-        k = self.think_count
-        return out[:k], out[k : k + len(self.marker)], out[k + len(self.marker) :]
+        k = self.think_count - self.prompt_think
+        m = len(self.marker) - self.prompt_marker
+        return out[:k], out[k : k + m], out[k + m :]

@@ -36,3 +36,6 @@ class StepResult:
     # Per sequence, per emitted token: the top alternatives [(token id, raw logprob)], when the
     # batch asked for any (SamplingParams.logprobs); else None.
     top_logprobs: list[list[list[tuple[int, float]]]] | None = None
+    # A prefill's prompt logprobs, for the sequences that asked: {sequence index: (logprob per prompt token,
+    # None for the first; their alternatives per token, or None)}.
+    prompt_logprobs: dict[int, tuple[list, list | None]] | None = None

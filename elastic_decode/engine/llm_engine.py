@@ -18,14 +18,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from elastic_decode.kernels import FINISH_NONFINITE, MAX_MARKER_TOKENS
+from elastic_decode.kernels import FINISH_NONFINITE, MAX_MARKER_TOKENS, SOLVING
 
 from ..config import EngineConfig
 from ..core.block_manager import BlockManager
 from ..core.scheduler import Scheduler
+from ..core.resume import StartState, start_state
 from ..core.sequence import Sequence, SequenceStatus
 from ..core.step import ScheduledBatch
 from ..distributed import Workers, WorkerSpec, check_sizes
+from ..distributed.weight_group import WeightGroup, torch_dtype
 from ..errors import ElasticDecodeError, InvalidRequestError, NonFiniteLogitsError
 from ..models import ModelSpec
 from ..models.loader import build_model, resolve_checkpoint
@@ -122,6 +124,10 @@ class LLMEngine:
                                   self.ops, block_size, graphs, self.workers)
         self.runner.capture_graphs()
         self.requests: dict[int, Request] = {}
+        # The weights' version: "0" as loaded, then what each update names (or the count of updates).
+        self.weight_version = "0"
+        self._updates = 0
+        self._weight_groups: dict[str, WeightGroup] = {}  # trainers' groups this engine receives weights over
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
@@ -230,8 +236,9 @@ class LLMEngine:
         if that is smaller."""
         return min(self.max_model_len, self.kv_capacity_tokens)
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> tuple[tuple[int, ...], int]:
-        """Validate a request without queueing it; returns (marker ids, max new tokens)."""
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> tuple[tuple[int, ...], int, StartState]:
+        """Validate a request without queueing it; returns (marker ids, max new tokens, the budget machine's
+        start: where a resubmitted rollout stands)."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         if not prompt_ids:
@@ -260,10 +267,16 @@ class LLMEngine:
         if len(marker) > MAX_MARKER_TOKENS:
             raise InvalidRequestError(f"end_think is {len(marker)} tokens long; at most {MAX_MARKER_TOKENS} are "
                                       "supported", param="end_think")
-        return marker, room if params.max_tokens is None else params.max_tokens
+        start = start_state(prompt_ids, marker, params, self.tokenizer.assistant_start, self.tokenizer.think_open)
+        s = params.solution_budget
+        if s is not None and start.phase == SOLVING and start.solution_count >= s:
+            raise InvalidRequestError(f"the rollout has {start.solution_count} solution tokens already (its prompt, or "
+                                      f"solution_spent) and its solution budget is {s}: nothing is left to generate",
+                                      param="solution_budget")
+        return marker, room if params.max_tokens is None else params.max_tokens, start
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None) -> int:
-        marker, max_new = self.check_request(prompt_ids, params)
+        marker, max_new, start = self.check_request(prompt_ids, params)
         self.wake_up()  # a sleeping engine comes back on its own when given work
         stop_ids = tuple(dict.fromkeys((() if params.ignore_eos else self.tokenizer.eos_ids) + params.stop_token_ids))
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
@@ -282,6 +295,7 @@ class LLMEngine:
                 stop_ids=stop_ids,
                 max_new_tokens=max_new,
             )
+            seq.start_from(start)
             request.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request.request_id] = request
@@ -336,7 +350,7 @@ class LLMEngine:
             raise NonFiniteLogitsError(
                 f"the model produced non-finite logits (NaN or inf) for {bad} of {len(batch.seqs)} sequences; its "
                 "weights are likely non-finite (check the checkpoint, or the tensors given to load_weights)")
-        finished = self.scheduler.postprocess(batch, result)
+        finished = self.scheduler.postprocess(batch, result, self.weight_version)
         outputs = []
         for request_id in dict.fromkeys(s.request_id for s in finished):
             request = self.requests[request_id]
@@ -363,14 +377,19 @@ class LLMEngine:
             forced_end=bool(seq.forced_end),
             finish_reason=seq.finish_reason,
             top_logprobs=[list(row) for row in seq.top_logprobs] if seq.params.logprobs else None,
+            weight_versions=list(seq.weight_versions),
         )
 
     def _request_output(self, request: Request) -> RequestOutput:
+        first = request.seqs[0]
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
             prompt_token_ids=request.prompt_ids,
             outputs=[self._completion(s) for s in request.seqs],
+            prompt_logprobs=first.prompt_logprobs,
+            prompt_top_logprobs=first.prompt_top_logprobs,
+            cached_tokens=first.cached_tokens or 0,
         )
 
     # -- weights ----------------------------------------------------------------------
@@ -390,8 +409,13 @@ class LLMEngine:
         """Check HF-named weights as `load_weights` would (names, shapes, dtypes, values), changing nothing."""
         return self.model.check_weights(named_tensors)
 
-    def load_weights(self, named_tensors) -> int:
-        """Update weights in place (HF names), all or nothing; K/V of the old weights is dropped."""
+    def reset_prefix_cache(self) -> None:
+        """Forget the cached prefixes (their K/V stays valid for the sequences holding it)."""
+        self.block_manager.reset_prefix_cache()
+
+    def load_weights(self, named_tensors, version: str | None = None) -> int:
+        """Update weights in place (HF names), all or nothing; K/V of the old weights is dropped. `version`
+        names the new weights (default: the count of updates so far); every later token carries it."""
         if self.workers is None:
             count = self.model.load_weights(named_tensors, all_or_nothing=True)
         else:  # checked whole here, then every rank takes its slice of each full tensor
@@ -402,9 +426,68 @@ class LLMEngine:
                     full = self.workers.group.broadcast(tensor.detach().to(self.device).contiguous())
                     target.copy_(self.model.shard.take(name, full))
             count = len(pairs)
+        self._updated(version)
+        return count
+
+    def _updated(self, version: str | None) -> None:
         self.runner.prepare_weights()
         # K/V computed under the old weights, cached or in flight, is stale: running sequences are
         # prefilled again (with their tokens and budget state) at the next step.
         self.scheduler.recompute_running()
         self.block_manager.reset_prefix_cache()
-        return count
+        self._updates += 1
+        self.weight_version = str(version) if version is not None else str(self._updates)
+
+    # -- weights from a trainer's process group (distributed/weight_group.py) ------------------------
+
+    def join_weight_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                          group_name: str, backend: str) -> None:
+        """Join the group a trainer opens to send weights: rank `rank_offset` here, and the next ranks on the
+        tensor-parallel workers. Blocks until every rank (the trainer's included) has joined."""
+        if group_name in self._weight_groups:
+            raise ElasticDecodeError(f"a weight update group named {group_name!r} exists already")
+        if self.workers is not None:
+            self.workers.send(("weight_group_join", master_address, master_port, rank_offset, world_size, group_name,
+                               backend))
+        self._weight_groups[group_name] = WeightGroup.join(master_address, master_port, rank_offset, world_size,
+                                                           group_name, backend, self.device)
+
+    def load_weights_from_group(self, group_name: str, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                version: str | None = None) -> int:
+        """Receive the tensors a trainer broadcasts over `group_name` (in the order named) and load them, all or
+        nothing: every rank receives them whole, then rank 0 checks them and each rank keeps its slice."""
+        group = self._weight_group(group_name)
+        if not len(names) == len(dtypes) == len(shapes):
+            raise ElasticDecodeError(f"{len(names)} names, {len(dtypes)} dtypes and {len(shapes)} shapes")
+        for dtype in dtypes:
+            torch_dtype(dtype)  # before any broadcast: a bad dtype cannot be received
+        if self.workers is not None:
+            self.workers.send(("weight_group_recv", group_name, names, dtypes, shapes))
+        tensors = group.receive(names, dtypes, shapes)
+        try:
+            pairs = self.model.check_weights(tensors)
+        except BaseException:
+            if self.workers is not None:
+                self.workers.send(("weight_group_apply", False))
+            raise
+        if self.workers is not None:
+            self.workers.send(("weight_group_apply", True))
+        with torch.no_grad():
+            for name, tensor, target in pairs:
+                target.copy_(self.model.shard.take(name, tensor) if self.model.shard else tensor)
+        self._updated(version)
+        return len(pairs)
+
+    def destroy_weight_group(self, group_name: str) -> None:
+        group = self._weight_group(group_name)
+        if self.workers is not None:
+            self.workers.send(("weight_group_destroy", group_name))
+        group.destroy()
+        del self._weight_groups[group_name]
+
+    def _weight_group(self, name: str) -> WeightGroup:
+        if name not in self._weight_groups:
+            known = ", ".join(map(repr, self._weight_groups)) or "none"
+            raise ElasticDecodeError(f"no weight update group named {name!r} (open ones: {known}); "
+                                     "/init_weights_update_group first")
+        return self._weight_groups[name]

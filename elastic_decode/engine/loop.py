@@ -11,10 +11,10 @@ Pausing (`pause(mode)`, as RL trainers pause a rollout server to update it):
 - "abort": in-flight requests end at once with finish_reason "abort" and their partial tokens;
 - "wait": in-flight requests run to completion, then the loop pauses;
 - "keep": in-flight requests stay where they are and continue after `resume()`.
-Requests submitted while paused wait for `resume()`. A weight update (`update_weights`, paused
-or not) copies the weights in place and prefills the in-flight sequences again, so from that
-point they continue exactly as a fresh engine with the new weights would (PipelineRL's in-flight
-update, with the stale K/V recomputed rather than kept).
+Requests submitted while paused wait for `resume()` (and while asleep, for `wake_up_async()`). A
+weight update (`update_weights`, paused or not) copies the weights in place and prefills the
+in-flight sequences again, so from that point they continue exactly as a fresh engine with the
+new weights would (PipelineRL's in-flight update, with the stale K/V recomputed rather than kept).
 """
 from __future__ import annotations
 
@@ -62,6 +62,12 @@ class CompletionDelta:
     forced_end: bool
     finish_reason: str | None  # None while it runs; "stop", "length" or "abort"
     top_logprobs: list[list[tuple[int, float]]] | None = None  # of the new tokens, with params.logprobs
+    weight_versions: tuple[tuple[int, str], ...] = ()  # every token's weights so far: (first index, version)
+    # On a completion's last delta: the prompt's logprobs and alternatives (with params.prompt_logprobs), the
+    # prompt tokens the prefix cache held.
+    prompt_logprobs: list | None = None
+    prompt_top_logprobs: list | None = None
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -204,17 +210,39 @@ class EngineLoop:
     def resume_async(self) -> Future:
         return self._call(self._resume)
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str | None = None) -> int:
         """Copy HF-named weights in place between two steps, all or nothing; in-flight sequences
         continue under the new weights (their K/V recomputed). Returns how many were copied."""
-        return self.update_weights_async(named_tensors).result()
+        return self.update_weights_async(named_tensors, version).result()
 
-    def update_weights_async(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Future:
-        return self._call(lambda: self.engine.load_weights(named_tensors))
+    def update_weights_async(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                             version: str | None = None) -> Future:
+        return self._call(lambda: self.engine.load_weights(named_tensors, version))
+
+    def sleep_async(self, abort: bool = False) -> Future:
+        """Free the KV cache (a trainer's backward pass needs the memory), ending the requests in flight first
+        where `abort` (else ElasticDecodeError while any runs). Requests that arrive while asleep wait for
+        `wake_up_async`; nothing steps meanwhile."""
+        def sleep() -> None:
+            if abort:
+                self._end_all("pause")
+            self.engine.sleep()
+        return self._call(sleep)
+
+    def wake_up_async(self) -> Future:
+        """Allocate the KV cache again; requests held while asleep start (unless paused)."""
+        def wake() -> None:
+            self.engine.wake_up()
+            self._release_held()
+        return self._call(wake)
 
     def call(self, fn: Callable[[LLMEngine], object]) -> object:
         """Run `fn(engine)` on the loop thread between two steps; returns its result."""
-        return self._call(lambda: fn(self.engine)).result()
+        return self.call_async(fn).result()
+
+    def call_async(self, fn: Callable[[LLMEngine], object]) -> Future:
+        """`call` as a future, for callers that must not block a thread on it."""
+        return self._call(lambda: fn(self.engine))
 
     def stats(self) -> dict[str, int]:
         """What the engine holds now (read without stopping the loop): sequences running and waiting, KV
@@ -238,7 +266,7 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self._closed:
-            busy = not self._paused and self.engine.has_unfinished()
+            busy = not self._paused and not self.engine.sleeping and self.engine.has_unfinished()
             try:
                 command = self._commands.get_nowait() if busy else self._commands.get()
             except queue.Empty:
@@ -276,10 +304,22 @@ class EngineLoop:
 
     def _admit(self, handle: int, live: _Live) -> None:
         self._live[handle] = live
-        if self._paused or self._draining:
+        if self._holding:
             self._held.append(handle)
         else:
             self._add(handle)
+
+    @property
+    def _holding(self) -> bool:
+        """New requests wait: paused, draining for a pause, or asleep (the memory is the trainer's until
+        `wake_up_async`; the engine would wake itself for a request otherwise)."""
+        return self._paused or bool(self._draining) or self.engine.sleeping
+
+    def _release_held(self) -> None:
+        if not self._holding:
+            held, self._held = self._held, []
+            for handle in held:
+                self._add(handle)
 
     def _add(self, handle: int) -> None:
         live = self._live[handle]
@@ -317,7 +357,11 @@ class EngineLoop:
                 index=i, token_ids=out[new], logprobs=seq.logprobs[new], forced_mask=forced, num_tokens=len(out),
                 think_tokens=seq.think_tokens, solution_tokens=seq.solution_count, thinking=seq.in_thought,
                 forcing=seq.phase == FORCING, marker_len=len(seq.marker), forced_end=bool(seq.forced_end),
-                finish_reason=reason, top_logprobs=seq.top_logprobs[new] if seq.params.logprobs else None))
+                finish_reason=reason, top_logprobs=seq.top_logprobs[new] if seq.params.logprobs else None,
+                weight_versions=tuple(seq.weight_versions),
+                prompt_logprobs=seq.prompt_logprobs if reason is not None else None,
+                prompt_top_logprobs=seq.prompt_top_logprobs if reason is not None else None,
+                cached_tokens=seq.cached_tokens or 0))
         finished = all(live.done)
         if finished:
             self._forget(handle)
@@ -394,9 +438,7 @@ class EngineLoop:
         for done in self._draining:  # a pause("wait") still draining is called off
             done.set_exception(ElasticDecodeError("resumed before the in-flight requests finished; not paused"))
         self._draining = []
-        held, self._held = self._held, []
-        for handle in held:
-            self._add(handle)
+        self._release_held()
 
     def _close_in_loop(self) -> None:
         for handle in list(self._live):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..errors import InvalidRequestError, ModelLoadError
 
+THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 THINK_CLOSE_FALLBACK = "\n</think>\n\n"
 
@@ -20,6 +21,9 @@ class Tokenizer:
             raise ModelLoadError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}") from None
         self.eos_ids = self._eos_ids(path, hf_config)
         self.pad_id = self.hf.pad_token_id if self.hf.pad_token_id is not None else self.eos_ids[0]
+        opened = self.hf(THINK_OPEN, add_special_tokens=False)["input_ids"]
+        self.think_open: int | None = opened[0] if len(opened) == 1 else None  # the model's <think> token, if any
+        self.assistant_start = self._assistant_start()
 
     def _eos_ids(self, path: Path, hf_config) -> tuple[int, ...]:
         ids: list[int] = []
@@ -38,15 +42,35 @@ class Tokenizer:
             raise ModelLoadError(f"the checkpoint in {path} defines no EOS token")
         return tuple(ids)
 
+    def _assistant_start(self) -> tuple[int, ...]:
+        """The tokens the chat template puts before an assistant turn's text (what add_generation_prompt adds;
+        with the opening of the thinking block for templates that open it, e.g. DeepSeek-R1's "<think>\n").
+        Empty without a chat template."""
+        if not getattr(self.hf, "chat_template", None):
+            return ()
+        turn = [{"role": "user", "content": "x"}]
+        try:
+            bare = self.hf.apply_chat_template(turn, tokenize=False, add_generation_prompt=False)
+            asked = self.hf.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 - a template that refuses this turn: no start to find
+            return ()
+        if not asked.startswith(bare) or asked == bare:
+            return ()
+        return tuple(self.hf(asked[len(bare):], add_special_tokens=False)["input_ids"])
+
     def encode(self, text: str) -> list[int]:
         return list(self.hf(text)["input_ids"])
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], continue_final_message: bool = False,
+                    chat_template_kwargs: dict | None = None) -> list[int]:
+        """A conversation through the chat template, ready for the assistant's next turn; or, with
+        `continue_final_message`, with its last (assistant) message left open to be continued."""
         if not getattr(self.hf, "chat_template", None):
             raise InvalidRequestError(
                 "this model has no chat template; pass raw prompts (--no-chat-template on the CLI)"
             )
-        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=not continue_final_message,
+                                           continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
         return list(self.hf(text, add_special_tokens=False)["input_ids"])
 
     def marker(self, end_think: str | tuple[int, ...] | None) -> tuple[int, ...]:
@@ -63,5 +87,5 @@ class Tokenizer:
             raise InvalidRequestError(f"end_think {end_think!r} encodes to no tokens")
         return tuple(ids)
 
-    def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)

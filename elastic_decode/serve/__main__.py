@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-weights-gb", type=float, default=None,
                      help="safetensors bodies posted to /update_weights (default: what the model's weights take "
                           "in float64, the largest valid body)")
+    b = p.add_argument_group("default budgets (for requests that name none: routers such as sglang-router 0.3.2 "
+                             "drop SGLang's custom_params on /generate, docs/serving.md)")
+    b.add_argument("--thinking-budget", type=int, default=None, metavar="T",
+                   help="thinking tokens before the end-of-thinking marker is forced (default: none)")
+    b.add_argument("--solution-budget", type=int, default=None, metavar="S",
+                   help="solution tokens after the marker, with --thinking-budget (default: none)")
     e = p.add_argument_group("engine")
     add_engine_arguments(e, backend=True)
     e.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
@@ -118,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ElasticDecodeError(f"--{name.replace('_', '-')} must be at least 1")
         if args.max_tokens is not None and args.max_tokens < 1:
             raise ElasticDecodeError("--max-tokens must be at least 1")
+        if any(b is not None and b < 0 for b in (args.thinking_budget, args.solution_budget)):
+            raise ElasticDecodeError("--thinking-budget and --solution-budget must be >= 0")
+        if args.solution_budget is not None and args.thinking_budget is None:
+            raise ElasticDecodeError("--solution-budget needs --thinking-budget (it counts after the marker)")
         if args.max_body_mb <= 0 or (args.max_weights_gb is not None and args.max_weights_gb <= 0):
             raise ElasticDecodeError("--max-body-mb and --max-weights-gb must be positive")
         if not args.shutdown_timeout >= 0:
@@ -139,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                               max_weights_bytes=None if args.max_weights_gb is None
                               else int(args.max_weights_gb * 2**30),
                               max_n=args.max_n, max_prompts=args.max_prompts, max_tokens=args.max_tokens,
-                              shutdown_timeout_s=args.shutdown_timeout)
+                              shutdown_timeout_s=args.shutdown_timeout, thinking_budget=args.thinking_budget,
+                              solution_budget=args.solution_budget)
     except ElasticDecodeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,8 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from ..errors import InvalidRequestError
+
 from .errors import error_response
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .runs import Run
@@ -56,32 +58,38 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest, reque
     if state.unknown_model(body.model):
         return unknown_model(state, body.model)
     params = state.bounded(body.params(None), 1)
-    prompt = state.encode_messages([{"role": m.role, "content": m.text()} for m in body.messages])
-    decode = state.tokenizer.decode
-    run = Run(state, decode, [prompt], params, body.stop_strings(), body.stream)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if not body.add_generation_prompt and not body.continue_final_message:
+        raise InvalidRequestError("add_generation_prompt false needs continue_final_message (the assistant's turn "
+                                  "must be open)", param="add_generation_prompt")
+    prompt = state.encode_messages([{"role": m.role, "content": m.text()} for m in body.messages],
+                                   body.continue_final_message, body.chat_template_kwargs)
+    decode = state.decoder(body.skip_special_tokens)
+    rid, created = request_id(body, "chatcmpl"), int(time.time())
+    run = Run(state, decode, [prompt], params, body.stop_strings(), body.stream, body.keep_stop, rid)
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(chat_stream(state, run, rid, created, body.logprobs, usage),
-                                 media_type="text/event-stream")
+        return StreamingResponse(chat_stream(state, run, rid, created, body, usage), media_type="text/event-stream")
     await run.finish(request)
     choices = []
     for j, text in enumerate(run.texts[0]):
-        reasoning, _, content = text.full_text()
+        reasoning, marker, content = text.full_text()
         message = {"role": "assistant", "content": content}
-        if reasoning is not None:
+        if reasoning is not None and not body.separate_reasoning:  # one text, as the model wrote it
+            message["content"] = reasoning + marker + content
+        elif reasoning is not None and body.include_reasoning:
             message["reasoning"] = message["reasoning_content"] = reasoning
         choices.append({
             "index": j, "message": message, "finish_reason": text.finish_reason, "budget": budget(text),
             "logprobs": {"content": token_entries(decode, text.token_ids, text.logprobs, text.forced_mask,
                                                   text.top_logprobs)} if body.logprobs else None,
+            **token_fields(body, prompt, text, decode),
         })
     return {"id": rid, "object": "chat.completion", "created": created, "model": state.config.model_name,
             "choices": choices, "usage": usage_of(run)}
 
 
-async def chat_stream(state: ServerState, run: Run, rid: str, created: int, logprobs: bool, usage: bool):
-    model, decode = state.config.model_name, state.tokenizer.decode
+async def chat_stream(state: ServerState, run: Run, rid: str, created: int, body, usage: bool):
+    model, decode, logprobs = state.config.model_name, run.texts[0][0].decode, body.logprobs
 
     def chunk(j: int, delta: dict, finish: str | None = None, extra: dict | None = None) -> dict:
         choice = {"index": j, "delta": delta, "logprobs": extra, "finish_reason": finish}
@@ -94,10 +102,14 @@ async def chat_stream(state: ServerState, run: Run, rid: str, created: int, logp
         async for _, j, piece, before in run.events():
             text = run.texts[0][j]
             delta = {}
-            if piece.reasoning:
-                delta["reasoning"] = delta["reasoning_content"] = piece.reasoning
-            if piece.content:
-                delta["content"] = piece.content
+            if not body.separate_reasoning:  # one text, as the model wrote it
+                if piece.reasoning + piece.marker + piece.content:
+                    delta["content"] = piece.reasoning + piece.marker + piece.content
+            else:
+                if piece.reasoning and body.include_reasoning:
+                    delta["reasoning"] = delta["reasoning_content"] = piece.reasoning
+                if piece.content:
+                    delta["content"] = piece.content
             new = slice(before, len(text.token_ids))
             lp = ({"content": token_entries(decode, text.token_ids[new], text.logprobs[new], text.forced_mask[new],
                                             text.top_logprobs[new])}
@@ -107,7 +119,7 @@ async def chat_stream(state: ServerState, run: Run, rid: str, created: int, logp
             if text.finished and j not in announced:
                 announced.add(j)
                 final = chunk(j, {}, text.finish_reason)
-                final["choices"][0]["budget"] = budget(text)
+                final["choices"][0].update(budget=budget(text), **token_fields(body, run.prompts[0], text, decode))
                 yield sse(final)
         if usage:
             yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -129,13 +141,13 @@ async def text_completion(state: ServerState, body: CompletionRequest, request: 
     params = body.params(None)
     prompts = [state.encode_prompt(p) if isinstance(p, str) else list(p) for p in body.prompts()]
     params = state.bounded(params, len(prompts))
-    decode = state.tokenizer.decode
-    run = Run(state, decode, prompts, params, body.stop_strings(), body.stream)
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    decode = state.decoder(body.skip_special_tokens)
+    rid, created = request_id(body, "cmpl"), int(time.time())
+    run = Run(state, decode, prompts, params, body.stop_strings(), body.stream, body.keep_stop, rid)
     want_logprobs = body.logprobs is not None
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(completion_stream(state, run, rid, created, want_logprobs, usage),
+        return StreamingResponse(completion_stream(state, run, rid, created, body, usage),
                                  media_type="text/event-stream")
     await run.finish(request)
     choices = []
@@ -147,13 +159,14 @@ async def text_completion(state: ServerState, body: CompletionRequest, request: 
                 "finish_reason": text.finish_reason, "budget": budget(text),
                 "logprobs": completion_logprobs(decode, text.token_ids, text.logprobs, text.forced_mask,
                                                 text.top_logprobs) if want_logprobs else None,
+                **token_fields(body, run.prompts[k], text, decode),
             })
     return {"id": rid, "object": "text_completion", "created": created, "model": state.config.model_name,
             "choices": choices, "usage": usage_of(run)}
 
 
-async def completion_stream(state: ServerState, run: Run, rid: str, created: int, logprobs: bool, usage: bool):
-    model, decode = state.config.model_name, state.tokenizer.decode
+async def completion_stream(state: ServerState, run: Run, rid: str, created: int, body, usage: bool):
+    model, decode, logprobs = state.config.model_name, run.texts[0][0].decode, body.logprobs is not None
 
     def chunk(index: int, text: str, finish: str | None = None, extra: dict | None = None) -> dict:
         return {"id": rid, "object": "text_completion", "created": created, "model": model,
@@ -172,7 +185,7 @@ async def completion_stream(state: ServerState, run: Run, rid: str, created: int
             if text.finished and (k, j) not in announced:
                 announced.add((k, j))
                 final = chunk(k * run.n + j, "", text.finish_reason)
-                final["choices"][0]["budget"] = budget(text)
+                final["choices"][0].update(budget=budget(text), **token_fields(body, run.prompts[k], text, decode))
                 yield sse(final)
         if usage:
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
@@ -186,6 +199,39 @@ async def completion_stream(state: ServerState, run: Run, rid: str, created: int
 
 
 # -- shared pieces -------------------------------------------------------------------------------
+
+
+def request_id(body, kind: str) -> str:
+    """The response's id: the client's (vLLM's request_id, SGLang's rid), else a fresh one."""
+    given = body.request_id or (body.rid if isinstance(body.rid, str) else None)
+    return given or f"{kind}-{uuid.uuid4().hex}"
+
+
+def token_fields(body, prompt: list[int], text: CompletionText, decode) -> dict:
+    """What a choice adds when asked: token ids (vLLM's return_token_ids), prompt logprobs (vLLM's shape: per
+    prompt token {token id: {logprob, rank, decoded_token}}, None for the first), the weights' version."""
+    out = {"weight_version": text.weight_version}
+    if body.return_token_ids:
+        out.update(token_ids=text.token_ids, prompt_token_ids=prompt)
+    if body.prompt_logprobs is not None:
+        out["prompt_logprobs"] = prompt_logprob_entries(prompt, text, decode)
+    return out
+
+
+def prompt_logprob_entries(prompt: list[int], text: CompletionText, decode) -> list | None:
+    """vLLM's prompt_logprobs: None for the first prompt token, then {token id: {logprob, rank, decoded_token}}
+    with the asked-for alternatives (None until the completion has ended)."""
+    last = text.last
+    if last is None or last.prompt_logprobs is None:
+        return None
+    alternatives = last.prompt_top_logprobs or [[]] * len(prompt)
+    entries: list = [None]
+    for tok, lp, alts in zip(prompt[1:], last.prompt_logprobs[1:], alternatives[1:]):
+        entry = {str(tok): {"logprob": lp, "decoded_token": decode([tok])}}
+        for rank, (i, v) in enumerate(alts, 1):
+            entry.setdefault(str(i), {"logprob": v, "rank": rank, "decoded_token": decode([i])})
+        entries.append(entry)
+    return entries
 
 
 def budget(text: CompletionText) -> dict:

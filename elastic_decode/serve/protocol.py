@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from ..engine.loop import PAUSE_MODES
 from ..errors import InvalidRequestError
+from .budgets import NAMES, budget_params, refuse_unknown
 from ..sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 
@@ -67,8 +68,34 @@ class StreamOptions(_Body):
     continuous_usage_stats: bool = False
 
 
-class _Budgets(_Body):
-    """Budget and sampling fields shared by both OpenAI routes."""
+class BudgetFields(_Body):
+    """The budgets (Elastic Reasoning) by every name a route takes (serve/budgets.py): thinking tokens before the
+    end-of-thinking marker is forced, solution tokens after it, the marker itself, a minimum thinking length,
+    and what a resubmitted rollout has spent. Every route's body has them where its ecosystem puts sampling
+    fields; `custom` is the dict of custom fields beside them (SGLang's custom_params, vLLM's extra_args)."""
+
+    thinking_budget: int | None = None
+    thinking_token_budget: int | None = None  # vLLM's name (-1: no budget)
+    think_budget: int | None = None  # SamplingParams' name
+    solution_budget: int | None = None
+    end_think: str | list[int] | None = None
+    min_think: int | None = None
+    thinking_spent: int | None = None
+    think_spent: int | None = None
+    solution_spent: int | None = None
+
+    def budgets(self, custom: dict | None, where: str, known: set[str] = frozenset()) -> dict:
+        """SamplingParams' budget arguments from these fields and the custom ones (which may hold only budget
+        names and `known` others)."""
+        custom = dict(custom or {})
+        refuse_unknown(custom, set(known), where)
+        fields = {k: v for k, v in self.model_dump(include=NAMES).items() if v is not None}
+        return budget_params({**{k: v for k, v in custom.items() if k in NAMES}, **fields})
+
+
+class _Budgets(BudgetFields):
+    """Budget and sampling fields shared by both OpenAI routes, and the extension fields other engines'
+    clients and routers send (sglang-router re-serialises every request with SGLang's defaults)."""
 
     model: str | None = None
     n: int = 1
@@ -84,17 +111,59 @@ class _Budgets(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # Budgets (Elastic Reasoning): thinking tokens before the end-of-thinking marker is forced,
-    # solution tokens after it, the marker itself and a minimum thinking length.
-    thinking_budget: int | None = None
-    thinking_token_budget: int | None = None  # vLLM's name for thinking_budget
-    solution_budget: int | None = None
-    end_think: str | list[int] | None = None
-    min_think: int = 0
+    custom_params: dict | None = None  # SGLang's place for custom fields: the budget names
     # OpenAI fields this engine does not implement: accepted at their neutral values only.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    # SGLang's and vLLM's extension fields. Honoured: the stop string kept in the text (no_stop_trim,
+    # include_stop_str_in_output), special tokens kept (skip_special_tokens false), the reasoning split
+    # (separate_reasoning / include_reasoning false: all in content / no reasoning), token ids returned
+    # (return_token_ids), prompt logprobs, the request's id (rid, request_id), the chat template's options
+    # (chat route). Accepted at their neutral value only: the rest that would change what is generated.
+    # Accepted and ignored: scheduling and routing hints (priority, bootstrap_*, session and cache keys).
+    no_stop_trim: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
+    include_reasoning: bool = True
+    return_token_ids: bool = False
+    prompt_logprobs: int | None = None
+    rid: str | list[str] | None = None
+    request_id: str | None = None
+    min_tokens: int = 0  # vLLM's name; SGLang's min_new_tokens is the same
+    min_new_tokens: int = 0
+    repetition_penalty: float = 1.0
+    lora_path: str | None = None
+    return_hidden_states: bool = False
+    regex: str | None = None
+    ebnf: str | None = None
+    json_schema: str | None = None
+    stop_regex: str | list[str] | None = None
+    response_format: dict | None = None
+    structured_outputs: dict | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
+    priority: int | None = None
+    bootstrap_host: str | list[str] | None = None
+    bootstrap_port: int | list[int] | None = None
+    bootstrap_room: int | list[int] | None = None
+    session_params: dict | None = None
+    extra_key: str | None = None
+    cache_salt: str | None = None
+    kv_transfer_params: dict | None = None
+    vllm_xargs: dict | None = None  # vLLM's place for custom fields: the budget names
+    reasoning_effort: str | None = None
+    stream_interval: int | None = None
+
+    def custom_fields(self) -> tuple[dict, str]:
+        """The dict of custom fields the budgets may be in, and its name."""
+        if self.custom_params and self.vllm_xargs:
+            raise InvalidRequestError("give budgets in custom_params or vllm_xargs, not both", param="vllm_xargs")
+        return (self.custom_params or self.vllm_xargs or {}), "vllm_xargs" if self.vllm_xargs else "custom_params"
 
     def stop_strings(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -102,18 +171,28 @@ class _Budgets(_Body):
             raise InvalidRequestError("stop takes at most 16 strings", param="stop")
         return stop
 
+    @property
+    def keep_stop(self) -> bool:
+        """The text keeps the stop string that ended it (SGLang's no_stop_trim, vLLM's include_stop_str_in_output)."""
+        return self.no_stop_trim or self.include_stop_str_in_output
+
+    def _refuse_what_would_change_generation(self) -> None:
+        neutral = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+                   "return_hidden_states": False}
+        for name, value in neutral.items():
+            if getattr(self, name) != value:
+                raise InvalidRequestError(f"{name} is not supported by this server (leave it at {value})", param=name)
+        for name in ("logit_bias", "lora_path", "regex", "ebnf", "json_schema", "stop_regex", "structured_outputs",
+                     "allowed_token_ids", "bad_words", "truncate_prompt_tokens"):
+            if getattr(self, name):
+                raise InvalidRequestError(f"{name} is not supported by this server", param=name)
+        if self.response_format not in (None, {"type": "text"}):
+            raise InvalidRequestError("response_format other than text is not supported", param="response_format")
+
     def sampling_params(self, max_tokens: int | None, default_max_tokens: int | None = None,
                         top: int = 0) -> SamplingParams:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0:
-                raise InvalidRequestError(f"{name} is not supported by this server (leave it at 0)", param=name)
-        if self.logit_bias:
-            raise InvalidRequestError("logit_bias is not supported by this server", param="logit_bias")
-        if self.thinking_budget is not None and self.thinking_token_budget is not None \
-                and self.thinking_budget != self.thinking_token_budget:
-            raise InvalidRequestError("thinking_budget and thinking_token_budget disagree (give one)",
-                                      param="thinking_budget")
-        think = self.thinking_budget if self.thinking_budget is not None else self.thinking_token_budget
+        self._refuse_what_would_change_generation()
+        budgets = self.budgets(*self.custom_fields())
         try:
             return SamplingParams(
                 n=self.n,
@@ -125,18 +204,17 @@ class _Budgets(_Body):
                 max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
                 ignore_eos=self.ignore_eos,
                 stop_token_ids=tuple(self.stop_token_ids or ()),
-                think_budget=think,
-                solution_budget=self.solution_budget,
-                end_think=tuple(self.end_think) if isinstance(self.end_think, list) else self.end_think,
-                min_think=self.min_think,
+                min_tokens=self.min_tokens or self.min_new_tokens,
                 logprobs=top,
+                prompt_logprobs=self.prompt_logprobs,
+                **budgets,
             )
         except InvalidRequestError as e:
             raise InvalidRequestError(str(e), param=_OPENAI_NAMES.get(e.param, e.param)) from None
 
 
 # SamplingParams' field names as the OpenAI routes call them.
-_OPENAI_NAMES = {"think_budget": "thinking_budget"}
+_OPENAI_NAMES = {"think_budget": "thinking_budget", "think_spent": "thinking_spent"}
 
 
 class TextPart(_Body):
@@ -158,6 +236,23 @@ class ChatCompletionRequest(_Budgets):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    # The chat template's options (vLLM's and SGLang's names): continue the last (assistant) message instead
+    # of opening a new turn, and keyword arguments for the template (e.g. enable_thinking).
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict | None = None
+    documents: list | None = None
+    mm_processor_kwargs: dict | None = None
+
+    def custom_fields(self) -> tuple[dict, str]:
+        """Also the budget names in chat_template_kwargs: where Seed-OSS's template takes its thinking_budget, and
+        the one dict sglang-router 0.3.2 forwards on chat requests (it drops unknown fields)."""
+        custom, where = super().custom_fields()
+        template = {k: v for k, v in (self.chat_template_kwargs or {}).items() if k in NAMES}
+        for name in set(custom) & set(template):
+            if custom[name] != template[name]:
+                raise InvalidRequestError(f"{name} differs in {where} and chat_template_kwargs (give one)", param=name)
+        return {**custom, **template}, where
 
     def params(self, default_max_tokens: int | None) -> SamplingParams:
         if self.max_tokens is not None and self.max_completion_tokens is not None \
@@ -204,13 +299,19 @@ class CompletionRequest(_Budgets):
 class _GenerateBase(_Body):
     prompt_token_ids: list[list[int]] | list[int] = Field(min_length=1)
     return_text: bool = True  # decode each completion's thinking and solution text too
+    # The budget names the other routes use (serve/budgets.py), beside SamplingParams' own.
+    thinking_budget: int | None = None
+    thinking_token_budget: int | None = None
+    thinking_spent: int | None = None
 
     def prompts(self) -> list[list[int]]:
         p = self.prompt_token_ids
         return [list(p)] if all(isinstance(x, int) for x in p) else [list(x) for x in p]
 
     def params(self) -> SamplingParams:
-        return SamplingParams(**self.model_dump(exclude={"prompt_token_ids", "return_text"}))
+        fields = self.model_dump(exclude={"prompt_token_ids", "return_text"})
+        budgets = budget_params({k: v for k, v in fields.items() if v is not None})
+        return SamplingParams(**{k: v for k, v in fields.items() if k not in NAMES}, **budgets)
 
 
 def _json_type(hint):

@@ -8,6 +8,7 @@ blocks nothing else), and blocking reads of weights run on the server's own thre
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from .errors import BodyTooLarge, error_response
 from .metrics import render_metrics
 from .openai_routes import budget, usage_of
 from .protocol import GenerateRequest, PauseRequest, TokenizeRequest, UpdateWeightsRequest
+from . import sglang_routes
 from .runs import Run
+from .sglang_routes import parse
 from .state import ServerState
 from .weights import read_checkpoint, read_file, receive_safetensors
 
@@ -37,8 +40,17 @@ def router(state: ServerState) -> APIRouter:
         return PlainTextResponse(render_metrics(loop), media_type="text/plain; version=0.0.4")
 
     @api.post("/generate")
-    async def generate(body: GenerateRequest, request: Request):
-        return await generate_tokens(state, body, request)
+    async def generate(request: Request):
+        """One path, two shapes: ours (`prompt_token_ids`, the RolloutClient's) and SGLang's (`input_ids` or
+        `text` with `sampling_params`, slime's and AReaL's)."""
+        raw = await request.body()
+        try:
+            shape = json.loads(raw)
+        except ValueError:
+            shape = None
+        if isinstance(shape, dict) and sglang_routes.is_sglang(shape):
+            return await sglang_routes.generate(state, await parse(raw, sglang_routes.SglGenerateRequest), request)
+        return await generate_tokens(state, await parse(raw, GenerateRequest), request)
 
     @api.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
@@ -53,15 +65,26 @@ def router(state: ServerState) -> APIRouter:
         return {"tokens": tokens, "count": len(tokens), "max_model_len": loop.engine.window}
 
     @api.post("/pause")
-    async def pause(body: PauseRequest | None = None):
-        mode = (body or PauseRequest()).mode
+    async def pause(request: Request, mode: str | None = None, clear_cache: bool = False,
+                    wait_for_inflight_requests: bool = False):
+        """The mode in the body ({"mode": ...}) or, as vLLM's route takes it, the query (?mode=...); keep when
+        neither says (vLLM's default is abort: its clients name the mode). clear_cache also forgets the cached
+        prefixes; vLLM's older wait_for_inflight_requests=true is mode wait."""
+        body = await parse(request, PauseRequest, empty_ok=True)
+        asked = {m for m in (mode, "wait" if wait_for_inflight_requests else None,
+                             body.mode if "mode" in body.model_fields_set else None) if m is not None}
+        if len(asked) > 1:
+            raise InvalidRequestError(f"the pause modes asked for disagree: {', '.join(sorted(asked))}", param="mode")
+        mode = asked.pop() if asked else body.mode
         await asyncio.wrap_future(loop.pause_async(mode))
-        return {"paused": True, "mode": mode}
+        if clear_cache:
+            await asyncio.wrap_future(loop.call_async(lambda engine: engine.reset_prefix_cache()))
+        return {"status": "paused", "paused": True, "mode": mode}
 
     @api.post("/resume")
     async def resume():
         await asyncio.wrap_future(loop.resume_async())
-        return {"paused": False}
+        return {"status": "resumed", "paused": False}
 
     @api.post("/update_weights")
     async def update_weights(request: Request):

@@ -8,6 +8,7 @@ been read by then), whether or not tokens are flowing.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 
@@ -23,12 +24,13 @@ from .text import CompletionText, TextDelta
 
 class Run:
     def __init__(self, state: ServerState, decode: Callable, prompts: list[list[int]], params: SamplingParams,
-                 stop: list[str], stream: bool):
+                 stop: list[str], stream: bool, keep_stop: bool = False, rid: str | None = None):
         self.state, self.loop = state, state.loop
         self.n = params.n
         self.prompts = prompts
-        self.texts = [[CompletionText(decode, params.think_budget is not None, stop, stream) for _ in range(params.n)]
-                      for _ in prompts]
+        self.rid = rid  # the client's id for the call (SGLang's /abort_request names it), if it gave one
+        self.texts = [[CompletionText(decode, params.think_budget is not None, stop, stream, keep_stop)
+                       for _ in range(params.n)] for _ in prompts]
         for k, ids in enumerate(prompts):  # every prompt checked before any is queued
             try:
                 self.loop.engine.check_request(ids, params)
@@ -40,6 +42,7 @@ class Run:
         self.shut_down = False  # aborted because the server is shutting down
         aloop = asyncio.get_running_loop()
         self.handles: list[int] = []
+        self.started = time.perf_counter()
         state.runs.add(self)
         try:
             for k, ids in enumerate(prompts):

@@ -29,6 +29,9 @@ class ServerConfig:
     max_tokens: int | None = None  # cap on max_tokens; None = the context window
     # seconds in-flight requests may take to finish after SIGTERM / Ctrl-C before they are aborted
     shutdown_timeout_s: float = 5.0
+    # the budgets of a request that names no thinking budget (None: none); a request that names one keeps its own
+    thinking_budget: int | None = None
+    solution_budget: int | None = None
 
 
 class ServerState:
@@ -50,7 +53,7 @@ class ServerState:
 
     def bounded(self, params: SamplingParams, prompts: int) -> SamplingParams:
         """The request within the server's bounds (--max-n, --max-prompts, --max-tokens), with the server's
-        max_tokens cap applied when it gives none."""
+        max_tokens cap and default budgets (--thinking-budget, --solution-budget) applied when it gives none."""
         config = self.config
         if params.n > config.max_n:
             raise InvalidRequestError(f"n must be at most {config.max_n} on this server (--max-n)", param="n")
@@ -61,17 +64,30 @@ class ServerState:
             raise InvalidRequestError(f"max_tokens must be at most {config.max_tokens} on this server (--max-tokens)",
                                       param="max_tokens")
         if params.max_tokens is None and config.max_tokens is not None:
-            return dataclasses.replace(params, max_tokens=config.max_tokens)
+            params = dataclasses.replace(params, max_tokens=config.max_tokens)
+        if params.think_budget is None and config.thinking_budget is not None:
+            params = dataclasses.replace(params, think_budget=config.thinking_budget,
+                                         solution_budget=params.solution_budget if params.solution_budget is not None
+                                         else config.solution_budget)
         return params
+
+    def decoder(self, skip_special_tokens: bool = True):
+        """The detokenizer of a request: special tokens dropped (the default) or kept."""
+        decode = self.tokenizer.decode
+        return decode if skip_special_tokens else (lambda ids: decode(ids, skip_special_tokens=False))
 
     def unknown_model(self, name: str | None) -> bool:
         return name is not None and name != self.config.model_name
 
-    def encode_messages(self, messages: list[dict]) -> list[int]:
+    def encode_messages(self, messages: list[dict], continue_final_message: bool = False,
+                        chat_template_kwargs: dict | None = None) -> list[int]:
         if not any(m["content"].strip() for m in messages):
             raise InvalidRequestError("every message is empty", param="messages")
+        if continue_final_message and messages[-1]["role"] != "assistant":
+            raise InvalidRequestError("continue_final_message needs the last message to be the assistant's",
+                                      param="continue_final_message")
         try:
-            return self.tokenizer.encode_chat(messages)
+            return self.tokenizer.encode_chat(messages, continue_final_message, chat_template_kwargs)
         except InvalidRequestError as e:
             raise InvalidRequestError(str(e), param="messages") from None
         except Exception as e:  # noqa: BLE001 - a chat template may reject a conversation in its own way

@@ -59,10 +59,12 @@ class CompletionText:
     """Accumulates one completion's deltas; `feed` returns the new text (when `stream`)."""
 
     def __init__(self, decode: Callable[[list[int]], str], thinks: bool, stop: Sequence[str] = (),
-                 stream: bool = True):
+                 stream: bool = True, keep_stop: bool = False):
         self.decode = decode
         self.thinks = thinks  # the request has a thinking budget: tokens before the marker are reasoning
         self.stop = tuple(s for s in stop if s)
+        self.keep_stop = keep_stop  # the text keeps the stop string that ended it (SGLang's no_stop_trim)
+        self.matched: str | None = None  # the stop string that ended it
         self.stream = stream  # text is wanted as it grows (else only at the end)
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
@@ -90,6 +92,18 @@ class CompletionText:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def weight_version(self) -> str | None:
+        """The weights the last token came from."""
+        versions = self.last.weight_versions if self.last is not None else ()
+        return versions[-1][1] if versions else None
+
+    @property
+    def weight_versions(self) -> list[list]:
+        """Every token's weights: [first token index, version] from each index where they changed (a request
+        that spans an in-flight update has two or more)."""
+        return [list(v) for v in (self.last.weight_versions if self.last is not None else ())]
 
     @property
     def think_tokens(self) -> int:
@@ -137,9 +151,10 @@ class CompletionText:
         for token in pending:
             window = max(0, len(self._content.text) - longest)
             self._content.extend([token])
-            hits = [i for i in (self._content.text.find(s, window) for s in self.stop) if i >= 0]
+            hits = [(i, s) for i, s in ((self._content.text.find(s, window), s) for s in self.stop) if i >= 0]
             if hits:
-                self._cut = min(hits)
+                at, self.matched = min(hits)
+                self._cut = at + len(self.matched) if self.keep_stop else at
                 return self.content_start + len(self._content.ids) - len(self.token_ids)
         return len(delta.token_ids)
 
@@ -193,5 +208,8 @@ class CompletionText:
     def _cut_at_stop(self, content: str) -> str:
         if not self.stopped:
             return content
-        hits = [i for i in (content.find(s) for s in self.stop) if i >= 0]
-        return content[:min(hits)] if hits else content
+        hits = [(i, s) for i, s in ((content.find(s), s) for s in self.stop) if i >= 0]
+        if not hits:
+            return content
+        at, matched = min(hits)
+        return content[: at + len(matched)] if self.keep_stop else content[:at]

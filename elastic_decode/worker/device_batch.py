@@ -95,6 +95,7 @@ def sampler_fields(seqs, width: int | None = None, stop_width: int | None = None
         "solution_budget": (i32, [x.solution_budget if x.solution_budget is not None else NO_LIMIT for x in p], (n,)),
         "max_new_tokens": (i32, [s.max_new_tokens for s in seqs], (n,)),
         "min_think": (i32, [x.min_think for x in p], (n,)),
+        "min_tokens": (i32, [x.min_tokens for x in p], (n,)),
         "marker": (i32, flat(_rows([s.marker for s in seqs], width, MARKER_PAD)), (n, width)),
         "marker_len": (i32, [len(s.marker) for s in seqs], (n,)),
         "stop_ids": (i32, flat([list(s.stop_ids) + [STOP_PAD] * (stop_width - len(s.stop_ids)) for s in seqs]),

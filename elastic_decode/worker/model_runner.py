@@ -13,6 +13,7 @@ same resident rows.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,9 @@ from ..models import AttentionBatch, KernelOps, LlamaForCausalLM
 from .cuda_graphs import DecodeGraphs, capture_or_eager
 from .decode_step import decode_step, top_logprobs
 from .device_batch import BatchUpdate, DeviceBatch, HostFields, RowPlanner, sampler_fields, upload
+
+
+PROMPT_LOGITS_ROWS = 256  # prompt positions whose logits are computed at once for prompt logprobs
 
 
 def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, ...]]:
@@ -46,6 +50,9 @@ class StepPlan:
     graphs: bool  # replay the CUDA graphs (decode, where the batch fits them)
     top: int = 0  # alternatives per token to return (the most any sequence asked for); off the graphs
     recent_width: int = 1  # columns of the thinking window to read back (the batch's longest marker)
+    # prefill: (sequence, its first packed row, its rows, alternatives) of the sequences whose prompt logprobs
+    # are asked for (their prompt is computed whole: no cached prefix)
+    prompt_rows: tuple[tuple[int, int, int, int], ...] = ()
 
 
 class ModelRunner:
@@ -152,8 +159,11 @@ class ModelRunner:
         """What a step runs, as host values (the same on every tensor-parallel rank)."""
         if batch.is_prefill:
             top = max(s.params.logprobs for s in batch.seqs)
-            return StepPlan(True, self._prefill_host(batch.seqs), None, 1, False, top,
-                            max(len(s.marker) for s in batch.seqs))
+            host = self._prefill_host(batch.seqs)
+            cu = host["cu_seqlens_q"][1]
+            prompt_rows = tuple((i, cu[i], cu[i + 1] - cu[i], s.params.prompt_logprobs) for i, s in enumerate(batch.seqs)
+                                if s.params.prompt_logprobs is not None and s.prompt_logprobs is None)
+            return StepPlan(True, host, None, 1, False, top, max(len(s.marker) for s in batch.seqs), prompt_rows)
         update, rows = self.rows.update(batch.seqs), self.rows  # the rows know the batch's top and marker width
         graphs = not rows.top and self.graphs is not None and self.graphs.fits(len(batch.seqs))
         return StepPlan(False, None, update, batch.num_steps, graphs, rows.top, rows.marker_width)
@@ -163,7 +173,10 @@ class ModelRunner:
             plan = self.plan(batch)
             if self.workers is not None:
                 self.workers.send(("step", plan))  # the other ranks run the same plan
-            result = self._result(*self.execute(plan), recent_width=plan.recent_width)
+            *step, prompt = self.execute(plan)
+            result = self._result(*step, recent_width=plan.recent_width)
+            if prompt:
+                result = dataclasses.replace(result, prompt_logprobs=prompt)
         except BaseException:
             self.rows = RowPlanner()  # the device rows are in doubt: the next chunk writes them all again
             raise
@@ -174,16 +187,35 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan):
         """Run a plan: (tokens [steps, seqs], logprobs, forced, final budget state, top alternatives
-        ((values, ids) [steps, seqs, top]) or None) on the device, in the batch's order."""
+        ((values, ids) [steps, seqs, top]) or None, prompt logprobs (host values) or None) on the device, in
+        the batch's order."""
         if not plan.is_prefill:
-            return self._run_decode(plan)
+            return *self._run_decode(plan), None
         input_ids, positions, attn, logits_rows, params, state = self._prepare_prefill(plan.host)
         hidden = self.model(input_ids, positions, self.kv_caches, attn, self.ops)  # [num_tokens, hidden]
+        prompt = self._prompt_logprobs(hidden, input_ids, plan.prompt_rows) if plan.prompt_rows else None
         logits = self.model.compute_logits(hidden[logits_rows], self.ops)  # [num_seqs, vocab]
         top = top_logprobs(logits, plan.top) if plan.top else None
         tokens, logprobs = self.ops.sample_with_budget(logits, params, state)
         return tokens[None], logprobs[None], state.forced[None], state, \
-            None if top is None else (top[0][None], top[1][None])
+            None if top is None else (top[0][None], top[1][None]), prompt
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, input_ids: torch.Tensor, rows) -> dict:
+        """{sequence: (logprobs [None, then one per prompt token], alternatives per token)}: each prompt token's
+        logprob under the raw distribution given the tokens before it, the logits computed a slice at a time
+        (a [prompt, vocab] block at once would be gigabytes for a long prompt and a large vocabulary)."""
+        out = {}
+        for i, start, count, k in rows:
+            values, alternatives = [], []
+            for a in range(start, start + count - 1, PROMPT_LOGITS_ROWS):
+                b = min(a + PROMPT_LOGITS_ROWS, start + count - 1)
+                logp = torch.log_softmax(self.model.compute_logits(hidden[a:b], self.ops).float(), dim=-1)
+                values += logp.gather(1, input_ids[a + 1 : b + 1, None]).squeeze(1).tolist()
+                if k:
+                    v, ids = logp.topk(k, dim=-1)
+                    alternatives += [list(zip(r_ids, r_v)) for r_ids, r_v in zip(ids.tolist(), v.tolist())]
+            out[i] = ([None, *values], [[], *alternatives] if k else None)
+        return out
 
     def _run_decode(self, plan: StepPlan):
         self.batch.apply(plan.update)

@@ -3,7 +3,8 @@ sends (distributed/processes.py starts it as `python -m elastic_decode._tp_worke
 
 Rank 0 sends the KV cache's size first, then commands: "step" (a StepPlan: the same host values rank 0's
 own runner runs, so every rank computes the same step), "load" (weights, broadcast one by one in the order
-named), "sleep" / "wake" (the KV cache) and "stop".
+named), "sleep" / "wake" (the KV cache), the "weight_group_*" commands (join a trainer's group, receive its
+broadcast, apply or drop it as rank 0 decides: distributed/weight_group.py) and "stop".
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from ..distributed.group import Group
 from ..distributed.processes import WorkerSpec, connect, unpack
+from ..distributed.weight_group import WeightGroup
 from ..models import ModelSpec
 from ..models.loader import build_model
 from .backend import select_ops
@@ -36,6 +38,8 @@ class ShardWorker:
         self.runner = ModelRunner(self.model, allocate_kv_caches(self.model, self.num_blocks, spec.block_size),
                                   select_ops(self.device, spec.backend, spec.quantization), spec.block_size)
         self.runner.prepare_weights()
+        self.weight_groups: dict[str, WeightGroup] = {}  # trainers' groups (distributed/weight_group.py)
+        self.received: list = []
 
     def serve(self) -> None:
         while True:
@@ -53,6 +57,23 @@ class ShardWorker:
                 self.runner.free_kv_cache()
             elif command == "wake":
                 self.runner.allocate_kv_cache(self.num_blocks)
+            elif command == "weight_group_join":  # (address, port, rank offset, world size, name, backend)
+                address, port, offset, world, name, backend = args
+                self.weight_groups[name] = WeightGroup.join(address, port, offset + self.group.rank, world, name,
+                                                            backend, self.device)
+            elif command == "weight_group_recv":  # every tensor received whole; kept until rank 0 decides
+                name, names, dtypes, shapes = args
+                self.received = self.weight_groups[name].receive(names, dtypes, shapes)
+            elif command == "weight_group_apply":
+                received, self.received = self.received, []
+                if args[0]:
+                    params = dict(self.model.named_parameters())
+                    with torch.no_grad():
+                        for name, full in received:
+                            self.model.hf_parameter(name, params).copy_(self.model.shard.take(name, full))
+                    self.runner.prepare_weights()
+            elif command == "weight_group_destroy":
+                self.weight_groups.pop(args[0]).destroy()
             elif command == "stop":
                 return
 
