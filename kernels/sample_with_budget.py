@@ -174,9 +174,9 @@ def _masked_logits(logits_ptr, row_off, idx, end, sup_tok, sup_stop, stop_ptr, n
 
 @triton.jit
 def _suppress(x, idx, sup_tok, sup_stop, stop_ptr, num_stop):
-    """x (logits at idx, any float dtype) as fp32, with min_think's suppressed tokens at -inf."""
+    """x (logits at idx, any float dtype) as fp32, with min_think's and min_tokens' suppressed tokens at -inf."""
     x = tl.where(idx == sup_tok, float("-inf"), x.to(tl.float32))
-    if sup_stop:  # rare (early thinking under min_think): one compare per stop id
+    if sup_stop:  # rare (early thinking under min_think, or before min_tokens): one compare per stop id
         for i in range(0, num_stop):
             stop = tl.load(stop_ptr + i)
             x = tl.where((idx == stop) & (stop >= 0), float("-inf"), x)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 
 from elastic_decode import InvalidRequestError, SamplingParams
+from elastic_decode.core.resume import start_state
+from elastic_decode.kernels import THINKING
 from engines import tiny_llm
 
 USER = [{"role": "user", "content": "What is 12 + 7? Think it through."}]
@@ -101,3 +103,29 @@ def test_the_request_can_say_what_is_spent(tiny_models):
     assert solving.solution_tokens == 3 and len(solving.token_ids) == 2 and not solving.thinking_text
     with pytest.raises(InvalidRequestError, match="nothing is left to generate"):
         llm.generate([prompt], greedy(think_budget=6, solution_budget=3, solution_spent=3), use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="think_spent"):
+        llm.generate([prompt], greedy(think_budget=6, solution_budget=3, think_spent=len(prompt) + 1), use_tqdm=False)
+
+
+THINK, MARK, EOS, START = 90, (91, 92), 2, (70, 71)
+
+
+def state_of(prompt, **known):
+    return start_state(prompt, MARK, greedy(think_budget=8, solution_budget=4), known.get("start", ()), THINK, (EOS,))
+
+
+def test_a_bare_think_opens_a_rollout_only_while_its_thought_is_open():
+    """Without an assistant start, `<think>` marks a rollout only while open: a closed block (a few-shot
+    example in a raw prompt) starts fresh instead of solving."""
+    assert state_of([5, THINK, 6, 7]).think_count == 2
+    fresh = state_of([5, THINK, 6, 7, *MARK, 8, 9, 10])
+    assert fresh.phase == THINKING and fresh.think_count == 0 and fresh.prompt_think == 0
+
+
+def test_a_finished_assistant_turn_is_not_resumed():
+    """The last assistant turn holds an end of turn (the prompt goes on past it): a fresh budget, not the
+    turn's tokens counted."""
+    resumed = state_of([5, *START, 6, 7, 8], start=START)
+    assert resumed.think_count == 3
+    ended = state_of([5, *START, 6, 7, 8, EOS, 40, 41], start=START)
+    assert ended.phase == THINKING and ended.think_count == 0

@@ -6,12 +6,14 @@ tokens" means the route changes nothing; weights through a gloo group come from 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 
 import pytest
 
@@ -128,8 +130,12 @@ def test_slime_abort_all_then_poll_loads_until_idle(url, loop, prompt):
     body = {"input_ids": prompt, "return_logprob": True,
             "sampling_params": slime_params(max_new_tokens=400, ignore_eos=True)}
     calls = [in_thread(lambda: post(url, "/generate", body)) for _ in range(3)]
+    deadline = time.monotonic() + 30
+    while loop.stats()["requests_running"] < 3:  # all three in the engine before the abort
+        assert time.monotonic() < deadline, loop.stats()
+        time.sleep(0.01)
     wait_for_tokens(loop, 6)
-    assert json_of(post(url, "/abort_request", {"abort_all": True}))["aborted"] >= 1
+    assert json_of(post(url, "/abort_request", {"abort_all": True}))["aborted"] == 3
     deadline = time.monotonic() + 10
     while True:
         load = get_json(url, "/v1/loads?include=core")["loads"][0]
@@ -154,7 +160,11 @@ def test_slime_weight_update_sequence(url, loop, ref, prompt, tiny_llama, tmp_pa
     thread, box = in_thread(lambda: post(url, "/generate", {"input_ids": prompt, "return_logprob": True,
                                                              "sampling_params": params}))
     wait_for_tokens(loop, 8)
-    paused = json_of(post(url, "/pause_generation", {}))
+    try:
+        paused = json_of(post(url, "/pause_generation", {}))
+    except BaseException:
+        post(url, "/continue_generation", {})
+        raise
     assert paused["status"] == "ok"
     thread.join(30)
     first = json_of(box["value"])["meta_info"]
@@ -163,9 +173,11 @@ def test_slime_weight_update_sequence(url, loop, ref, prompt, tiny_llama, tmp_pa
     assert 0 < len(done) < 300
     status, text = get(url, "/flush_cache")
     assert status == 200 and b"flushed" in text.lower()
-    update = json_of(post(url, "/update_weights_from_disk", {"model_path": str(tiny_llama), "weight_version": "7"}))
-    assert update["success"] is True
-    assert json_of(post(url, "/continue_generation", {}))["status"] == "ok"
+    try:
+        update = json_of(post(url, "/update_weights_from_disk", {"model_path": str(tiny_llama), "weight_version": "7"}))
+        assert update["success"] is True
+    finally:
+        assert json_of(post(url, "/continue_generation", {}))["status"] == "ok"
     rest_params = {**params, "max_new_tokens": 300 - len(done)}
     rest = json_of(post(url, "/generate", {"input_ids": prompt + done, "return_logprob": True,
                                            "sampling_params": rest_params}))
@@ -185,16 +197,20 @@ def test_a_rollout_across_an_in_flight_update_names_each_tokens_weights(url, loo
     body = {"input_ids": prompt, "sampling_params": {"temperature": 0.0, "max_new_tokens": 200, "ignore_eos": True}}
     thread, box = in_thread(lambda: post(url, "/generate", body))
     wait_for_tokens(loop, 5)
-    json_of(post(url, "/pause_generation", {"mode": "in_place"}))
-    held = loop.call(lambda e: [len(s.output_ids) for r in e.requests.values() for s in r.seqs])[0]
-    new = make_tiny_checkpoint("llama", tmp_path / "new", tiny_llama, seed=5)
-    assert json_of(post(url, "/update_weights_from_disk", {"model_path": str(new), "weight_version": "v-next"}))[
-        "success"]
-    json_of(post(url, "/continue_generation", {}))
+    try:
+        json_of(post(url, "/pause_generation", {"mode": "in_place"}))
+        held = loop.call(lambda e: [len(s.output_ids) for r in e.requests.values() for s in r.seqs])[0]
+        new = make_tiny_checkpoint("llama", tmp_path / "new", tiny_llama, seed=5)
+        assert json_of(post(url, "/update_weights_from_disk", {"model_path": str(new), "weight_version": "v-next"}))[
+            "success"]
+    finally:
+        json_of(post(url, "/continue_generation", {}))
     thread.join(60)
-    meta = json_of(box["value"])["meta_info"]
-    assert meta["weight_versions"] == [[0, before], [held, "v-next"]] and meta["weight_version"] == "v-next"
-    assert json_of(post(url, "/update_weights_from_disk", {"model_path": str(tiny_llama)}))["success"]
+    try:
+        meta = json_of(box["value"])["meta_info"]
+        assert meta["weight_versions"] == [[0, before], [held, "v-next"]] and meta["weight_version"] == "v-next"
+    finally:
+        assert json_of(post(url, "/update_weights_from_disk", {"model_path": str(tiny_llama)}))["success"]
 
 
 def test_flush_cache_refuses_while_requests_run(url, loop, prompt):
@@ -243,6 +259,84 @@ def test_release_and_resume_memory_occupation(url, loop, ref, prompt):
     assert json_of(box["value"])["output_ids"] == reference(ref, prompt, temperature=0.0, max_tokens=5).token_ids
 
 
+def sse(url: str, path: str, body) -> list:
+    """The `data:` events of a streamed POST, parsed (`[DONE]` as the string)."""
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        lines = reply.read().decode().splitlines()
+    return [line[6:] if line[6:] == "[DONE]" else json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+
+
+def test_sglang_stream_sends_all_so_far_then_done(url, ref, prompt):
+    """SGLang's stream (slime's and AReaL's streaming clients): each chunk holds the whole output so far; the
+    last names the finish reason, then `[DONE]`."""
+    body = {"input_ids": prompt, "stream": True, "return_logprob": True,
+            "sampling_params": {"temperature": 0.0, "max_new_tokens": 10, "ignore_eos": True}}
+    events = sse(url, "/generate", body)
+    assert events[-1] == "[DONE]" and len(events) >= 3
+    chunks = events[:-1]
+    ids = [c["output_ids"] for c in chunks]
+    assert all(a == b[:len(a)] for a, b in itertools.pairwise(ids))  # cumulative, growing
+    want = reference(ref, prompt, temperature=0.0, max_tokens=10, ignore_eos=True)
+    assert ids[-1] == want.token_ids and chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
+    assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
+    assert len(chunks[-1]["meta_info"]["output_token_logprobs"]) == 10
+
+
+def test_a_resubmitted_rollout_reports_the_rollouts_counts(url, ref, prompt):
+    """A rollout cut after its thought closed, resubmitted: the new request's tokens are all solution, the
+    counts are the rollout's (think_tokens from the prompt, solution_tokens both parts), and the text is the
+    new tokens' (no reasoning: the prompt holds the thought)."""
+    params = {"temperature": 0.0, "max_new_tokens": 30, "ignore_eos": True,
+              "custom_params": {"thinking_budget": 4, "solution_budget": 20}}
+    whole = json_of(post(url, "/generate", {"input_ids": prompt, "sampling_params": params}))
+    k = whole["meta_info"]["think_tokens"] + len(ref.engine.tokenizer.marker(None)) + 3  # 3 solution tokens in
+    done = whole["output_ids"][:k]
+    rest = json_of(post(url, "/generate", {"input_ids": prompt + done, "sampling_params": {
+        **params, "max_new_tokens": 30 - k}}))
+    assert done + rest["output_ids"] == whole["output_ids"]
+    meta, was = rest["meta_info"], whole["meta_info"]
+    assert meta["think_tokens"] == was["think_tokens"] == 4 and meta["forced_end"] == was["forced_end"]
+    assert meta["solution_tokens"] == was["solution_tokens"] == 20
+    assert rest["text"] == ref.engine.tokenizer.decode(rest["output_ids"], skip_special_tokens=False)
+    usage = json_of(post(url, "/v1/completions", {"prompt": prompt + done, "max_tokens": 30 - k, "temperature": 0.0,
+                                                  "ignore_eos": True, "thinking_budget": 4, "solution_budget": 20}))
+    assert usage["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0  # none generated by this request
+    assert usage["choices"][0]["text"] == ref.engine.tokenizer.decode(rest["output_ids"])
+
+
+def test_a_request_held_by_a_pause_and_aborted_says_abort(url, loop, prompt):
+    """Sent while paused, aborted before it started: finish_reason abort on both native routes (not null)."""
+    json_of(post(url, "/pause_generation", {"mode": "in_place"}))
+    try:
+        sgl = in_thread(lambda: post(url, "/generate", {"input_ids": prompt, "rid": "held-sgl",
+                                                        "sampling_params": {"max_new_tokens": 5}}))
+        vllm = in_thread(lambda: post(url, "/inference/v1/generate", {"token_ids": prompt, "request_id": "held-v",
+                                                                        "sampling_params": {"max_tokens": 5}}))
+        deadline = time.monotonic() + 10
+        while loop.stats()["requests_waiting"] < 2:
+            assert time.monotonic() < deadline, loop.stats()
+            time.sleep(0.01)
+        assert json_of(post(url, "/abort_request", {"abort_all": True}))["aborted"] == 2
+        for thread, _ in (sgl, vllm):
+            thread.join(30)
+    finally:
+        json_of(post(url, "/continue_generation", {}))
+    assert json_of(sgl[1]["value"])["meta_info"]["finish_reason"]["type"] == "abort"
+    assert json_of(vllm[1]["value"])["choices"][0]["finish_reason"] == "abort"
+
+
+def test_health_generate_answers_while_paused(url, loop):
+    json_of(post(url, "/pause_generation", {"mode": "in_place"}))
+    try:
+        start = time.perf_counter()
+        status, body = get(url, "/health_generate")
+        assert status == 200 and json.loads(body)["paused"] is True and time.perf_counter() - start < 5
+    finally:
+        json_of(post(url, "/continue_generation", {}))
+
+
 # -- vLLM's RL routes: SkyRL, TRL ------------------------------------------------------------------------
 
 
@@ -267,11 +361,13 @@ def test_skyrl_pause_keep_and_resume_change_no_token(url, loop, ref, prompt):
             "token_ids": prompt}
     thread, box = in_thread(lambda: post(url, "/inference/v1/generate", body))
     wait_for_tokens(loop, 5)
-    assert json_of(post(url, "/pause?mode=keep&clear_cache=false", None, raw=b""))["status"] == "paused"
-    assert get_json(url, "/is_paused") == {"is_paused": True}
-    time.sleep(0.2)
-    assert thread.is_alive()
-    assert json_of(post(url, "/resume", None, raw=b""))["status"] == "resumed"
+    try:
+        assert json_of(post(url, "/pause?mode=keep&clear_cache=false", None, raw=b""))["status"] == "paused"
+        assert get_json(url, "/is_paused") == {"is_paused": True}
+        time.sleep(0.2)
+        assert thread.is_alive()
+    finally:
+        assert json_of(post(url, "/resume", None, raw=b""))["status"] == "resumed"
     thread.join(60)
     got = json_of(box["value"])["choices"][0]["token_ids"]
     assert got == reference(ref, prompt, temperature=0.0, max_tokens=120, ignore_eos=True).token_ids
@@ -310,6 +406,32 @@ def test_vllm_abort_requests_by_id(url, loop, prompt):
     thread.join(30)
     out = json_of(box["value"])
     assert out["request_id"] == "r-9" and out["choices"][0]["finish_reason"] == "abort"
+
+
+def test_older_wait_for_inflight_requests_false_is_abort(url, loop, prompt):
+    thread, box = in_thread(lambda: post(url, "/inference/v1/generate", {
+        "token_ids": prompt, "sampling_params": {"max_tokens": 400, "ignore_eos": True}}))
+    wait_for_tokens(loop, 3)
+    try:
+        assert json_of(post(url, "/pause?wait_for_inflight_requests=false", None, raw=b""))["mode"] == "abort"
+        thread.join(30)
+    finally:
+        json_of(post(url, "/resume", None, raw=b""))
+    assert json_of(box["value"])["choices"][0]["finish_reason"] == "abort"
+
+
+def test_sleep_wait_keeps_a_pause_the_client_made(url, loop):
+    json_of(post(url, "/pause?mode=keep", None, raw=b""))
+    try:
+        json_of(post(url, "/sleep?mode=wait", None, raw=b""))
+        assert get_json(url, "/is_paused") == {"is_paused": True}  # still the client's pause
+        json_of(post(url, "/wake_up", None, raw=b""))
+        assert get_json(url, "/is_paused") == {"is_paused": True}
+    finally:
+        json_of(post(url, "/resume", None, raw=b""))
+    json_of(post(url, "/sleep?mode=wait", None, raw=b""))
+    json_of(post(url, "/wake_up", None, raw=b""))
+    assert get_json(url, "/is_paused") == {"is_paused": False}  # the pause it made to drain is undone
 
 
 def test_trl_async_grpo_completions_with_token_ids(url, ref, prompt):
@@ -422,6 +544,9 @@ def test_two_budget_names_that_disagree_are_a_400(url):
     status, reply = post(url, "/inference/v1/generate", {"token_ids": [1, 2], "sampling_params": {
         "thinking_token_budget": 3, "extra_args": {"thinking_budget": 4}}})
     assert status == 400 and "disagree" in reply["error"]["message"]
+    status, reply = post(url, "/generate", {"input_ids": [1, 2], "sampling_params": {
+        "thinking_budget": 3, "custom_params": {"thinking_budget": 4}}})
+    assert status == 400 and "custom_params.thinking_budget" in reply["error"]["message"]
 
 
 # -- weights through a torch.distributed group a trainer opens --------------------------------------------
@@ -430,7 +555,7 @@ TRAINER = textwrap.dedent('''
     """A trainer as slime and AReaL write theirs: rank 0 of a group built on rendezvous + PrefixStore, the
     server's /init_weights_update_group and /update_weights_from_distributed posted first, then the
     broadcasts, tensor by tensor in the order named."""
-    import json, sys, threading, urllib.request
+    import json, sys, threading, urllib.error, urllib.request
     from datetime import timedelta
     import torch
     from safetensors.torch import load_file
@@ -441,8 +566,11 @@ TRAINER = textwrap.dedent('''
     def post(path, body, box):
         request = urllib.request.Request(url + path, data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")
-        with urllib.request.urlopen(request, timeout=120) as reply:
-            box.append(json.loads(reply.read()))
+        try:
+            with urllib.request.urlopen(request, timeout=120) as reply:
+                box.append(json.loads(reply.read()))
+        except urllib.error.HTTPError as e:  # a refused update: {"success": false} with a 400
+            box.append(json.loads(e.read()))
 
     def call_while(path, body, work):
         box = []
@@ -465,6 +593,12 @@ TRAINER = textwrap.dedent('''
                         "rank_offset": 1, "world_size": world, "group_name": "weight_update_group",
                         "backend": "gloo"}, join)
     weights = load_file(checkpoint)
+    # first an update the server must refuse after receiving it (a name the model does not have): the
+    # group stays in step, and the next update lands
+    bogus = {"names": ["model.bogus.weight"], "dtypes": ["float32"], "shapes": [[3]],
+             "group_name": "weight_update_group"}
+    refused = call_while("/update_weights_from_distributed", bogus,
+                         lambda: torch.distributed.broadcast(torch.ones(3), src=0, group=group[0]))
     names = sorted(weights)
     body = {"names": names, "dtypes": [str(weights[n].dtype).replace("torch.", "") for n in names],
             "shapes": [list(weights[n].shape) for n in names], "group_name": "weight_update_group",
@@ -475,7 +609,7 @@ TRAINER = textwrap.dedent('''
     updated = call_while("/update_weights_from_distributed", body, send)
     destroyed = call_while("/destroy_weights_update_group", {"group_name": "weight_update_group"},
                            lambda: torch.distributed.destroy_process_group(group[0]))
-    print(json.dumps([joined, updated, destroyed]))
+    print(json.dumps([joined, refused, updated, destroyed]))
 ''')
 
 
@@ -491,8 +625,9 @@ def update_from_a_trainer(url: str, checkpoint, version: str, world: int, tmp_pa
     run = subprocess.run([sys.executable, str(script), url, str(free_port()), str(checkpoint / "model.safetensors"),
                           version, str(world)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    joined, updated, destroyed = json.loads(run.stdout.strip().splitlines()[-1])
+    joined, refused, updated, destroyed = json.loads(run.stdout.strip().splitlines()[-1])
     assert joined["success"] and updated["success"] and destroyed["success"], (joined, updated, destroyed)
+    assert refused["success"] is False and "bogus" in refused["message"], refused
 
 
 @pytest.mark.slow
@@ -532,3 +667,18 @@ def test_an_update_with_an_unknown_group_or_dtype_is_refused(url):
     status, reply = post(url, "/update_weights_from_distributed", {"names": ["x"], "dtypes": ["bfloat16"],
                                                                    "shapes": [[1]], "group_name": "nope"})
     assert status == 400 and reply["success"] is False and "nope" in reply["message"]
+    status, reply = post(url, "/update_weights_from_distributed", {"names": ["x"], "dtypes": ["bfloat16"],
+                                                                   "shapes": [[1]], "load_format": "flattened_bucket"})
+    assert status == 400 and "flattened_bucket" in reply["message"]
+
+
+@pytest.mark.parametrize("change, said", [({"rank_offset": 2}, "do not fit"), ({"rank_offset": 0}, "do not fit"),
+                                          ({"backend": "mpi"}, "not supported"), ({"backend": "nccl"}, "CUDA")])
+def test_a_join_that_cannot_work_is_refused_before_anyone_waits(url, change, said):
+    """Checked on rank 0 before any rank tries to join: an answer at once, not a five-minute rendezvous."""
+    start = time.perf_counter()
+    status, reply = post(url, "/init_weights_update_group", {"master_address": "127.0.0.1", "master_port": 1,
+                                                             "rank_offset": 1, "world_size": 2, "backend": "gloo",
+                                                             **change})
+    assert status == 400 and reply["success"] is False and said in reply["message"], reply
+    assert time.perf_counter() - start < 10

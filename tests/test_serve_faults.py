@@ -259,7 +259,7 @@ def start_cli(model, *extra, env=None) -> tuple[subprocess.Popen, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_drains_then_aborts_cleanly_and_exits_0(tiny_llama, sig):
-    proc, url = start_cli(tiny_llama, "--shutdown-timeout", "1.5")
+    proc, url = start_cli(tiny_llama, "--shutdown-timeout", "1.0")  # short: the 400-token request outlasts it
     try:
         short = in_thread(lambda: post(url, "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 3}))
         plain = in_thread(lambda: post(url, "/v1/completions", {"model": MODEL, "prompt": "b", **LONG}))

@@ -35,7 +35,8 @@ def _deltas(think, marker, solution, rng, finish="length"):
             index=0, token_ids=ids[at:end], logprobs=[-0.5] * (end - at), forced_mask=[0] * (end - at),
             num_tokens=end, think_tokens=think_count, solution_tokens=max(0, end - len(think) - len(marker)),
             thinking=thinking, forcing=False, marker_len=len(marker), forced_end=False,
-            finish_reason=finish if end == len(ids) else None))
+            finish_reason=finish if end == len(ids) else None, output_think=think_count, output_marker=len(marker),
+            prompt_solution=0))
         at = end
     return out
 

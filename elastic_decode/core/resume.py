@@ -7,7 +7,10 @@ the thinking already in the prompt counts. The request may say how much is spent
 
 - the turn starts after the chat template's assistant-start tokens (with the opening of the thinking
   block for templates that open it), or, where the prompt has no assistant start, after the model's
-  `<think>` token; a prompt with neither is a fresh rollout;
+  last `<think>` token, and then only an open thought counts (a raw prompt whose `<think>` block is
+  closed, a few-shot example say, starts fresh); a prompt with neither is a fresh rollout, and so is
+  one whose last assistant turn holds an end of turn (an EOS id: the turn was finished, the prompt
+  goes on past it);
 - a turn that holds the marker E has closed its thought: SOLVING, the tokens before E thinking, those
   after it solution; E was forced when it ends past the budget (a marker the model writes itself closes
   the thought only before t: the machine counts its tokens as thinking until the last one);
@@ -62,15 +65,22 @@ def _rfind(seq: list[int], sub: tuple[int, ...]) -> int:
     return -1
 
 
-def open_turn(prompt: list[int], assistant_start: tuple[int, ...], think_open: int | None) -> list[int] | None:
-    """The tokens of the prompt's last assistant turn (after its start), or None where the prompt has none."""
+def open_turn(prompt: list[int], assistant_start: tuple[int, ...], think_open: int | None,
+              marker: tuple[int, ...] = (), end_ids: tuple[int, ...] = ()) -> list[int] | None:
+    """The tokens of the prompt's last assistant turn (after its start), or None where the prompt has none or
+    that turn has ended (an id of `end_ids` in it); after a bare `<think>`, only an open thought (no marker)."""
+    turn = None
     if assistant_start:
         at = _rfind(prompt, assistant_start)
         if at >= 0:
-            return prompt[at + len(assistant_start):]
-    if think_open is not None and think_open in prompt:
-        return prompt[len(prompt) - prompt[::-1].index(think_open):]
-    return None
+            turn = prompt[at + len(assistant_start):]
+    if turn is None and think_open is not None and think_open in prompt:
+        turn = prompt[len(prompt) - prompt[::-1].index(think_open):]
+        if marker and _find(turn, marker) >= 0:
+            return None
+    if turn is not None and any(t in end_ids for t in turn):
+        return None
+    return turn
 
 
 def _window(tokens: list[int], width: int) -> tuple[int, ...]:
@@ -79,7 +89,8 @@ def _window(tokens: list[int], width: int) -> tuple[int, ...]:
 
 
 def start_state(prompt: list[int], marker: tuple[int, ...], params: SamplingParams,
-                assistant_start: tuple[int, ...] = (), think_open: int | None = None) -> StartState:
+                assistant_start: tuple[int, ...] = (), think_open: int | None = None,
+                end_ids: tuple[int, ...] = ()) -> StartState:
     k = len(marker)
     if params.think_budget is None:
         return StartState(SOLVING, solution_count=params.solution_spent or 0, recent=_window([], k))
@@ -90,7 +101,7 @@ def start_state(prompt: list[int], marker: tuple[int, ...], params: SamplingPara
         spent = params.think_spent
         return StartState(THINKING, think_count=spent, recent=_window(prompt[len(prompt) - spent:] if spent else [], k),
                           prompt_think=spent)
-    turn = open_turn(prompt, assistant_start, think_open)
+    turn = open_turn(prompt, assistant_start, think_open, marker, end_ids)
     if not turn:
         return StartState(THINKING, recent=_window([], k))
     closed = _find(turn, marker)

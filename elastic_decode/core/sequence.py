@@ -52,6 +52,7 @@ class Sequence:
     start_phase: int = THINKING
     prompt_think: int = 0
     prompt_marker: int = 0
+    prompt_solution: int = 0
 
     logprobs: list[float] = field(default_factory=list)
     forced_mask: list[int] = field(default_factory=list)
@@ -77,6 +78,7 @@ class Sequence:
         self.force_pos, self.forced_end = state.force_pos, state.forced_end
         self.recent = list(state.recent)
         self.prompt_think, self.prompt_marker = state.prompt_think, state.prompt_marker
+        self.prompt_solution = state.solution_count
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -117,8 +119,13 @@ class Sequence:
         the solution (everything is solution without a thinking phase, or when the prompt closed the thought;
         a resumed rollout's output holds only its new thinking, and the rest of a marker the prompt began)."""
         out = self.output_ids
-        if self.params.think_budget is None or self.start_phase == SOLVING:
-            return [], [], out
-        k = self.think_count - self.prompt_think
-        m = len(self.marker) - self.prompt_marker
+        k, m = self.output_thought
         return out[:k], out[k : k + m], out[k + m :]
+
+    @property
+    def output_thought(self) -> tuple[int, int]:
+        """(thinking tokens, marker tokens) the output starts with: (0, 0) without a thinking phase or when the
+        prompt closed the thought; the marker's count is what it will hold once the thought is closed."""
+        if self.params.think_budget is None or self.start_phase == SOLVING:
+            return 0, 0
+        return self.think_count - self.prompt_think, len(self.marker) - self.prompt_marker

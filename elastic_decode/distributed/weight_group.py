@@ -19,24 +19,52 @@ import torch.distributed as dist
 
 from ..errors import ElasticDecodeError
 
-DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)  # a trainer may take long between two updates
+# The engine waits this long for every rank to join (it takes no request meanwhile), and a broadcast of an
+# update this long for the trainer's side: a trainer that never comes costs minutes, not half an hour.
+JOIN_TIMEOUT = datetime.timedelta(minutes=5)
+OP_TIMEOUT = datetime.timedelta(minutes=10)
+BACKENDS = ("gloo", "nccl")
 
 
 def init_custom_process_group(backend: str, init_method: str, world_size: int, rank: int, group_name: str,
-                              timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> dist.ProcessGroup:
+                              timeout: datetime.timedelta = OP_TIMEOUT,
+                              join_timeout: datetime.timedelta = JOIN_TIMEOUT) -> dist.ProcessGroup:
     """A process group of its own, outside torch's default one (which the trainer may use for itself): the
     recipe of SGLang's and OpenRLHF's `init_custom_process_group`, on torch's private helper as they are.
     Blocks until every rank has joined."""
     from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper, _world,
                                                     rendezvous)
 
-    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
+    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=join_timeout))
     store.set_timeout(timeout)
     store = PrefixStore(group_name, store)
     pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
                                       timeout=timeout)
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
+
+
+def check_join(rank_offset: int, ranks: int, world_size: int, backend: str, device: torch.device) -> None:
+    """What a join needs, checked before any rank tries: the engine's `ranks` ranks from `rank_offset` on fit
+    in the group after the trainer's rank 0, and the backend runs here."""
+    if backend not in BACKENDS:
+        raise ElasticDecodeError(f"backend {backend!r} is not supported: one of {', '.join(BACKENDS)}")
+    if backend == "nccl" and device.type != "cuda":
+        raise ElasticDecodeError(f"backend nccl needs a CUDA engine; this one runs on {device}: use gloo")
+    if rank_offset < 1 or rank_offset + ranks > world_size:
+        raise ElasticDecodeError(f"this engine's {ranks} rank(s) from rank_offset {rank_offset} do not fit in a group "
+                                 f"of world_size {world_size} (rank 0 is the trainer's)")
+
+
+def check_update(names: list[str], dtypes: list[str], shapes: list[list[int]]) -> None:
+    """What an update needs before any tensor is received: one dtype and one shape per name, each receivable."""
+    if not len(names) == len(dtypes) == len(shapes):
+        raise ElasticDecodeError(f"{len(names)} names, {len(dtypes)} dtypes and {len(shapes)} shapes")
+    for dtype in dtypes:
+        torch_dtype(dtype)
+    for name, shape in zip(names, shapes):
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+            raise ElasticDecodeError(f"shape {shape} of {name!r} is not a list of non-negative integers")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -60,10 +88,7 @@ class WeightGroup:
     @classmethod
     def join(cls, master_address: str, master_port: int, rank: int, world_size: int, group_name: str, backend: str,
              device: torch.device) -> WeightGroup:
-        if backend == "nccl" and device.type != "cuda":
-            raise ElasticDecodeError(f"backend nccl needs a CUDA engine; this one runs on {device}: use gloo")
-        if not 0 < rank < world_size:
-            raise ElasticDecodeError(f"rank {rank} is not an engine rank of a group of {world_size} (the trainer is 0)")
+        check_join(rank, 1, world_size, backend, device)
         pg = init_custom_process_group(backend, f"tcp://{master_address}:{master_port}", world_size, rank, group_name)
         return cls(group_name, pg, rank, world_size, device)
 

@@ -27,7 +27,7 @@ from ..core.resume import StartState, start_state
 from ..core.sequence import Sequence, SequenceStatus
 from ..core.step import ScheduledBatch
 from ..distributed import Workers, WorkerSpec, check_sizes
-from ..distributed.weight_group import WeightGroup, torch_dtype
+from ..distributed.weight_group import WeightGroup, check_join, check_update
 from ..errors import ElasticDecodeError, InvalidRequestError, NonFiniteLogitsError
 from ..models import ModelSpec
 from ..models.loader import build_model, resolve_checkpoint
@@ -267,7 +267,11 @@ class LLMEngine:
         if len(marker) > MAX_MARKER_TOKENS:
             raise InvalidRequestError(f"end_think is {len(marker)} tokens long; at most {MAX_MARKER_TOKENS} are "
                                       "supported", param="end_think")
-        start = start_state(prompt_ids, marker, params, self.tokenizer.assistant_start, self.tokenizer.think_open)
+        if params.think_spent is not None and params.think_spent > len(prompt_ids):
+            raise InvalidRequestError(f"think_spent ({params.think_spent}) is more than the prompt's {len(prompt_ids)} "
+                                      "tokens: the spent thinking is the prompt's tail", param="think_spent")
+        start = start_state(prompt_ids, marker, params, self.tokenizer.assistant_start, self.tokenizer.think_open,
+                            self.tokenizer.eos_ids)
         s = params.solution_budget
         if s is not None and start.phase == SOLVING and start.solution_count >= s:
             raise InvalidRequestError(f"the rollout has {start.solution_count} solution tokens already (its prompt, or "
@@ -446,6 +450,7 @@ class LLMEngine:
         tensor-parallel workers. Blocks until every rank (the trainer's included) has joined."""
         if group_name in self._weight_groups:
             raise ElasticDecodeError(f"a weight update group named {group_name!r} exists already")
+        check_join(rank_offset, self.config.tensor_parallel_size, world_size, backend, self.device)
         if self.workers is not None:
             self.workers.send(("weight_group_join", master_address, master_port, rank_offset, world_size, group_name,
                                backend))
@@ -455,12 +460,11 @@ class LLMEngine:
     def load_weights_from_group(self, group_name: str, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                 version: str | None = None) -> int:
         """Receive the tensors a trainer broadcasts over `group_name` (in the order named) and load them, all or
-        nothing: every rank receives them whole, then rank 0 checks them and each rank keeps its slice."""
+        nothing: every rank receives them whole, then rank 0 checks them and each rank keeps its slice.
+        Whatever the trainer broadcasts is received (so the group stays in step for the next update), then
+        refused if the model has no such weight or shape."""
         group = self._weight_group(group_name)
-        if not len(names) == len(dtypes) == len(shapes):
-            raise ElasticDecodeError(f"{len(names)} names, {len(dtypes)} dtypes and {len(shapes)} shapes")
-        for dtype in dtypes:
-            torch_dtype(dtype)  # before any broadcast: a bad dtype cannot be received
+        check_update(names, dtypes, shapes)  # before any rank receives: a bad dtype or shape cannot be
         if self.workers is not None:
             self.workers.send(("weight_group_recv", group_name, names, dtypes, shapes))
         tensors = group.receive(names, dtypes, shapes)
@@ -468,10 +472,10 @@ class LLMEngine:
             pairs = self.model.check_weights(tensors)
         except BaseException:
             if self.workers is not None:
-                self.workers.send(("weight_group_apply", False))
+                self.workers.send(("weight_group_apply", []))
             raise
-        if self.workers is not None:
-            self.workers.send(("weight_group_apply", True))
+        if self.workers is not None:  # the names kept (a name the model skips is not applied)
+            self.workers.send(("weight_group_apply", [name for name, _, _ in pairs]))
         with torch.no_grad():
             for name, tensor, target in pairs:
                 target.copy_(self.model.shard.take(name, tensor) if self.model.shard else tensor)

@@ -54,13 +54,18 @@ class CompletionDelta:
     logprobs: list[float]  # of the new tokens (forced ones too)
     forced_mask: list[int]  # 1 where a new token was forced
     num_tokens: int  # all tokens so far
-    think_tokens: int  # so far
-    solution_tokens: int  # so far
+    think_tokens: int  # so far, the rollout's (a resubmitted rollout's prompt may hold some: core/resume.py)
+    solution_tokens: int  # so far, the rollout's
     thinking: bool  # still before the end-of-thinking marker (THINKING or FORCING)
     forcing: bool  # the marker is being forced: thinking tokens are final
     marker_len: int
     forced_end: bool
     finish_reason: str | None  # None while it runs; "stop", "length" or "abort"
+    # Where the output's parts lie: its thinking tokens so far and the marker tokens it holds once the thought
+    # closes (both 0 when the prompt closed it), and the solution tokens the prompt held.
+    output_think: int
+    output_marker: int
+    prompt_solution: int
     top_logprobs: list[list[tuple[int, float]]] | None = None  # of the new tokens, with params.logprobs
     weight_versions: tuple[tuple[int, str], ...] = ()  # every token's weights so far: (first index, version)
     # On a completion's last delta: the prompt's logprobs and alternatives (with params.prompt_logprobs), the
@@ -357,7 +362,9 @@ class EngineLoop:
                 index=i, token_ids=out[new], logprobs=seq.logprobs[new], forced_mask=forced, num_tokens=len(out),
                 think_tokens=seq.think_tokens, solution_tokens=seq.solution_count, thinking=seq.in_thought,
                 forcing=seq.phase == FORCING, marker_len=len(seq.marker), forced_end=bool(seq.forced_end),
-                finish_reason=reason, top_logprobs=seq.top_logprobs[new] if seq.params.logprobs else None,
+                finish_reason=reason, output_think=seq.output_thought[0], output_marker=seq.output_thought[1],
+                prompt_solution=seq.prompt_solution,
+                top_logprobs=seq.top_logprobs[new] if seq.params.logprobs else None,
                 weight_versions=tuple(seq.weight_versions),
                 prompt_logprobs=seq.prompt_logprobs if reason is not None else None,
                 prompt_top_logprobs=seq.prompt_top_logprobs if reason is not None else None,
@@ -389,10 +396,14 @@ class EngineLoop:
             return
         if cause is not None:
             self.metrics.aborts[cause] = self.metrics.aborts.get(cause, 0) + 1
-        if live.request is None:  # held while paused: nothing ran
+        if live.request is None:  # held while paused: nothing ran, every completion ends empty
             self._held.remove(handle)
             self._forget(handle)
-            live.callback(RequestUpdate([], True, error))
+            ended = [CompletionDelta(index=i, token_ids=[], logprobs=[], forced_mask=[], num_tokens=0, think_tokens=0,
+                                     solution_tokens=0, thinking=False, forcing=False, marker_len=0, forced_end=False,
+                                     finish_reason=reason, output_think=0, output_marker=0, prompt_solution=0)
+                     for i in range(live.params.n)]
+            live.callback(RequestUpdate(ended if error is None else [], True, error))
             return
         self.engine.abort_request(live.request.request_id)
         self._report(handle, final_reason=reason, error=error)

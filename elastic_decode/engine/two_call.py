@@ -34,7 +34,7 @@ def _solution_params(params: SamplingParams, sample: int, used: int) -> Sampling
         return None
     seed = None if params.seed is None else (params.seed * _SEED_STRIDE + sample + 1) % 2**63
     return dataclasses.replace(params, n=1, seed=seed, think_budget=None, min_think=0, end_think=None,
-                               max_tokens=max_tokens)
+                               think_spent=None, max_tokens=max_tokens)
 
 
 def _nothing_yet(prompt: str | None, prompt_ids: list[int], n: int) -> RequestOutput:

@@ -68,6 +68,29 @@ class StreamOptions(_Body):
     continuous_usage_stats: bool = False
 
 
+PENALTIES = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+
+
+def refuse_unsupported(body: BaseModel, neutral: dict, unsupported: tuple[str, ...], prefix: str = "") -> None:
+    """A 400 for a field this engine does not implement: left off its neutral value (`neutral`), or given at all
+    (`unsupported`). Accepted at neutral, so clients that send every field still work; never ignored."""
+    for name, value in neutral.items():
+        if getattr(body, name) != value:
+            raise InvalidRequestError(f"{prefix}{name} is not supported by this server (leave it at {value})",
+                                      param=name)
+    for name in unsupported:
+        if getattr(body, name):
+            raise InvalidRequestError(f"{prefix}{name} is not supported by this server", param=name)
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    """A request's stop strings (one or a list), at most 16."""
+    out = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(out) > 16:
+        raise InvalidRequestError("stop takes at most 16 strings", param="stop")
+    return out
+
+
 class BudgetFields(_Body):
     """The budgets (Elastic Reasoning) by every name a route takes (serve/budgets.py): thinking tokens before the
     end-of-thinking marker is forced, solution tokens after it, the marker itself, a minimum thinking length,
@@ -90,6 +113,9 @@ class BudgetFields(_Body):
         custom = dict(custom or {})
         refuse_unknown(custom, set(known), where)
         fields = {k: v for k, v in self.model_dump(include=NAMES).items() if v is not None}
+        for name, value in fields.items():
+            if custom.get(name) is not None and repr(custom[name]) != repr(value):
+                raise InvalidRequestError(f"{name} and {where}.{name} disagree (give one)", param=name)
         return budget_params({**{k: v for k, v in custom.items() if k in NAMES}, **fields})
 
 
@@ -166,10 +192,7 @@ class _Budgets(BudgetFields):
         return (self.custom_params or self.vllm_xargs or {}), "vllm_xargs" if self.vllm_xargs else "custom_params"
 
     def stop_strings(self) -> list[str]:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > 16:
-            raise InvalidRequestError("stop takes at most 16 strings", param="stop")
-        return stop
+        return stop_list(self.stop)
 
     @property
     def keep_stop(self) -> bool:
@@ -177,15 +200,9 @@ class _Budgets(BudgetFields):
         return self.no_stop_trim or self.include_stop_str_in_output
 
     def _refuse_what_would_change_generation(self) -> None:
-        neutral = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-                   "return_hidden_states": False}
-        for name, value in neutral.items():
-            if getattr(self, name) != value:
-                raise InvalidRequestError(f"{name} is not supported by this server (leave it at {value})", param=name)
-        for name in ("logit_bias", "lora_path", "regex", "ebnf", "json_schema", "stop_regex", "structured_outputs",
-                     "allowed_token_ids", "bad_words", "truncate_prompt_tokens"):
-            if getattr(self, name):
-                raise InvalidRequestError(f"{name} is not supported by this server", param=name)
+        refuse_unsupported(self, {**PENALTIES, "return_hidden_states": False},
+                           ("logit_bias", "lora_path", "regex", "ebnf", "json_schema", "stop_regex", "structured_outputs",
+                            "allowed_token_ids", "bad_words", "truncate_prompt_tokens"))
         if self.response_format not in (None, {"type": "text"}):
             raise InvalidRequestError("response_format other than text is not supported", param="response_format")
 

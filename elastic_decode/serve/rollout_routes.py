@@ -66,12 +66,13 @@ def router(state: ServerState) -> APIRouter:
 
     @api.post("/pause")
     async def pause(request: Request, mode: str | None = None, clear_cache: bool = False,
-                    wait_for_inflight_requests: bool = False):
+                    wait_for_inflight_requests: bool | None = None):
         """The mode in the body ({"mode": ...}) or, as vLLM's route takes it, the query (?mode=...); keep when
         neither says (vLLM's default is abort: its clients name the mode). clear_cache also forgets the cached
-        prefixes; vLLM's older wait_for_inflight_requests=true is mode wait."""
+        prefixes; vLLM's older wait_for_inflight_requests is mode wait (true) or abort (false)."""
         body = await parse(request, PauseRequest, empty_ok=True)
-        asked = {m for m in (mode, "wait" if wait_for_inflight_requests else None,
+        older = None if wait_for_inflight_requests is None else "wait" if wait_for_inflight_requests else "abort"
+        asked = {m for m in (mode, older,
                              body.mode if "mode" in body.model_fields_set else None) if m is not None}
         if len(asked) > 1:
             raise InvalidRequestError(f"the pause modes asked for disagree: {', '.join(sorted(asked))}", param="mode")
@@ -108,7 +109,9 @@ async def generate_tokens(state: ServerState, body: GenerateRequest, request: Re
         for j, text in enumerate(row):
             item = {"index": j, "token_ids": text.token_ids, "logprobs": text.logprobs,
                     "forced_mask": text.forced_mask, "finish_reason": text.finish_reason, **budget(text),
-                    "top_logprobs": text.top_logprobs if params.logprobs else None}
+                    "top_logprobs": text.top_logprobs if params.logprobs else None,
+                    "weight_version": text.weight_version or state.loop.engine.weight_version,
+                    "weight_versions": text.weight_versions}
             if body.return_text:
                 reasoning, _, content = text.full_text()
                 item.update(text=decode(text.token_ids), thinking_text=reasoning or "", solution_text=content)

@@ -30,7 +30,7 @@ from pydantic import Field, ValidationError
 from ..errors import ElasticDecodeError, InvalidRequestError
 from ..sampling_params import SamplingParams
 from .openai_routes import budget
-from .protocol import BudgetFields, _Body
+from .protocol import PENALTIES, BudgetFields, _Body, refuse_unsupported, stop_list
 from .runs import Run
 from .state import ServerState
 from .weights import read_checkpoint
@@ -72,24 +72,27 @@ class SglSamplingParams(BudgetFields):
     stream_interval: int | None = None
 
     def to_params(self, logprobs: int, prompt_logprobs: int | None) -> SamplingParams:
-        neutral = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0}
-        for name, value in neutral.items():
-            if getattr(self, name) != value:
-                raise InvalidRequestError(f"sampling_params.{name} is not supported by this server (leave it at "
-                                          f"{value})", param=name)
-        for name in ("logit_bias", "json_schema", "regex", "ebnf", "structural_tag", "stop_regex"):
-            if getattr(self, name):
-                raise InvalidRequestError(f"sampling_params.{name} is not supported by this server", param=name)
+        refuse_unsupported(self, PENALTIES, ("logit_bias", "json_schema", "regex", "ebnf", "structural_tag",
+                                             "stop_regex"), "sampling_params.")
+        if self.max_new_tokens is not None and self.max_new_tokens < 0:
+            raise InvalidRequestError("sampling_params.max_new_tokens must be >= 0", param="max_new_tokens")
         budgets = self.budgets(self.custom_params, "custom_params", FOREIGN_CUSTOM_PARAMS)
+        if self.scores_only:  # one token is made and dropped: no budget to keep
+            budgets = {}
         return SamplingParams(
             n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0), min_p=self.min_p,
             seed=self.sampling_seed, max_tokens=max(self.max_new_tokens, 1) if self.max_new_tokens is not None else None,
-            ignore_eos=self.ignore_eos, stop_token_ids=tuple(self.stop_token_ids or ()), min_tokens=self.min_new_tokens,
-            logprobs=logprobs,
+            ignore_eos=self.ignore_eos, stop_token_ids=tuple(self.stop_token_ids or ()),
+            min_tokens=0 if self.scores_only else self.min_new_tokens, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, **budgets)
 
+    @property
+    def scores_only(self) -> bool:
+        """max_new_tokens 0: the prompt is scored (input_token_logprobs), nothing generated."""
+        return self.max_new_tokens == 0
+
     def stop_strings(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return stop_list(self.stop)
 
 
 class SglGenerateRequest(_Body):
@@ -263,6 +266,9 @@ def router(state: ServerState) -> APIRouter:
     @api.post("/update_weights_from_distributed")
     async def update_weights_from_distributed(request: Request):
         body = await parse(request, UpdateFromDistributedRequest)
+        if body.load_format is not None:  # e.g. "flattened_bucket": a layout this side cannot read
+            return JSONResponse({"success": False, "message": f"load_format {body.load_format!r} is not supported: "
+                                 "broadcast each tensor in names order (load_format null)"}, status_code=400)
         if body.abort_all_requests:
             await asyncio.wrap_future(loop.abort_all("request"))
         return await weight_update(None, lambda _: loop.call_async(lambda engine: engine.load_weights_from_group(
@@ -289,6 +295,10 @@ def router(state: ServerState) -> APIRouter:
 
     @api.get("/health_generate")
     async def health_generate(request: Request):
+        """One token generated, or, paused or asleep on purpose (a trainer's weight update), an answer at once:
+        the request would wait for /continue_generation and a router would take the server for dead."""
+        if loop.paused or loop.engine.sleeping:
+            return {"status": "ok", "paused": loop.paused, "sleeping": loop.engine.sleeping}
         run = Run(state, state.tokenizer.decode, [[state.tokenizer.eos_ids[0]]],
                   SamplingParams(max_tokens=1, temperature=0.0), [], stream=False)
         await run.finish(request)
@@ -335,12 +345,14 @@ async def parse(body: Request | bytes, model, empty_ok: bool = False):
 
 
 async def weight_update(read, apply, message: str):
-    """SGLang's answer to a weight-update call: {"success", "message"}, 200 or 400."""
+    """SGLang's answer to a weight-update call: {"success", "message"}, 200 or 400 (a refused request, or a
+    trainer's group that failed: torch.distributed's errors are RuntimeErrors, its timeouts too)."""
     try:
         tensors = await read() if read is not None else None
         await asyncio.wrap_future(apply(tensors))
-    except ElasticDecodeError as e:
-        return JSONResponse({"success": False, "message": str(e)}, status_code=400)
+    except (ElasticDecodeError, RuntimeError) as e:
+        return JSONResponse({"success": False, "message": f"{type(e).__name__}: {e}" if not isinstance(
+            e, ElasticDecodeError) else str(e)}, status_code=400)
     return {"success": True, "message": message, "num_paused_requests": 0}
 
 
@@ -379,12 +391,24 @@ async def generate(state: ServerState, body: SglGenerateRequest, request: Reques
         raise InvalidRequestError(f"{len(rids)} rid for {len(prompts)} prompts", param="rid")
     logprobs = body.top_logprobs_num if body.return_logprob else 0
     prompt_logprobs = body.top_logprobs_num if body.return_logprob and body.logprob_start_len >= 0 else None
+    asked = []  # every prompt's parameters checked before any is queued
     for k, prompt in enumerate(prompts):
         sp = body.params_for(k, len(prompts))
-        params = state.bounded(sp.to_params(logprobs, prompt_logprobs), 1)
-        this = rids[k] if rids else (rid if len(prompts) == 1 else None) or f"{uuid.uuid4().hex}"
-        runs.append((Run(state, state.decoder(sp.skip_special_tokens), [prompt], params, sp.stop_strings(), body.stream,
-                         sp.no_stop_trim, this), sp))
+        params = state.bounded(sp.to_params(logprobs, prompt_logprobs), len(prompts), budgets=not sp.scores_only)
+        try:
+            state.loop.engine.check_request(prompt, params)
+        except InvalidRequestError as e:
+            raise InvalidRequestError((f"prompt {k}: " if len(prompts) > 1 else "") + str(e), param=e.param) from None
+        asked.append((prompt, sp, params))
+    try:
+        for k, (prompt, sp, params) in enumerate(asked):
+            this = rids[k] if rids else (rid if len(prompts) == 1 else None) or f"{uuid.uuid4().hex}"
+            runs.append((Run(state, state.decoder(sp.skip_special_tokens), [prompt], params, sp.stop_strings(),
+                             body.stream, sp.no_stop_trim, this), sp))
+    except BaseException:
+        for run, _ in runs:
+            run.close()
+        raise
     if body.stream:
         if len(runs) != 1 or runs[0][0].n != 1:
             for run, _ in runs:
@@ -399,10 +423,10 @@ async def generate(state: ServerState, body: SglGenerateRequest, request: Reques
 
 def result(run: Run, j: int, sp: SglSamplingParams, body: SglGenerateRequest, text) -> dict:
     decode = text.decode
-    ids = text.token_ids if sp.max_new_tokens != 0 else []  # max_new_tokens 0: the prompt scored, nothing kept
+    ids = [] if sp.scores_only else text.token_ids
     meta = {"id": run.rid if run.n == 1 else f"{run.rid}_{j}", "finish_reason": finish_reason(text, ids),
             "prompt_tokens": len(run.prompts[0]), "completion_tokens": len(ids),
-            "cached_tokens": text.last.cached_tokens if text.last is not None else 0,
+            "cached_tokens": text.cached_tokens,
             "weight_version": text.weight_version or run.loop.engine.weight_version,
             "e2e_latency": time.perf_counter() - run.started,
             # ours, beside SGLang's
@@ -413,13 +437,12 @@ def result(run: Run, j: int, sp: SglSamplingParams, body: SglGenerateRequest, te
         meta["output_token_logprobs"] = [[lp, t, named(t)] for t, lp in zip(ids, text.logprobs)]
         if body.top_logprobs_num:
             meta["output_top_logprobs"] = [[[v, i, named(i)] for i, v in row] for row in text.top_logprobs[:len(ids)]]
-        last = text.last
-        if body.logprob_start_len >= 0 and last is not None and last.prompt_logprobs is not None:
+        if body.logprob_start_len >= 0 and text.prompt_logprobs is not None:
             start = body.logprob_start_len
             prompt = run.prompts[0]
-            meta["input_token_logprobs"] = [[lp, t, named(t)] for t, lp in zip(prompt[start:], last.prompt_logprobs[start:])]
+            meta["input_token_logprobs"] = [[lp, t, named(t)] for t, lp in zip(prompt[start:], text.prompt_logprobs[start:])]
             if body.top_logprobs_num:
-                tops = last.prompt_top_logprobs or [[]] * len(prompt)
+                tops = text.prompt_top_logprobs or [[]] * len(prompt)
                 meta["input_top_logprobs"] = [[[v, i, named(i)] for i, v in row] if row else None for row in tops[start:]]
     return {"text": text_of(text, ids), "output_ids": ids, "meta_info": meta}
 

@@ -51,7 +51,7 @@ class ServerState:
 
     # -- checks a request passes before it reaches the engine ---------------------------------------
 
-    def bounded(self, params: SamplingParams, prompts: int) -> SamplingParams:
+    def bounded(self, params: SamplingParams, prompts: int, budgets: bool = True) -> SamplingParams:
         """The request within the server's bounds (--max-n, --max-prompts, --max-tokens), with the server's
         max_tokens cap and default budgets (--thinking-budget, --solution-budget) applied when it gives none."""
         config = self.config
@@ -65,7 +65,7 @@ class ServerState:
                                       param="max_tokens")
         if params.max_tokens is None and config.max_tokens is not None:
             params = dataclasses.replace(params, max_tokens=config.max_tokens)
-        if params.think_budget is None and config.thinking_budget is not None:
+        if budgets and params.think_budget is None and config.thinking_budget is not None:
             params = dataclasses.replace(params, think_budget=config.thinking_budget,
                                          solution_budget=params.solution_budget if params.solution_budget is not None
                                          else config.solution_budget)

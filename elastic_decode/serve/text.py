@@ -71,6 +71,10 @@ class CompletionText:
         self.forced_mask: list[int] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []  # with SamplingParams.logprobs
         self.last: CompletionDelta | None = None
+        # what the engine says once: the prompt's logprobs (when asked) and the prefix-cache hit
+        self.prompt_logprobs: list | None = None
+        self.prompt_top_logprobs: list | None = None
+        self.cached_tokens = 0
         self.kept: int | None = None  # tokens kept when a stop string ended the completion
         self.content_start: int | None = None  # token index where the solution starts, once known
         self._reasoning = _Detokenizer(decode)
@@ -106,17 +110,34 @@ class CompletionText:
         return [list(v) for v in (self.last.weight_versions if self.last is not None else ())]
 
     @property
+    def output_think(self) -> int:
+        """Thinking tokens of the text (a resubmitted rollout's prompt may hold more of the rollout's)."""
+        return min(self.last.output_think, len(self.token_ids)) if self.last is not None else 0
+
+    @property
     def think_tokens(self) -> int:
-        return min(self.last.think_tokens, len(self.token_ids)) if self.last is not None else 0
+        """The rollout's thinking tokens: the prompt's and the text's."""
+        return self.last.think_tokens - self.last.output_think + self.output_think if self.last is not None else 0
+
+    @property
+    def solution_tokens(self) -> int:
+        """The rollout's solution tokens: the prompt's and the text's (up to a stop string)."""
+        if self.last is None:
+            return 0
+        start = self.content_start if self.content_start is not None else len(self.token_ids)
+        return self.last.prompt_solution + max(0, len(self.token_ids) - start)
 
     def feed(self, delta: CompletionDelta) -> TextDelta:
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs, self.prompt_top_logprobs = delta.prompt_logprobs, delta.prompt_top_logprobs
+        self.cached_tokens = max(self.cached_tokens, delta.cached_tokens)
         if self.stopped:  # tokens the engine made before it heard of the stop: dropped
             return TextDelta()
         self.last = delta
         if not self.thinks:
             self.content_start = 0
         elif not delta.thinking:
-            self.content_start = min(delta.think_tokens + delta.marker_len, delta.num_tokens)
+            self.content_start = min(delta.output_think + delta.output_marker, delta.num_tokens)
         new = len(delta.token_ids)
         if self.stream or self.stop:
             new = self._grow_text(delta)
@@ -138,7 +159,7 @@ class CompletionText:
             if delta.thinking and not delta.forcing and not final:
                 visible = max(0, len(ids) - (delta.marker_len - 1))  # the tail may be the marker's start
             else:
-                visible = min(delta.think_tokens, len(ids))
+                visible = min(delta.output_think, len(ids))
             self._reasoning.extend(ids[len(self._reasoning.ids):max(visible, len(self._reasoning.ids))])
         if self.content_start is None:
             return len(delta.token_ids)
@@ -166,7 +187,7 @@ class CompletionText:
         if self.content_start is None:
             return out
         if self.thinks and not self._marker_sent:
-            out.marker = self.decode(self.token_ids[self.think_tokens:self.content_start])
+            out.marker = self.decode(self.token_ids[self.output_think:self.content_start])
             self._marker_sent = True
         content = self._content.full() if final else self._content.text
         if self._cut is not None:
@@ -202,7 +223,7 @@ class CompletionText:
         if not self.thinks:
             return None, "", self._cut_at_stop(self.decode(ids))
         start = self.content_start if self.content_start is not None else len(ids)
-        think = self.think_tokens
+        think = self.output_think
         return self.decode(ids[:think]), self.decode(ids[think:start]), self._cut_at_stop(self.decode(ids[start:]))
 
     def _cut_at_stop(self, content: str) -> str:

@@ -25,7 +25,7 @@ from fastapi import APIRouter, Query, Request
 from ..errors import InvalidRequestError
 from ..sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from .openai_routes import budget, prompt_logprob_entries, token_entries
-from .protocol import BudgetFields, _Body
+from .protocol import PENALTIES, BudgetFields, _Body, refuse_unsupported, stop_list
 from .runs import Run
 from .sglang_routes import parse
 from .state import ServerState
@@ -64,14 +64,8 @@ class VllmSamplingParams(BudgetFields):
     extra_args: dict | None = None  # vLLM's place for custom fields: the budget names
 
     def to_params(self) -> SamplingParams:
-        neutral = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
-        for name, value in neutral.items():
-            if getattr(self, name) != value:
-                raise InvalidRequestError(f"sampling_params.{name} is not supported by this server (leave it at "
-                                          f"{value})", param=name)
-        for name in ("logit_bias", "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "structured_outputs"):
-            if getattr(self, name):
-                raise InvalidRequestError(f"sampling_params.{name} is not supported by this server", param=name)
+        refuse_unsupported(self, PENALTIES, ("logit_bias", "allowed_token_ids", "bad_words", "truncate_prompt_tokens",
+                                             "structured_outputs"), "sampling_params.")
         top = self.logprobs or 0
         if not 0 <= top <= MAX_TOP_LOGPROBS:
             raise InvalidRequestError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="logprobs")
@@ -82,7 +76,7 @@ class VllmSamplingParams(BudgetFields):
             **self.budgets(self.extra_args, "extra_args"))
 
     def stop_strings(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return stop_list(self.stop)
 
 
 class TokensGenerateRequest(_Body):
@@ -171,11 +165,13 @@ def router(state: ServerState) -> APIRouter:
             raise InvalidRequestError("mode must be abort or wait (keep would hold requests whose KV cache is freed)",
                                       param="mode")
         if mode == "wait":
+            paused = loop.paused  # a pause the client made stays; the one made here to drain is undone
             await asyncio.wrap_future(loop.pause_async("wait"))
             try:
                 await asyncio.wrap_future(loop.sleep_async())
             finally:
-                await asyncio.wrap_future(loop.resume_async())
+                if not paused:
+                    await asyncio.wrap_future(loop.resume_async())
         else:
             await asyncio.wrap_future(loop.sleep_async(abort=True))
         return {"status": "sleeping", "level": level}

@@ -57,25 +57,40 @@ class ShardWorker:
                 self.runner.free_kv_cache()
             elif command == "wake":
                 self.runner.allocate_kv_cache(self.num_blocks)
-            elif command == "weight_group_join":  # (address, port, rank offset, world size, name, backend)
+            elif command.startswith("weight_group_"):
+                self.weight_group(command, *args)
+            elif command == "stop":
+                return
+
+
+    def weight_group(self, command: str, *args) -> None:
+        """A trainer's weight group (distributed/weight_group.py), as rank 0 says: rank 0 checked the request
+        and answers its client; a failure here (the trainer gone mid-broadcast) is reported and the worker
+        goes on, as rank 0 does."""
+        try:
+            if command == "weight_group_join":  # (address, port, rank offset, world size, name, backend)
                 address, port, offset, world, name, backend = args
                 self.weight_groups[name] = WeightGroup.join(address, port, offset + self.group.rank, world, name,
                                                             backend, self.device)
             elif command == "weight_group_recv":  # every tensor received whole; kept until rank 0 decides
                 name, names, dtypes, shapes = args
                 self.received = self.weight_groups[name].receive(names, dtypes, shapes)
-            elif command == "weight_group_apply":
-                received, self.received = self.received, []
-                if args[0]:
-                    params = dict(self.model.named_parameters())
-                    with torch.no_grad():
-                        for name, full in received:
+            elif command == "weight_group_apply":  # the names rank 0 kept (none: the update was refused)
+                kept, received, self.received = set(args[0]), self.received, []
+                params = dict(self.model.named_parameters())
+                with torch.no_grad():
+                    for name, full in received:
+                        if name in kept:
                             self.model.hf_parameter(name, params).copy_(self.model.shard.take(name, full))
+                if kept:
                     self.runner.prepare_weights()
             elif command == "weight_group_destroy":
-                self.weight_groups.pop(args[0]).destroy()
-            elif command == "stop":
-                return
+                group = self.weight_groups.pop(args[0], None)
+                if group is not None:
+                    group.destroy()
+        except Exception as e:  # noqa: BLE001 - reported; rank 0 answers the client
+            self.received = []
+            print(f"elastic_decode worker rank {self.group.rank}: {command} failed: {e}", file=sys.stderr, flush=True)
 
 
 def worker_main(payload: str) -> int:
