@@ -14,7 +14,6 @@ import datetime
 import json
 import platform
 import statistics
-import sys
 import threading
 import time
 import urllib.request
@@ -23,8 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_serve import free_port, start_server  # noqa: E402
+from bench_serve import free_port, start_server  # the script's folder is on the path when it runs
 
 
 def post(url: str, path: str, body: dict) -> dict:

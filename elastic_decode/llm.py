@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, fields
 
 import torch
@@ -44,6 +45,9 @@ class RolloutBatch:
     prompt_index: torch.Tensor  # int64 [rows]; which prompt the row belongs to
     thinking_texts: list[str]  # one per row: the text before the end-of-thinking marker
     solution_texts: list[str]  # one per row: the text after it (where answers are graded)
+    # one per row: the weights each token came from, as (first token index, version) runs (a row that spans
+    # an in-flight update has two or more: LLM.load_weights_in_flight)
+    weight_versions: list[list[tuple[int, str]]] = dataclasses.field(default_factory=list)
 
 
 def rollout_batch(outputs: Sequence[RequestOutput], pad_id: int) -> RolloutBatch:
@@ -74,7 +78,17 @@ def rollout_batch(outputs: Sequence[RequestOutput], pad_id: int) -> RolloutBatch
         prompt_index=torch.tensor([i for i, _, _ in rows], dtype=torch.long),
         thinking_texts=[c.thinking_text for _, _, c in rows],
         solution_texts=[c.solution_text for _, _, c in rows],
+        weight_versions=[list(c.weight_versions or []) for _, _, c in rows],
     )
+
+
+@dataclass(eq=False)
+class _PendingUpdate:
+    """A weight update handed to a running generate call (LLM.load_weights_in_flight)."""
+
+    named_tensors: Iterable[tuple[str, torch.Tensor]]
+    version: str | None
+    done: Future = dataclasses.field(default_factory=Future)
 
 
 class LLM:
@@ -110,6 +124,12 @@ class LLM:
         self.engine = LLMEngine(config)
         self.last_stats: GenerationStats | None = None
         self._lock = threading.RLock()  # one caller at a time (see _run)
+        # Weight updates another thread hands to a running generate call (load_weights_in_flight): applied
+        # between two of its steps. `_generating` says whether a call would see them (under `_pending_lock`).
+        self._pending_lock = threading.Lock()
+        self._pending: list[_PendingUpdate] = []
+        self._generating = False
+        self._cancel = threading.Event()  # cancel_running(): the running call stops at its next step
         self.replicas = None
         if data_parallel_size > 1:
             if budget_mode == "two-call":
@@ -193,10 +213,11 @@ class LLM:
     def generate_tensors(
         self,
         prompt_token_ids: Sequence[Sequence[int]],
-        params: SamplingParams,
+        params: SamplingParams | Sequence[SamplingParams],
         use_tqdm: bool = False,
     ) -> RolloutBatch:
-        """Token ids in, padded tensors out (rows grouped by prompt, `params.n` per prompt)."""
+        """Token ids in, padded tensors out (rows grouped by prompt, `params.n` per prompt; one
+        SamplingParams for all prompts or one per prompt)."""
         outputs = self._run([(None, list(p)) for p in prompt_token_ids], params, use_tqdm)
         return rollout_batch(outputs, self.engine.tokenizer.pad_id)
 
@@ -211,17 +232,59 @@ class LLM:
         check_conversation(messages)
         return self.engine.tokenizer.encode_chat(list(messages))
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str | None = None) -> int:
         """Copy HF-named weights (e.g. a trainer model's `named_parameters()`) in place. All or
-        nothing: every name, shape and value is checked before any weight changes."""
+        nothing: every name, shape and value is checked before any weight changes. `version` names
+        the new weights (default: the count of updates); every later token carries it."""
         with self._lock:
             if self.replicas is None:
-                return self.engine.load_weights(named_tensors)
+                return self.engine.load_weights(named_tensors, version)
             # Checked here first (all or nothing), then every replica loads the same tensors.
             named = [(name, t.detach().to("cpu")) for name, t in named_tensors]
             self.engine.check_weights(named)
             self.replicas.everywhere(("load", named))
-            return self.engine.load_weights(named)
+            return self.engine.load_weights(named, version)
+
+    def load_weights_in_flight(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                               version: str | None = None) -> int:
+        """`load_weights` from another thread while a generate call runs: the call applies the update
+        between two of its steps (pause keep, load, resume, as an RL server takes an in-flight update),
+        and its sequences go on under the new weights (their K/V recomputed); the tokens before keep
+        their logprobs and version, the later ones carry `version`. Applied at once when no call runs;
+        returns once applied (the tensors may change afterwards). With data-parallel replicas or
+        two-call budgets, as `load_weights` (after the running call)."""
+        if self.replicas is not None or self.budget_mode == "two-call":
+            return self.load_weights(named_tensors, version)
+        update = _PendingUpdate(named_tensors, version)
+        with self._pending_lock:
+            self._pending.append(update)
+            running = self._generating
+        if not running:  # no call will see it: apply it here (after any call that starts meanwhile)
+            with self._lock:
+                self._apply_pending()
+        return update.done.result()
+
+    def _apply_pending(self) -> None:
+        """Apply the handed-over updates, in order (the caller holds `_lock`)."""
+        while True:
+            with self._pending_lock:
+                if not self._pending:
+                    return
+                update = self._pending.pop(0)
+            try:
+                update.done.set_result(self.engine.load_weights(update.named_tensors, update.version))
+            except Exception as e:  # noqa: BLE001 - the updating thread gets it
+                update.done.set_exception(e)
+            except BaseException as e:  # Ctrl-C here: the updating thread hears of it, and so does this one
+                update.done.set_exception(e)
+                raise
+
+    def cancel_running(self) -> None:
+        """Stop the generate call running on another thread at its next step: it raises
+        ElasticDecodeError("cancelled") there, its requests leave the engine. Nothing when none runs."""
+        with self._pending_lock:
+            if self._generating:
+                self._cancel.set()
 
     def sleep(self) -> None:
         """Free the KV cache while something else needs the memory (e.g. a trainer's backward
@@ -268,9 +331,21 @@ class LLM:
                 f"params must be a SamplingParams or a list of them (one per prompt), got {type(params).__name__}")
         elif len(params) != len(encoded):
             raise InvalidRequestError(f"{len(params)} SamplingParams for {len(encoded)} prompts")
-        # One caller at a time: the engine steps one batch of requests; a second thread waits.
+        # One caller at a time: the engine steps one batch of requests; a second thread waits. From
+        # the moment the call holds the lock, weights handed over in flight are its to apply.
         with self._lock:
-            return self._run_locked(encoded, list(params), use_tqdm, on_finished)
+            with self._pending_lock:
+                self._generating = True
+                self._cancel.clear()
+            try:
+                return self._run_locked(encoded, list(params), use_tqdm, on_finished)
+            finally:
+                while True:  # no update handed over is left behind: none while the flag drops
+                    with self._pending_lock:
+                        if not self._pending:
+                            self._generating = False
+                            break
+                    self._apply_pending()
 
     def _run_locked(self, encoded, params: list[SamplingParams], use_tqdm: bool, on_finished) -> list[RequestOutput]:
         engine = self.engine
@@ -365,6 +440,10 @@ class LLM:
         tokens = 0
         with tqdm(total=len(order), desc="generating", unit="req", disable=not use_tqdm, leave=False) as bar:
             while engine.has_unfinished():
+                if self._cancel.is_set():  # _run_locked's handler aborts this call's requests
+                    raise ElasticDecodeError("cancelled: cancel_running() was called")
+                if self._pending:  # an update handed over by load_weights_in_flight (read without the lock:
+                    self._apply_pending()  # one missed now is applied before the next step)
                 for out in engine.step():
                     done[out.request_id] = out
                     tokens += sum(len(c.token_ids) for c in out.outputs)

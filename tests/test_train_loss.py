@@ -10,6 +10,7 @@ from elastic_decode.train.loss import (
     ADVANTAGE_EPS,
     group_advantages,
     grpo_loss,
+    importance_weights,
     loss_mask,
     token_entropy,
     token_logprobs,
@@ -142,3 +143,58 @@ def test_micro_batches_sum_to_the_whole_batch_gradient(aggregation):
     (split_grad,) = torch.autograd.grad(sum(parts), logprobs)
     assert sum(p.item() for p in parts) == pytest.approx(whole.item(), abs=1e-6)
     assert torch.allclose(split_grad, whole_grad, atol=1e-7)
+
+
+# -- the off-policy correction: TRL's four modes on one hand-computed example ----------------------------
+# Two rows, three tokens; the last token of row 1 is padding. Trainer minus engine logprobs:
+#   row 0: ln 2, ln 4, -ln 2  -> token ratios 2, 4, 1/2; sequence ratio 2 * 4 / 2 = 4
+#   row 1: ln 1.5, 0, (pad)   -> token ratios 1.5, 1;     sequence ratio 1.5
+LN = math.log
+TRAINER = torch.tensor([[LN(2), LN(4), -LN(2)], [LN(1.5), 0.0, 5.0]]) - 1.0
+ENGINE = torch.full((2, 3), -1.0)
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+
+
+@pytest.mark.parametrize("mode, clip_max, clip_min, expected, clipped", [
+    ("token_truncate", 3.0, None, [[2, 3, 0.5], [1.5, 1, 1]], 1 / 5),  # 4 -> 3
+    ("token_truncate", 3.0, 0.6, [[2, 3, 0.6], [1.5, 1, 1]], 2 / 5),  # and 1/2 -> 0.6
+    ("token_mask", 3.0, None, [[2, 0, 0.5], [1.5, 1, 1]], 1 / 5),  # 4 masked
+    ("token_mask", 3.0, 0.6, [[2, 0, 0], [1.5, 1, 1]], 2 / 5),
+    ("sequence_truncate", 3.0, None, [[3], [1.5]], 3 / 5),  # row 0's 4 -> 3, all three tokens
+    ("sequence_mask", 3.0, None, [[0], [1.5]], 3 / 5),
+    ("sequence_mask", 5.0, 2.0, [[4], [0]], 2 / 5),  # row 1 under C_min
+])
+def test_importance_weights_by_hand(mode, clip_max, clip_min, expected, clipped):
+    weights, metrics = importance_weights(TRAINER, ENGINE, MASK, mode, clip_max, clip_min)
+    want = torch.tensor(expected, dtype=torch.float32)
+    if mode.startswith("token"):  # the padded token's weight is exp(0) = 1 (masked in the loss anyway)
+        assert torch.allclose(weights, want, atol=1e-5)
+    else:
+        assert weights.shape == (2, 1) and torch.allclose(weights, want, atol=1e-5)
+    assert metrics["is_clipped_fraction"].item() == pytest.approx(clipped, abs=1e-6)
+    raw = [2, 4, 0.5, 1.5, 1] if mode.startswith("token") else [4, 4, 4, 1.5, 1.5]
+    assert metrics["is_ratio_mean"].item() == pytest.approx(sum(raw) / 5, rel=1e-5)
+    assert metrics["is_ratio_max"].item() == pytest.approx(max(raw), rel=1e-5)
+    assert metrics["is_ratio_min"].item() == pytest.approx(min(raw), rel=1e-5)
+
+
+def test_importance_weights_refuse_an_unknown_mode():
+    with pytest.raises(ValueError, match="token_truncate"):
+        importance_weights(TRAINER, ENGINE, MASK, "token_clip")
+
+
+def test_importance_weights_scale_the_policy_term_not_the_kl():
+    """w multiplies -min(rA, clip(r)A) per token; the k3 KL term is added unweighted (TRL's order)."""
+    logprobs = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    old = logprobs.detach()
+    ref = torch.tensor([[-1.5, -1.0]])
+    adv, mask = torch.tensor([2.0]), torch.ones(1, 2)
+    w = torch.tensor([[0.5, 3.0]])
+    loss, _ = grpo_loss(logprobs, old, adv, mask, importance_weights=w, ref_logprobs=ref, kl_coef=0.1)
+    k3 = torch.exp(ref - old) - (ref - old) - 1
+    by_hand = (-(w * adv) + 0.1 * k3).sum() / 2  # r = 1 at the start: -w A + kl per token, token mean
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    loss.backward()
+    # d/dlogp of -w r A at r = 1 is -w A; the KL's is 0.1 (1 - exp(ref - logp))
+    grad = (-(w * adv) + 0.1 * (1 - torch.exp(ref - old))) / 2
+    assert torch.allclose(logprobs.grad, grad, atol=1e-6)

@@ -10,9 +10,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .report import parse_targets
+from .schedule import BudgetSchedule
+
 MODES = ("grpo", "sft", "distill")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean", "dr-grpo")
 ADVANTAGE_SCALINGS = ("group", "batch", "none")
+# TRL's vllm_importance_sampling_mode values (train/loss.py: importance_weights)
+IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 def _help(text: str, default):
@@ -89,6 +94,30 @@ class GRPOConfig:
     max_grad_norm: float = _help("clip the gradient norm; 0 disables", 1.0)
     gradient_checkpointing: bool = _help("recompute activations in the backward pass to save memory", True)
 
+    think_budget_schedule: str = _help(
+        "thinking budgets over training, drawn per prompt group: constant (--think-budget), linear:START:END, "
+        "step:B1,B2@STEP,... (B2 from STEP on), choice:B1,B2,... (each group draws one)", "constant")
+
+    # -- asynchronous rollouts and the off-policy correction ----------------------------------
+    async_rollouts: bool = _help(
+        "a producer thread rolls out the next steps while the optimizer steps; weights go to the engine in "
+        "flight after each step and every token records the weights that produced it", False)
+    max_staleness: int = _help(
+        "async: at most this many optimizer steps between the policy that produced a token and the one it "
+        "trains (0 is the synchronous trainer, step for step)", 1)
+    importance_sampling_correction: str = _help(
+        "weight each token's loss by exp(trainer logprob - engine logprob), truncated or masked (TRL's "
+        "vllm_importance_sampling_correction): auto (on with --async-rollouts and --max-staleness above 0), "
+        "on, off", "auto")
+    importance_sampling_mode: str = _help(
+        "token_truncate, token_mask, sequence_truncate or sequence_mask (TRL's vllm_importance_sampling_mode; "
+        "TRL's default is sequence_mask, this one is truncated importance sampling per token)", "token_truncate")
+    importance_sampling_clip_max: float = _help(
+        "upper bound C_max of the importance ratio: truncated to it, or masked above it (always set here; TRL "
+        "also allows none)", 3.0)
+    importance_sampling_clip_min: float | None = _help(
+        "lower bound C_min of the importance ratio (none: no lower bound)", None)
+
     # -- bookkeeping -------------------------------------------------------------------------
     seed: int = _help("seeds prompts, rollouts and torch", 0)
     checkpoint_interval: int = _help("save a checkpoint every this many steps (0: only at the end)", 0)
@@ -100,6 +129,8 @@ class GRPOConfig:
     cuda_graphs: bool = _help("the rollout engine replays decode steps from CUDA graphs (CUDA only)", False)
     tensor_parallel_size: int = _help(
         "split the rollout engine's model over this many GPUs (or CPU processes), Megatron-style", 1)
+    report_to: str = _help("where metrics go besides metrics.jsonl and the plot: none, tensorboard, wandb "
+                           "(a comma list for both)", "none")
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)
@@ -131,15 +162,35 @@ class GRPOConfig:
         _choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         if self.kv_cache_memory_gb is not None:
             _number_in("kv_cache_memory_gb", self.kv_cache_memory_gb, 0.0, None, low_open=True)
+        self.budget_schedule  # noqa: B018 - parsed here: a bad schedule is a one-line error before any load
+        _int_at_least("max_staleness", self.max_staleness, 0)
+        _choice("importance_sampling_correction", self.importance_sampling_correction, ("auto", "on", "off"))
+        _choice("importance_sampling_mode", self.importance_sampling_mode, IMPORTANCE_SAMPLING_MODES)
+        _number_in("importance_sampling_clip_max", self.importance_sampling_clip_max, 0.0, None, low_open=True)
+        if self.importance_sampling_clip_min is not None:
+            _number_in("importance_sampling_clip_min", self.importance_sampling_clip_min, 0.0,
+                       self.importance_sampling_clip_max)
+        parse_targets(self.report_to)
+
+    @property
+    def budget_schedule(self) -> BudgetSchedule:
+        return BudgetSchedule.parse(self.think_budget_schedule)
+
+    @property
+    def corrects_off_policy(self) -> bool:
+        """Whether the loss weights tokens by their importance ratio (auto: with async rollouts that may be
+        stale, so that max_staleness 0 stays the synchronous trainer)."""
+        return self.importance_sampling_correction == "on" or (
+            self.importance_sampling_correction == "auto" and self.async_rollouts and self.max_staleness > 0)
 
     @property
     def max_completion_length(self) -> int:
-        """An upper bound on completion tokens (the dr-grpo normaliser): t* + marker + s*.
+        """An upper bound on completion tokens (the dr-grpo normaliser): t* (the schedule's largest) + marker + s*.
 
         The marker is at most a handful of tokens; 8 covers "\\n</think>\\n\\n" in every
         tokenizer we know of, and a constant is all dr-grpo asks for.
         """
-        return self.think_budget + 8 + self.solution_budget
+        return self.budget_schedule.most(self.think_budget) + 8 + self.solution_budget
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

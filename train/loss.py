@@ -8,11 +8,18 @@ Conventions (B = completions in the (micro-)batch, T = completion length, V = vo
 Loss variants as named in the literature: clip-higher and token-mean aggregation from DAPO
 (arXiv 2503.14476), the constant normaliser and unscaled advantages from Dr. GRPO
 (arXiv 2503.20783), the k3 KL estimator from Schulman's "Approximating KL divergence" note, as
-used by DeepSeekMath's GRPO (arXiv 2402.03300).
+used by DeepSeekMath's GRPO (arXiv 2402.03300); the off-policy correction of tokens sampled by the
+engine under an older policy (or with other rounding) is truncated or masked importance sampling as
+TRL's GRPOTrainer names it (`vllm_importance_sampling_mode`, Yao et al.'s "truncated importance
+sampling" for the token modes).
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+from .config import IMPORTANCE_SAMPLING_MODES
 
 # Added to the std when scaling advantages, so a group whose rewards are all equal (std 0)
 # gets zero advantages instead of 0/0 (the value TRL uses).
@@ -93,11 +100,13 @@ def grpo_loss(
     max_completion_length: int | None = None,  # dr-grpo's constant normaliser
     total_tokens: float | None = None,  # loss tokens in the whole batch (token-mean)
     total_rows: int | None = None,  # completions in the whole batch (seq-mean, dr-grpo)
+    importance_weights: torch.Tensor | None = None,  # float [B, T] or [B, 1]: off-policy correction (no grad)
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped surrogate objective (negated, to minimise), plus k3 KL and entropy terms.
 
-    per token: -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + kl_coef k3 - entropy_coef H,
-    with r = exp(logprobs - old_logprobs). Aggregation:
+    per token: -w min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + kl_coef k3 - entropy_coef H,
+    with r = exp(logprobs - old_logprobs) and w the importance weight of the token as the engine
+    sampled it (`importance_weights`, 1 without). Aggregation:
       token-mean: sum over all loss tokens / total_tokens;
       seq-mean:   sum over rows of (row sum / row's loss tokens) / total_rows;
       dr-grpo:    sum over all loss tokens / (total_rows * max_completion_length).
@@ -113,6 +122,8 @@ def grpo_loss(
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high) * adv
     per_token = -torch.minimum(unclipped, clipped)  # [B, T]
+    if importance_weights is not None:
+        per_token = per_token * importance_weights.detach().to(logprobs.dtype)
     metrics: dict[str, torch.Tensor] = {}
     tokens = mask.sum()
     denom = tokens.clamp(min=1.0)
@@ -148,6 +159,52 @@ def grpo_loss(
     metrics["ratio_mean"] = masked_mean(ratio)
     metrics["loss_tokens"] = tokens.detach()
     return loss, metrics
+
+
+def importance_weights(
+    old_logprobs: torch.Tensor,  # float [B, T]: the trainer's policy before this step's update (TRL's old logps)
+    sampling_logprobs: torch.Tensor,  # float [B, T]: the engine's as it sampled (the behaviour policy: older weights)
+    loss_mask: torch.Tensor,  # {0,1} [B, T]: the tokens that count (forced and padded ones out)
+    mode: str = "token_truncate",
+    clip_max: float | None = 3.0,
+    clip_min: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # float32 [B, T] or [B, 1], metrics
+    """The importance weight of each token (or sequence) sampled by the engine, for a loss taken under the
+    trainer's policy: r = exp(old - sampling), per token or, for the sequence modes, one
+    r = exp(sum over the sequence's loss tokens) per row. TRL's `vllm_importance_sampling_mode` names
+    and bounds (`..._clip_max`, `..._clip_min`):
+
+      token_truncate / sequence_truncate: r clamped to [clip_min, clip_max] (truncated IS);
+      token_mask / sequence_mask:         r outside [clip_min, clip_max] set to 0 (masked IS).
+
+    The weights multiply the policy term of the per-token loss (the KL term stays unweighted); a bound
+    of None is no bound. Metrics (over loss tokens, detached): is_ratio_mean, is_ratio_max, is_ratio_min
+    of the raw ratios before any bound, token-weighted also in the sequence modes (TRL logs them after
+    the bound), is_clipped_fraction (tokens whose weight the bound changed).
+    """
+    if mode not in IMPORTANCE_SAMPLING_MODES:
+        raise ValueError(f"mode must be one of {', '.join(IMPORTANCE_SAMPLING_MODES)}; got {mode!r}")
+    mask = loss_mask.float()
+    diff = (old_logprobs.detach().float() - sampling_logprobs.float()) * mask  # [B, T]
+    log_ratio = diff.sum(dim=1, keepdim=True) if mode.startswith("sequence") else diff  # [B, 1] or [B, T]
+    ratio = torch.exp(log_ratio)
+    low = clip_min if clip_min is not None else 0.0
+    high = clip_max if clip_max is not None else math.inf
+    outside = (ratio < low) | (ratio > high)
+    if mode.endswith("truncate"):
+        weights = ratio.clamp(min=clip_min, max=clip_max) if clip_min is not None or clip_max is not None else ratio
+    else:
+        weights = ratio.masked_fill(outside, 0.0)
+    per_token = torch.broadcast_to(ratio, mask.shape)
+    tokens = mask.sum().clamp(min=1.0)
+    picked = per_token[mask.bool()]
+    metrics = {
+        "is_ratio_mean": (per_token * mask).sum() / tokens,
+        "is_ratio_max": picked.max() if picked.numel() else mask.new_zeros(()),
+        "is_ratio_min": picked.min() if picked.numel() else mask.new_zeros(()),
+        "is_clipped_fraction": (torch.broadcast_to(outside, mask.shape).float() * mask).sum() / tokens,
+    }
+    return weights, metrics
 
 
 def sft_loss(

@@ -5,7 +5,12 @@ One rollout batch per step: `prompts_per_step` prompts, `group_size` completions
 by the engine with the Elastic Reasoning budget (think up to t*, the marker forced, solve up to
 s*) in one pass. The trainable model is a transformers model (fp32 master weights; bf16 autocast
 on CUDA) that recomputes the completions' logprobs with gradient. Only the engine's public API
-is used: `generate_tensors`, `encode_chat`, `load_weights`.
+is used: `generate_tensors`, `encode_chat`, `load_weights`, `load_weights_in_flight`.
+
+With `async_rollouts` the rollouts come from a producer thread (async_rollouts.py) that runs up to
+`max_staleness` steps ahead; the weights go to the engine in flight, named by the step that made them,
+so every token knows its policy's step, and the loss may weight tokens by their importance ratio
+against the engine's sampling logprobs (loss.py: importance_weights).
 """
 from __future__ import annotations
 
@@ -22,9 +27,11 @@ from tqdm.auto import tqdm
 from elastic_decode import LLM, SamplingParams
 from elastic_decode.models.loader import resolve_checkpoint
 
+from .async_rollouts import RolloutProducer
 from .config import GRPOConfig
 from .data_parallel import DataParallel
-from .loss import grpo_loss, group_advantages, loss_mask, token_entropy, token_logprobs
+from .loss import grpo_loss, group_advantages, importance_weights, loss_mask, token_entropy, token_logprobs
+from .report import Reporter, check_installed, parse_targets
 from .tasks import make_task
 
 STATE_FILE = "trainer_state.pt"
@@ -46,7 +53,12 @@ class Rollout:
     loss_mask: torch.Tensor  # float32 [rows, T]
     rewards: torch.Tensor  # float32 [rows]
     advantages: torch.Tensor  # float32 [rows]
-    metrics: dict[str, float]
+    token_steps: torch.Tensor  # int64 [rows, T]: the optimizer step whose weights sampled each token
+    think_budgets: torch.Tensor  # int64 [rows]: each row's thinking budget (--think-budget-schedule)
+    think_tokens: torch.Tensor  # int64 [rows]: what each row thought
+    sums: dict[str, float]  # this rank's sums of the rollout metrics (reduced over ranks by the trainer)
+    seconds: float  # the whole rollout (generation and scoring)
+    engine_seconds: float  # the engine's generate call
 
 
 def sequence_logprobs(
@@ -150,6 +162,8 @@ class GRPOTrainer:
         self.config = config
         self.use_tqdm = use_tqdm
         self.task = make_task(config.task)
+        self.report_targets = parse_targets(config.report_to)
+        check_installed(self.report_targets)  # before any model loads
         self.output_dir = Path(config.output_dir)
         metrics_path = self.output_dir / METRICS_FILE
         if resume_from is None and metrics_path.exists() and not overwrite:
@@ -212,24 +226,32 @@ class GRPOTrainer:
                 _truncate_metrics(metrics_path, self.step)
         elif metrics_path.exists() and self.is_main:
             metrics_path.unlink()  # --overwrite
+        self.first_step = self.step  # the step of the engine's first weights (token_steps)
+        self.producer: RolloutProducer | None = None
+        self.reporter: Reporter | None = None
 
     # -- one step ------------------------------------------------------------------------
 
     def rollout(self, step: int) -> Rollout:
+        """One step's rollouts and rewards. No collective runs here (the async producer calls it on its own
+        thread): `rollout_metrics` reduces the sums over ranks."""
         cfg = self.config
+        start = time.perf_counter()
         rng = random.Random(f"{cfg.seed}-{step}")
         examples = self.task.sample(rng, cfg.prompts_per_step)
+        budgets = cfg.budget_schedule.budgets(step, cfg.steps, len(examples), cfg.think_budget,
+                                              random.Random(f"{cfg.seed}-{step}-budgets"))
         if self.dp is not None:
-            examples = self.dp.share(examples)
+            examples, budgets = self.dp.share(examples), self.dp.share(budgets)
         prompt_ids = [self.engine.encode_chat(list(ex.messages)) for ex in examples]
-        params = SamplingParams(
+        params = [SamplingParams(
             n=cfg.group_size,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
-            think_budget=cfg.think_budget,
+            think_budget=budget,
             solution_budget=cfg.solution_budget,
             seed=_rollout_seed(cfg.seed, step),
-        )
+        ) for budget in budgets]
         batch = self.engine.generate_tensors(prompt_ids, params)
         scores = [
             self.task.score(text, examples[int(i)], cfg.format_reward_weight)
@@ -239,8 +261,9 @@ class GRPOTrainer:
         advantages = group_advantages(rewards, cfg.group_size, cfg.advantage_scaling)
         mask = loss_mask(batch.completion_mask, batch.forced_mask, batch.truncated,
                          cfg.mask_forced_tokens, cfg.mask_truncated)
+        think_budgets = torch.tensor(budgets, dtype=torch.long)[batch.prompt_index]
         stats = self.engine.last_stats
-        # Sums over this rank's rows (over all ranks' under torchrun), then means.
+        # Sums over this rank's rows (over all ranks' once rollout_metrics reduces them), then means.
         sums = {
             "reward_mean": rewards.sum().item(),
             "reward_sq": (rewards**2).sum().item(),
@@ -251,10 +274,39 @@ class GRPOTrainer:
             "forced_tokens": batch.forced_mask.sum().float().item(),
             "forced_end_rate": batch.forced_end.float().sum().item(),
             "truncated_rate": batch.truncated.float().sum().item(),
+            "think_budget": think_budgets.float().sum().item(),
             "rows": float(len(scores)),
             "rollout_tokens": float(stats.output_tokens),
         }
-        seconds = stats.seconds
+        return Rollout(
+            prompt_ids=batch.prompt_ids,
+            completion_ids=batch.completion_ids,
+            completion_mask=batch.completion_mask,
+            engine_logprobs=batch.logprobs,
+            loss_mask=mask,
+            rewards=rewards,
+            advantages=advantages,
+            token_steps=self._token_steps(batch.weight_versions, batch.completion_ids.shape[1]),
+            think_budgets=think_budgets,
+            think_tokens=batch.think_tokens,
+            sums=sums,
+            seconds=time.perf_counter() - start,
+            engine_seconds=stats.seconds,
+        )
+
+    def _token_steps(self, versions: list[list[tuple[int, str]]], width: int) -> torch.Tensor:
+        """int64 [rows, width]: the optimizer step of each token's weights, from the engine's versions (the
+        trainer names each update by its step; the engine's first weights, "0", are this run's start)."""
+        out = torch.full((len(versions), width), self.first_step, dtype=torch.long)
+        for r, runs in enumerate(versions):
+            for k, (start, version) in enumerate(runs):
+                end = runs[k + 1][0] if k + 1 < len(runs) else width
+                out[r, start:end] = self.first_step if version == "0" else int(version)
+        return out
+
+    def rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
+        """The rollout's metrics, means over every rank's rows (the collectives run on the trainer's thread)."""
+        sums, seconds = dict(rollout.sums), rollout.engine_seconds
         if self.dp is not None:
             sums = dict(zip(sums, self.dp.sum(list(sums.values()))))
             seconds = self.dp.max(seconds)
@@ -265,16 +317,7 @@ class GRPOTrainer:
         metrics["reward_std"] = max(variance, 0.0) ** 0.5
         metrics["rollout_tokens"] = sums["rollout_tokens"]
         metrics["rollout_tokens_per_s"] = sums["rollout_tokens"] / max(seconds, 1e-9)
-        return Rollout(
-            prompt_ids=batch.prompt_ids,
-            completion_ids=batch.completion_ids,
-            completion_mask=batch.completion_mask,
-            engine_logprobs=batch.logprobs,
-            loss_mask=mask,
-            rewards=rewards,
-            advantages=advantages,
-            metrics=metrics,
-        )
+        return metrics
 
     def _logprobs(self, model, rollout: Rollout, rows: slice, with_entropy: bool):
         ids = rollout.completion_ids[rows].to(self.device)
@@ -284,9 +327,24 @@ class GRPOTrainer:
                 model, rollout.prompt_ids[rows], ids, mask, self.pad_id, self.config.temperature, with_entropy
             )
 
-    def optimize(self, rollout: Rollout) -> dict[str, float]:
-        """num_iterations optimizer steps on one rollout batch; returns the loss metrics."""
+    def optimize(self, rollout: Rollout, step: int) -> dict[str, float]:
+        """num_iterations optimizer steps on one rollout batch (for optimizer step `step`); returns the loss
+        metrics. Tokens whose weights are more than max_staleness steps older than the policy trained (the
+        weights of step - 1) get no gradient; with the off-policy correction each token's loss is weighted by
+        its importance ratio against the engine's sampling logprob."""
         cfg = self.config
+        staleness = (step - 1) - rollout.token_steps  # [rows, T]
+        real = rollout.loss_mask > 0
+        # Past the bound (the producer keeps this from happening) or from weights newer than the policy
+        # trained (an update left over from an interrupted step): such a token never trains.
+        stale = real & ((staleness > cfg.max_staleness) | (staleness < 0))
+        if stale.any():
+            rollout.loss_mask = rollout.loss_mask.masked_fill(stale, 0.0)
+        seen = staleness[real & ~stale]
+        # Counts (summed over ranks below): tokens, staleness sum, dropped, one per staleness 0..K.
+        staleness_counts = [float(seen.numel()), float(seen.sum().item()), float(stale.sum().item())] + [
+            float((seen == k).sum().item()) for k in range(cfg.max_staleness + 1)]
+        staleness_max = float(seen.max().item()) if seen.numel() else 0.0
         num_rows = rollout.completion_ids.shape[0]
         slices = [slice(i, min(i + cfg.micro_batch_size, num_rows)) for i in range(0, num_rows, cfg.micro_batch_size)]
         total_tokens = rollout.loss_mask.sum().item()
@@ -302,6 +360,8 @@ class GRPOTrainer:
                 ref = [self._logprobs(self.reference, rollout, s, False)[0] for s in slices]
         sums: dict[str, float] = {}
         gap_sum = gap_tokens = 0.0
+        weights: list[torch.Tensor | None] = [None] * len(slices)  # importance weights, per micro-batch
+        ratio_max, ratio_min = 0.0, float("inf")
         for iteration in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             loss_total = 0.0
@@ -314,6 +374,17 @@ class GRPOTrainer:
                     gap_tokens += mask.sum().item()
                 if cfg.entropy_coef == 0:
                     entropy = entropy.detach()
+                if cfg.corrects_off_policy and iteration == 0:  # against the policy before this step's update
+                    before = old[k] if old is not None else logprobs.detach()
+                    weights[k], is_metrics = importance_weights(
+                        before, rollout.engine_logprobs[rows].to(self.device), mask, cfg.importance_sampling_mode,
+                        cfg.importance_sampling_clip_max, cfg.importance_sampling_clip_min)
+                    tokens = mask.sum().item()
+                    if tokens:
+                        ratio_max = max(ratio_max, is_metrics["is_ratio_max"].item())
+                        ratio_min = min(ratio_min, is_metrics["is_ratio_min"].item())
+                    for name in ("is_ratio_mean", "is_clipped_fraction"):  # token-weighted over the batch
+                        sums[name] = sums.get(name, 0.0) + is_metrics[name].item() * tokens * cfg.num_iterations
                 loss, metrics = grpo_loss(
                     logprobs,
                     old[k] if old is not None else logprobs.detach(),
@@ -329,6 +400,7 @@ class GRPOTrainer:
                     max_completion_length=cfg.max_completion_length,
                     total_tokens=total_tokens,
                     total_rows=total_rows,
+                    importance_weights=weights[k],
                 )
                 loss.backward()
                 loss_total += loss.item()
@@ -342,20 +414,33 @@ class GRPOTrainer:
             self.optimizer.step()
         if self.dp is not None:
             names = sorted(sums)
-            totals = self.dp.sum([sums[n] for n in names] + [loss_total, gap_sum, gap_tokens])
+            totals = self.dp.sum([sums[n] for n in names] + [loss_total, gap_sum, gap_tokens] + staleness_counts)
             sums = dict(zip(names, totals))
-            loss_total, gap_sum, gap_tokens = totals[len(names):]
+            loss_total, gap_sum, gap_tokens = totals[len(names):len(names) + 3]
+            staleness_counts = totals[len(names) + 3:]
+            staleness_max = self.dp.max(staleness_max)
+            if cfg.corrects_off_policy:
+                ratio_max, ratio_min = self.dp.max(ratio_max), -self.dp.max(-ratio_min)
         weight = max(total_tokens * cfg.num_iterations, 1.0)
         out = {name: value / weight for name, value in sums.items()}
         out.update(loss=loss_total, grad_norm=grad_norm, loss_tokens=total_tokens,
                    logprob_gap=gap_sum / max(gap_tokens, 1.0))
+        if cfg.async_rollouts:  # (always 0 in the synchronous trainer) the mean, max and histogram over ranks
+            tokens_seen, staleness_sum, dropped, *per_k = staleness_counts
+            out.update(staleness_mean=staleness_sum / max(tokens_seen, 1.0), staleness_max=staleness_max,
+                       stale_tokens_dropped=dropped,
+                       **{f"staleness_{k}": c / max(tokens_seen, 1.0) for k, c in enumerate(per_k)})
+        if cfg.corrects_off_policy:
+            out.update(is_ratio_max=ratio_max, is_ratio_min=ratio_min if ratio_min != float("inf") else 0.0)
         return out
 
-    def sync_weights(self) -> float:
-        """Copy the policy's weights into the engine in place; returns the seconds it took."""
+    def sync_weights(self, step: int) -> float:
+        """Copy the policy's weights into the engine in place, named by `step` (in flight when a producer's
+        rollout runs: between two of its decode steps); returns the seconds it took."""
         start = time.perf_counter()
         with torch.no_grad():
-            self.engine.load_weights(self.policy.named_parameters())
+            load = self.engine.load_weights_in_flight if self.producer is not None else self.engine.load_weights
+            load(self.policy.named_parameters(), version=str(step))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
@@ -363,18 +448,28 @@ class GRPOTrainer:
     def train_step(self) -> dict[str, float]:
         step = self.step + 1
         t0 = time.perf_counter()
-        rollout = self.rollout(step)
+        if self.producer is not None:
+            rollout, producer_waited = self.producer.get(step)
+        else:
+            rollout, producer_waited = self.rollout(step), 0.0
         t1 = time.perf_counter()
-        loss_metrics = self.optimize(rollout)
+        rollout_metrics = self.rollout_metrics(rollout)
+        loss_metrics = self.optimize(rollout, step)
+        self.step = step  # the policy is step's now (a checkpoint taken from here on says so)
         t2 = time.perf_counter()
-        sync = self.sync_weights()
-        self.step = step
-        row = {"step": step, **rollout.metrics, **loss_metrics,
-               "rollout_seconds": t1 - t0, "train_seconds": t2 - t1, "weight_sync_seconds": sync}
+        sync = self.sync_weights(step)
+        if self.producer is not None:
+            self.producer.synced(step)
+        row = {"step": step, **rollout_metrics, **loss_metrics,
+               "rollout_seconds": rollout.seconds, "train_seconds": t2 - t1, "weight_sync_seconds": sync}
+        if self.producer is not None:  # where each side waited for the other
+            row.update(rollout_wait_seconds=t1 - t0, producer_wait_seconds=producer_waited)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.reporter is not None:
+                self.reporter.log(row, step)
         return row
 
     # -- the run -------------------------------------------------------------------------
@@ -386,6 +481,10 @@ class GRPOTrainer:
         rows = []
         bar = tqdm(total=cfg.steps, initial=self.step, desc="grpo", unit="step",
                    disable=not self.use_tqdm or not self.is_main)
+        if self.is_main and self.report_targets:
+            self.reporter = Reporter(self.report_targets, self.output_dir, cfg.to_dict(), self.step)
+        if cfg.async_rollouts and self.step < cfg.steps:
+            self.producer = RolloutProducer(self.rollout, self.step + 1, cfg.steps, cfg.max_staleness)
         try:
             while self.step < cfg.steps:
                 row = self.train_step()
@@ -397,11 +496,16 @@ class GRPOTrainer:
                     self.save_checkpoint()
         except KeyboardInterrupt:
             bar.close()
+            self._stop_side_work()
             if self.step:
                 path = self.save_checkpoint()
                 print(f"interrupted: saved step {self.step} to {path} (continue with --resume {path})")
             raise
+        except BaseException:
+            self._stop_side_work()
+            raise
         bar.close()
+        self._stop_side_work(wait=True)
         path = self.save_checkpoint()
         if self.is_main:
             plot = self.write_plot()
@@ -409,6 +513,19 @@ class GRPOTrainer:
         if self.dp is not None:
             self.dp.close()
         return path
+
+    def _stop_side_work(self, wait: bool = False) -> None:
+        """The producer starts no further rollout and, unless `wait` (a finished run: it has made its
+        last), the one it is making is cancelled; the reporters are closed."""
+        if self.producer is not None:
+            if not wait:
+                self.producer.stop()
+                self.engine.cancel_running()
+            self.producer.join(timeout=None if wait else 60)
+            self.producer = None
+        if self.reporter is not None:
+            self.reporter.close()
+            self.reporter = None
 
     def save_checkpoint(self) -> Path:
         """HF format (loadable by the engine and transformers) plus the optimizer state."""
@@ -437,10 +554,14 @@ class GRPOTrainer:
             first, last = (sum(r[key] for r in rs) / len(rs) for rs in (head, tail))
             return f"{first:.{digits}f} -> {last:.{digits}f}"
 
+        overlap = ""
+        if all("rollout_wait_seconds" in r for r in rows):  # async: rollouts ran beside training
+            overlap = (f"; async, the trainer waited {total('rollout_wait_seconds'):.0f} s for rollouts, "
+                       f"staleness at most {max(r['staleness_max'] for r in rows):.0f}")
         return (
             f"{len(rows)} steps in {seconds:.0f} s (rollouts {total('rollout_seconds'):.0f} s, "
             f"{total('rollout_tokens'):.0f} tokens; training {total('train_seconds'):.0f} s; "
-            f"weight sync {total('weight_sync_seconds'):.2f} s); reward {change('reward_mean', 3)} "
+            f"weight sync {total('weight_sync_seconds'):.2f} s{overlap}); reward {change('reward_mean', 3)} "
             f"(first vs last quarter), accuracy {change('accuracy', 2)}; checkpoint {checkpoint}"
             + (f"; plot {plot}" if plot else "")
         )
