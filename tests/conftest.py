@@ -129,3 +129,24 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_models):
     return tiny_models["llama"]
+
+
+# -- a module's server: its own `served` fixture yields (url, loop, ...); these read it ------------------
+
+
+@pytest.fixture(scope="module")
+def url(served):
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def loop(served):
+    return served[1]
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_llama):
+    """The engine a server's answers are compared with (the server tests' settings)."""
+    from engines import tiny_llm
+
+    return tiny_llm(tiny_llama)

@@ -38,21 +38,6 @@ def served(tiny_llama):
 
 
 @pytest.fixture(scope="module")
-def url(served):
-    return served[0]
-
-
-@pytest.fixture(scope="module")
-def loop(served):
-    return served[1]
-
-
-@pytest.fixture(scope="module")
-def ref(tiny_llama):
-    return LLM(str(tiny_llama), **engine_kwargs())
-
-
-@pytest.fixture(scope="module")
 def prompt(ref):
     return ref.encode_chat(MESSAGES)
 

@@ -42,21 +42,6 @@ def served(tiny_llama):
             yield url, loop
 
 
-@pytest.fixture(scope="module")
-def url(served):
-    return served[0]
-
-
-@pytest.fixture(scope="module")
-def loop(served):
-    return served[1]
-
-
-@pytest.fixture(scope="module")
-def ref(tiny_llama):
-    return LLM(str(tiny_llama), **engine_kwargs())
-
-
 @pytest.fixture
 def client(url):
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)

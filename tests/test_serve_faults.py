@@ -34,16 +34,6 @@ def served(tiny_llama):
             yield url, loop
 
 
-@pytest.fixture(scope="module")
-def url(served):
-    return served[0]
-
-
-@pytest.fixture(scope="module")
-def loop(served):
-    return served[1]
-
-
 def raw_request(url: str, path: str, body: bytes, headers: dict | None = None) -> socket.socket:
     """Send a POST on a raw socket and return the socket (the caller reads, or closes it and vanishes)."""
     host, port = url.removeprefix("http://").split(":")

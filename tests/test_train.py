@@ -11,19 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from elastic_decode import LLM, SamplingParams
-from elastic_decode.train import GRPOConfig
 from elastic_decode.train.__main__ import main
 from elastic_decode.train.trainer import GRPOTrainer, sequence_logprobs
+from engines import tiny_grpo_config
 
 pytestmark = pytest.mark.slow
-
-
-def tiny_config(model, out, **overrides) -> GRPOConfig:
-    values = dict(model=str(model), task="arithmetic:1", output_dir=str(out), steps=3, prompts_per_step=2,
-                  group_size=3, think_budget=4, solution_budget=5, temperature=1.0, learning_rate=1e-2,
-                  entropy_coef=0.1, micro_batch_size=4, device="cpu", kv_cache_memory_gb=0.05)
-    values.update(overrides)
-    return GRPOConfig(**values)
 
 
 def test_trainer_logprobs_equal_the_engines(tiny_llama):
@@ -54,7 +46,7 @@ def greedy_hf(model, prompts, max_new_tokens):
 def smoke_run(tiny_llama, tmp_path_factory):
     """3 steps with a checkpoint at step 2 and the final one at step 3."""
     out = tmp_path_factory.mktemp("grpo")
-    config = tiny_config(tiny_llama, out, checkpoint_interval=2)
+    config = tiny_grpo_config(tiny_llama, out, checkpoint_interval=2)
     trainer = GRPOTrainer(config, use_tqdm=False)
     final = trainer.train()
     return config, trainer, final
@@ -164,6 +156,6 @@ def test_sft_and_grpo_resolve_their_dtypes_alike():
 
 
 def test_rollout_engine_settings_reach_the_engine(tiny_llama, tmp_path):
-    trainer = GRPOTrainer(tiny_config(tiny_llama, tmp_path / "run", num_scheduler_steps=3), use_tqdm=False)
+    trainer = GRPOTrainer(tiny_grpo_config(tiny_llama, tmp_path / "run", num_scheduler_steps=3), use_tqdm=False)
     assert trainer.engine.engine.config.num_scheduler_steps == 3
     assert not trainer.engine.engine.config.cuda_graphs

@@ -18,14 +18,7 @@ from elastic_decode.train.async_rollouts import RolloutProducer
 from elastic_decode.train.schedule import BudgetSchedule
 
 from conftest import make_tiny_checkpoint
-
-
-def tiny_config(model, out, **overrides) -> GRPOConfig:
-    values = dict(model=str(model), task="arithmetic:1", output_dir=str(out), steps=3, prompts_per_step=2,
-                  group_size=3, think_budget=4, solution_budget=5, temperature=1.0, learning_rate=1e-2,
-                  entropy_coef=0.1, micro_batch_size=4, device="cpu", kv_cache_memory_gb=0.05)
-    values.update(overrides)
-    return GRPOConfig(**values)
+from engines import tiny_grpo_config
 
 
 # -- the schedules (no model) ------------------------------------------------------------------------------
@@ -177,7 +170,7 @@ def test_k0_is_the_synchronous_trainer(tiny_llama, tmp_path):
 
     runs = {}
     for name, extra in (("sync", {}), ("async", {"async_rollouts": True, "max_staleness": 0})):
-        config = tiny_config(tiny_llama, tmp_path / name, **extra)  # the defaults: no correction at K = 0
+        config = tiny_grpo_config(tiny_llama, tmp_path / name, **extra)  # the defaults: no correction at K = 0
         trainer = GRPOTrainer(config, use_tqdm=False)
         final = trainer.train()
         runs[name] = (rows_of(tmp_path / name), load_file(str(final / "model.safetensors")))
@@ -194,8 +187,8 @@ def test_k0_is_the_synchronous_trainer(tiny_llama, tmp_path):
 def test_k1_trains_no_token_older_than_one_step(tiny_llama, tmp_path):
     from elastic_decode.train.trainer import GRPOTrainer
 
-    config = tiny_config(tiny_llama, tmp_path / "run", async_rollouts=True, max_staleness=1, steps=4,
-                         solution_budget=40)
+    config = tiny_grpo_config(tiny_llama, tmp_path / "run", async_rollouts=True, max_staleness=1, steps=4,
+                              solution_budget=40)
     trainer = GRPOTrainer(config, use_tqdm=False)
     seen = []
     optimize = trainer.optimize
@@ -222,8 +215,8 @@ def test_k1_trains_no_token_older_than_one_step(tiny_llama, tmp_path):
 def test_budgets_drawn_per_group_reach_the_engine(tiny_llama, tmp_path):
     from elastic_decode.train.trainer import GRPOTrainer
 
-    config = tiny_config(tiny_llama, tmp_path / "run", think_budget_schedule="choice:1,3,6", prompts_per_step=6,
-                         group_size=2)
+    config = tiny_grpo_config(tiny_llama, tmp_path / "run", think_budget_schedule="choice:1,3,6",
+                              prompts_per_step=6, group_size=2)
     trainer = GRPOTrainer(config, use_tqdm=False)
     rollout = trainer.rollout(1)
     budgets = rollout.think_budgets.tolist()
@@ -239,7 +232,8 @@ def test_report_to_tensorboard_writes_events(tiny_llama, tmp_path):
     pytest.importorskip("tensorboard")
     from elastic_decode.train.trainer import GRPOTrainer
 
-    trainer = GRPOTrainer(tiny_config(tiny_llama, tmp_path / "run", steps=2, report_to="tensorboard"), use_tqdm=False)
+    config = tiny_grpo_config(tiny_llama, tmp_path / "run", steps=2, report_to="tensorboard")
+    trainer = GRPOTrainer(config, use_tqdm=False)
     trainer.train()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
