@@ -70,11 +70,14 @@ def test_any_split_of_a_rollout_gives_the_unsplit_accounting(tiny_models, case):
         params = greedy(think_budget=12, solution_budget=5, end_think=marker_from(llm, prompt, 3, width))
     whole = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
     assert whole.forced_end == (case in ("forced", "solution-cut"))
+    thought_end = whole.think_tokens + len(llm.engine.tokenizer.marker(params.end_think))
     for k in range(len(whole.token_ids)):
         rest = resubmit(llm, prompt, whole, k, params)
         assert whole.token_ids[:k] + rest.token_ids == whole.token_ids, k
         assert accounting(rest) == accounting(whole), k
         assert rest.forced_mask == whole.forced_mask[k:], k
+        if whole.think_tokens <= k <= thought_end:  # split at or inside the marker: no thinking text, the solution
+            assert rest.thinking_text == "" and rest.solution_text == whole.solution_text, k
 
 
 def test_each_assistant_turn_has_its_own_budget(tiny_models):

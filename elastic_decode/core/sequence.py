@@ -128,4 +128,7 @@ class Sequence:
         prompt closed the thought; the marker's count is what it will hold once the thought is closed."""
         if self.params.think_budget is None or self.start_phase == SOLVING:
             return 0, 0
-        return self.think_count - self.prompt_think, len(self.marker) - self.prompt_marker
+        # Negative where the prompt ended with the start of a marker the model then finished: those tokens
+        # were counted as the prompt's thinking until the marker completed.
+        thought = self.think_count - self.prompt_think
+        return max(thought, 0), len(self.marker) - self.prompt_marker + min(thought, 0)

@@ -43,6 +43,15 @@ class Group:
         self.data.broadcast(x, 0).wait()
         return x
 
+    def all_ok(self, ok: bool) -> bool:
+        """Whether every rank says ok (control group): a step each rank took on its own (joining a trainer's
+        group, receiving its broadcast), agreed on before any rank acts on it."""
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        options = dist.AllreduceOptions()
+        options.reduceOp = dist.ReduceOp.MIN
+        self.control.allreduce([flag], options).wait()
+        return bool(flag.item())
+
     # objects (control group, from rank 0)
 
     def send(self, obj) -> None:

@@ -36,10 +36,11 @@ def init_custom_process_group(backend: str, init_method: str, world_size: int, r
                                                     rendezvous)
 
     store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=join_timeout))
-    store.set_timeout(timeout)
-    store = PrefixStore(group_name, store)
-    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
+    store.set_timeout(join_timeout)  # the group's creation waits on the store too: within the join's time
+    prefixed = PrefixStore(group_name, store)
+    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), prefixed, group_name=group_name,
                                       timeout=timeout)
+    store.set_timeout(timeout)
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
 

@@ -454,40 +454,79 @@ class LLMEngine:
         if self.workers is not None:
             self.workers.send(("weight_group_join", master_address, master_port, rank_offset, world_size, group_name,
                                backend))
-        self._weight_groups[group_name] = WeightGroup.join(master_address, master_port, rank_offset, world_size,
-                                                           group_name, backend, self.device)
+        group, error = None, None
+        try:
+            group = WeightGroup.join(master_address, master_port, rank_offset, world_size, group_name, backend,
+                                     self.device)
+        except Exception as e:  # noqa: BLE001 - the workers hear of it below, then it is raised
+            error = e
+        if not self._all_ok(error is None):  # a rank failed: every rank drops what it joined
+            self._drop_group(group_name, group)
+            raise error or ElasticDecodeError("a tensor-parallel worker could not join the weight update group "
+                                              "(its stderr says why); nothing was joined")
+        self._weight_groups[group_name] = group
 
     def load_weights_from_group(self, group_name: str, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                 version: str | None = None) -> int:
         """Receive the tensors a trainer broadcasts over `group_name` (in the order named) and load them, all or
         nothing: every rank receives them whole, then rank 0 checks them and each rank keeps its slice.
         Whatever the trainer broadcasts is received (so the group stays in step for the next update), then
-        refused if the model has no such weight or shape."""
+        refused if the model has no such weight or shape. A broadcast that breaks partway (the trainer gone,
+        a timeout) leaves the group out of step: it is dropped on every rank."""
         group = self._weight_group(group_name)
         check_update(names, dtypes, shapes)  # before any rank receives: a bad dtype or shape cannot be
         if self.workers is not None:
             self.workers.send(("weight_group_recv", group_name, names, dtypes, shapes))
-        tensors = group.receive(names, dtypes, shapes)
+        tensors, error = None, None
+        try:
+            tensors = group.receive(names, dtypes, shapes)
+        except Exception as e:  # noqa: BLE001 - the workers hear of it below, then it is raised
+            error = e
+        if not self._all_ok(error is None):
+            self._send_apply([])
+            del self._weight_groups[group_name]
+            self._drop_group(group_name, group)
+            raise error or ElasticDecodeError("a tensor-parallel worker's receive failed (its stderr says why); the "
+                                              f"group {group_name!r} is out of step and was dropped: join again")
         try:
             pairs = self.model.check_weights(tensors)
         except BaseException:
-            if self.workers is not None:
-                self.workers.send(("weight_group_apply", []))
+            self._send_apply([])
             raise
-        if self.workers is not None:  # the names kept (a name the model skips is not applied)
-            self.workers.send(("weight_group_apply", [name for name, _, _ in pairs]))
-        with torch.no_grad():
-            for name, tensor, target in pairs:
-                target.copy_(self.model.shard.take(name, tensor) if self.model.shard else tensor)
+        applied = self._send_apply([name for name, _, _ in pairs], local=pairs)  # a name the model skips is not
+        if not applied:
+            raise ElasticDecodeError("a tensor-parallel worker failed to apply the update (its stderr says why): the "
+                                     "ranks now hold different weights; load the weights again")
         self._updated(version)
         return len(pairs)
 
-    def destroy_weight_group(self, group_name: str) -> None:
-        group = self._weight_group(group_name)
+    def _send_apply(self, names: list[str], local=()) -> bool:
+        """The workers apply `names` of what they received (none: drop it), rank 0 its `local` pairs; whether
+        every rank succeeded."""
+        if self.workers is not None:
+            self.workers.send(("weight_group_apply", names))
+        with torch.no_grad():
+            for name, tensor, target in local:
+                target.copy_(self.model.shard.take(name, tensor) if self.model.shard else tensor)
+        return self._all_ok(True)
+
+    def _all_ok(self, ok: bool) -> bool:
+        return self.workers.group.all_ok(ok) if self.workers is not None else ok
+
+    def _drop_group(self, group_name: str, group: WeightGroup | None) -> None:
+        """Every rank leaves `group_name` (those that joined it)."""
         if self.workers is not None:
             self.workers.send(("weight_group_destroy", group_name))
-        group.destroy()
+        if group is not None:
+            try:
+                group.destroy()
+            except Exception:  # noqa: BLE001, S110 - a broken group may fail to close; it is forgotten anyway
+                pass
+
+    def destroy_weight_group(self, group_name: str) -> None:
+        group = self._weight_group(group_name)
         del self._weight_groups[group_name]
+        self._drop_group(group_name, group)
 
     def _weight_group(self, name: str) -> WeightGroup:
         if name not in self._weight_groups:

@@ -64,19 +64,27 @@ class ShardWorker:
 
 
     def weight_group(self, command: str, *args) -> None:
-        """A trainer's weight group (distributed/weight_group.py), as rank 0 says: rank 0 checked the request
-        and answers its client; a failure here (the trainer gone mid-broadcast) is reported and the worker
-        goes on, as rank 0 does."""
-        try:
-            if command == "weight_group_join":  # (address, port, rank offset, world size, name, backend)
-                address, port, offset, world, name, backend = args
-                self.weight_groups[name] = WeightGroup.join(address, port, offset + self.group.rank, world, name,
-                                                            backend, self.device)
-            elif command == "weight_group_recv":  # every tensor received whole; kept until rank 0 decides
-                name, names, dtypes, shapes = args
+        """A trainer's weight group (distributed/weight_group.py), as rank 0 says. After a join, a receive and
+        an apply every rank says whether it succeeded (`Group.all_ok`), so rank 0 answers its client for all:
+        a failure here is printed and rank 0 undoes or reports it."""
+        if command == "weight_group_join":  # (address, port, rank offset, world size, name, backend)
+            address, port, offset, world, name, backend = args
+            old = self.weight_groups.pop(name, None)
+            if old is not None:
+                self._try(command, old.destroy)
+            self.group.all_ok(self._try(command, lambda: self.weight_groups.__setitem__(name, WeightGroup.join(
+                address, port, offset + self.group.rank, world, name, backend, self.device))))
+        elif command == "weight_group_recv":  # every tensor received whole; kept until rank 0 decides
+            name, names, dtypes, shapes = args
+
+            def receive():
                 self.received = self.weight_groups[name].receive(names, dtypes, shapes)
-            elif command == "weight_group_apply":  # the names rank 0 kept (none: the update was refused)
-                kept, received, self.received = set(args[0]), self.received, []
+            self.received = []
+            self.group.all_ok(self._try(command, receive))
+        elif command == "weight_group_apply":  # the names rank 0 kept (none: the update was refused)
+            kept, received, self.received = set(args[0]), self.received, []
+
+            def apply():
                 params = dict(self.model.named_parameters())
                 with torch.no_grad():
                     for name, full in received:
@@ -84,13 +92,20 @@ class ShardWorker:
                             self.model.hf_parameter(name, params).copy_(self.model.shard.take(name, full))
                 if kept:
                     self.runner.prepare_weights()
-            elif command == "weight_group_destroy":
-                group = self.weight_groups.pop(args[0], None)
-                if group is not None:
-                    group.destroy()
-        except Exception as e:  # noqa: BLE001 - reported; rank 0 answers the client
-            self.received = []
-            print(f"elastic_decode worker rank {self.group.rank}: {command} failed: {e}", file=sys.stderr, flush=True)
+            self.group.all_ok(self._try(command, apply))
+        elif command == "weight_group_destroy":
+            group = self.weight_groups.pop(args[0], None)
+            if group is not None:
+                self._try(command, group.destroy)
+
+    def _try(self, command: str, step) -> bool:
+        try:
+            step()
+            return True
+        except Exception as e:  # noqa: BLE001 - printed here; rank 0 hears of it through all_ok
+            print(f"elastic_decode worker rank {self.group.rank}: {command} failed: {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)
+            return False
 
 
 def worker_main(payload: str) -> int:
