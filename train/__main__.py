@@ -1,6 +1,8 @@
 """GRPO training with budget-constrained rollouts (Elastic Reasoning), SFT and distillation.
 
     python -m elastic_decode.train --task arithmetic:1 --steps 30 --think-budget 32 --solution-budget 32
+    python -m elastic_decode.train --task arithmetic:1 --steps 30 --async-rollouts --max-staleness 1 \
+        --think-budget-schedule choice:16,32,64 --report-to tensorboard
     python -m elastic_decode.train --mode sft --sft-data traces.jsonl --epochs 2 --output-dir runs/sft
     python -m elastic_decode.train --mode distill --teacher runs/big/checkpoint-40 --task arithmetic:2 \
         --distill-prompts 256 --group-size 4 --think-budget 256 --output-dir runs/distill
