@@ -138,12 +138,10 @@ class SglGenerateRequest(_Body):
     def prompts(self, state: ServerState) -> list[list[int]]:
         if (self.text is None) == (self.input_ids is None) or self.input_embeds is not None:
             raise InvalidRequestError('give "input_ids" or "text" (one of them)', param="input_ids")
-        for name in ("lora_path", "image_data", "audio_data", "video_data", "custom_logit_processor", "token_ids_logprob"):
-            if getattr(self, name):
-                raise InvalidRequestError(f"{name} is not supported by this server", param=name)
-        for name in ("return_routed_experts", "return_hidden_states", "background", "return_bytes", "return_entropy"):
-            if getattr(self, name):
-                raise InvalidRequestError(f"{name} is not supported by this server (leave it false)", param=name)
+        refuse_unsupported(self, dict.fromkeys(("return_routed_experts", "return_hidden_states", "background",
+                                                "return_bytes", "return_entropy"), False),
+                           ("lora_path", "image_data", "audio_data", "video_data", "custom_logit_processor",
+                            "token_ids_logprob"))
         if state.unknown_model(self.model):
             raise InvalidRequestError(f"the model {self.model!r} does not exist", param="model")
         if self.input_ids is not None:
@@ -239,7 +237,7 @@ def router(state: ServerState) -> APIRouter:
 
     @api.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
-        running = loop.stats()["requests_running"] + loop.stats()["requests_paused"]
+        running = in_flight(loop.stats())
         if running:
             return PlainTextResponse(f"Cache not flushed: {running} request(s) in flight.", status_code=400)
         await asyncio.wrap_future(loop.call_async(lambda engine: engine.reset_prefix_cache()))
@@ -318,19 +316,23 @@ def router(state: ServerState) -> APIRouter:
         s = loop.stats()
         return {"timestamp": time.time(), "version": VERSION, "accelerator": loop.engine.device.type,
                 "num_accelerators": loop.engine.config.tensor_parallel_size,
-                "loads": [{"dp_rank": 0, "num_running_reqs": s["requests_running"] + s["requests_paused"],
-                           "num_waiting_reqs": s["requests_waiting"],
-                           "num_total_reqs": s["requests_running"] + s["requests_paused"] + s["requests_waiting"],
+                "loads": [{"dp_rank": 0, "num_running_reqs": in_flight(s), "num_waiting_reqs": s["requests_waiting"],
+                           "num_total_reqs": in_flight(s) + s["requests_waiting"],
                            "num_used_tokens": s["kv_blocks_used"] * loop.engine.config.block_size}]}
 
     @api.get("/get_load")
     async def get_load():
         s = loop.stats()
-        return [{"dp_rank": 0, "num_reqs": s["requests_running"] + s["requests_paused"],
+        return [{"dp_rank": 0, "num_reqs": in_flight(s),
                  "num_waiting_reqs": s["requests_waiting"],
                  "num_tokens": s["kv_blocks_used"] * loop.engine.config.block_size}]
 
     return api
+
+
+def in_flight(stats: dict) -> int:
+    """Requests the engine has started and not ended (running, or held by a pause in place)."""
+    return stats["requests_running"] + stats["requests_paused"]
 
 
 async def parse(body: Request | bytes, model, empty_ok: bool = False):
