@@ -12,6 +12,8 @@ the interpreter's loads) and checks every drawn token against the reference, on:
     python benchmarks/sampler_reads.py --rows 20 --no-model
 
 A row read more than twice went through the exact fallback (a radix search over the whole row).
+With --confidence the sampler also computes the token confidence (the kernel variant DeepConf and DEER run),
+checked against the reference's: the reads show what that costs in memory traffic.
 """
 from __future__ import annotations
 
@@ -62,21 +64,22 @@ def model_logits(rows: int) -> torch.Tensor:
     return torch.stack(out[:rows])
 
 
-def measure(name: str, logits: torch.Tensor, settings) -> str:
+def measure(name: str, logits: torch.Tensor, settings, confidence: bool = False) -> str:
     n, vocab = logits.shape
-    reads, equal = [], 0
+    reads, equal, worst = [], 0, 0.0
     for i in range(n):
         row = logits[i : i + 1].contiguous()
         params, state = sampling_batch(1, *settings, seeds=[i], generated=1)
         with count_loads(row) as loaded:
-            token, _ = sample_with_budget(row, params, state)
+            token, _ = sample_with_budget(row, params, state, confidence=confidence)
         ref_params, ref_state = sampling_batch(1, *settings, seeds=[i], generated=1)
-        expected, _ = reference.sample_with_budget(row.float(), ref_params, ref_state)
+        expected, _ = reference.sample_with_budget(row.float(), ref_params, ref_state, confidence=confidence)
         equal += int(token.item() == expected.item())
+        worst = max(worst, abs(state.confidence.item() - ref_state.confidence.item()))
         reads.append(loaded[0] / (vocab * row.element_size()))
     reads_t = torch.tensor(reads)
     return (f"| {name} | {settings} | {n} | {reads_t.median():.3f} | {reads_t.mean():.3f} | {reads_t.max():.2f} "
-            f"| {int((reads_t > 2).sum())} | {equal}/{n} |")
+            f"| {int((reads_t > 2).sum())} | {equal}/{n} |" + (f" {worst:.1e} |" if confidence else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,17 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=40, help="rows of model logits per setting (default 40)")
     parser.add_argument("--bench-rows", type=int, default=4, help="randn * 3 rows at vocab 151936 (default 4)")
     parser.add_argument("--no-model", action="store_true", help="skip the embedded model's logits")
+    parser.add_argument("--confidence", action="store_true", help="the variant that also computes token confidence")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    print("| rows | (T, top-k, top-p, min-p) | n | reads/row median | mean | max | rows > 2 reads | tokens = reference |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    extra = " max confidence error |" if args.confidence else ""
+    print("| rows | (T, top-k, top-p, min-p) | n | reads/row median | mean | max | rows > 2 reads | tokens = reference |"
+          + extra)
+    print("|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.confidence else ""))
     torch.manual_seed(0)
     bench = torch.randn(args.bench_rows, 151936) * 3
-    print(measure("randn * 3, vocab 151936", bench, SETTINGS[0]), flush=True)
+    print(measure("randn * 3, vocab 151936", bench, SETTINGS[0], args.confidence), flush=True)
     if not args.no_model:
         logits = model_logits(args.rows)
         for settings in SETTINGS:
-            print(measure("SmolLM2-135M logits, vocab 49152", logits, settings), flush=True)
+            print(measure("SmolLM2-135M logits, vocab 49152", logits, settings, args.confidence), flush=True)
     print(f"\n{time.perf_counter() - start:.0f} s (interpreter)")
     return 0
 

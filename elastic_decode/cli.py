@@ -67,3 +67,48 @@ def engine_kwargs(args, **extra) -> dict:
     if getattr(args, "backend", None) is not None:
         kwargs["backend"] = args.backend
     return {**kwargs, **extra}
+
+
+def add_early_stop_arguments(group) -> None:
+    """The early-exit flags eval and generate share (SamplingParams' knobs)."""
+    group.add_argument("--confidence-window", type=int, default=2048,
+                       help="tokens per group confidence (DeepConf's sliding window; default 2048)")
+    group.add_argument("--deepconf-warmup", type=int, default=16,
+                       help="DeepConf: traces of the n that run whole and set the threshold (default 16)")
+    group.add_argument("--deepconf-keep", type=float, default=0.1,
+                       help="DeepConf: the threshold keeps this share of warm-up-like traces, and the filtered vote "
+                            "this share of traces (0.1: DeepConf-low, 0.9: DeepConf-high; default 0.1)")
+    group.add_argument("--deepconf-action", choices=("stop", "answer"), default="stop",
+                       help="DeepConf: a trace below the threshold stops (default), or has its thinking ended by the "
+                            "forced marker so it still answers")
+    group.add_argument("--deer-threshold", type=float, default=0.95,
+                       help="DEER: a probe answer this confident (mean token probability) ends thinking (default 0.95)")
+    group.add_argument("--deer-transitions", type=_strings, default=None,
+                       help="DEER: comma-separated strings that mark a thinking transition, where a probe answers "
+                            "(default: the model family's: 'Wait' and 'Alternatively' for Qwen-based reasoning "
+                            "models, else 'Wait' and paragraph breaks)")
+
+
+def early_stop_params(name: str, args) -> dict:
+    """SamplingParams' early-exit arguments for one of EARLY_STOPS."""
+    if name == "none":
+        return {"confidence_window": args.confidence_window}
+    return dict(early_stop=name, confidence_window=args.confidence_window, deepconf_warmup=args.deepconf_warmup,
+                deepconf_keep=args.deepconf_keep, deepconf_action=args.deepconf_action,
+                deer_threshold=args.deer_threshold, deer_transitions=args.deer_transitions)
+
+
+def warn_idle_deepconf(early_stops, n: int, warmup: int) -> None:
+    """DeepConf with n at most its warm-up never stops a trace (every trace is a warm-up trace): say so."""
+    if "deepconf" in early_stops and n <= warmup:
+        import sys
+
+        print(f"warning: -n {n} is not more than --deepconf-warmup {warmup}: every trace is a warm-up trace and "
+              "DeepConf stops none (its vote is still weighted by confidence)", file=sys.stderr)
+
+
+def _strings(text: str) -> tuple[str, ...]:
+    parts = tuple(part for part in text.split(",") if part)
+    if not parts:
+        raise argparse.ArgumentTypeError("give at least one string")
+    return parts

@@ -16,7 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from .cli import OneLineErrorParser, add_engine_arguments, engine_kwargs, parse_budget
+from .cli import (OneLineErrorParser, add_early_stop_arguments, add_engine_arguments, early_stop_params, engine_kwargs,
+                  parse_budget, warn_idle_deepconf)
 from .config import BUDGET_MODES
 from .errors import ElasticDecodeError
 from .sampling_params import SamplingParams
@@ -68,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None, help="RNG seed (same seed, same tokens)")
     s.add_argument("--vote", action="store_true",
                    help="majority vote (self-consistency) over the n completions' \\boxed{} answers; "
-                        "needs -n 2 or more")
+                        "needs -n 2 or more (under --early-stop deepconf: DeepConf's confidence-weighted vote)")
+    x = p.add_argument_group("early exit on confidence (docs/confidence.md)")
+    x.add_argument("--early-stop", choices=("none", "deepconf", "deer"), default="none",
+                   help="deepconf: traces whose group confidence falls below the warm-up's threshold stop; deer: "
+                        "thinking ends where a probe answer is confident (needs --think-budget); default none")
+    add_early_stop_arguments(x)
     e = p.add_argument_group("engine")
     add_engine_arguments(e, backend=True)
     e.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
@@ -100,21 +106,36 @@ def read_prompts(args) -> list[dict]:
     return rows
 
 
-def _record(row: dict, index: int, out, vote: bool) -> dict:
+def vote_of(out, early_stop: str, keep: float):
+    """The vote --vote prints: DeepConf's under deepconf (weighted by lowest group confidence, the top `keep`
+    share of the traces it did not stop), else the majority."""
+    if early_stop != "deepconf":
+        return out.vote()
+    from .utils.answers import confidence_vote, extract_boxed
+
+    answers = [extract_boxed(c.solution_text) for c in out.outputs]
+    scores = [c.lowest_group_confidence if c.early_exit not in ("low_confidence", "consensus") else None
+              for c in out.outputs]
+    return confidence_vote(answers, scores, keep)
+
+
+def _record(row: dict, index: int, out, vote) -> dict:
     """An --output row: the input row (prompt or messages, and any extra fields), its index, the results."""
     result = out.to_dict()
     record = {**row, "index": index, "prompt_token_ids": result["prompt_token_ids"], "completions": result["outputs"]}
     if vote:
-        record["vote"] = dataclasses.asdict(out.vote())
+        record["vote"] = dataclasses.asdict(vote(out))
     return record
 
 
-def _vote_line(vote) -> str:
+def _vote_line(vote, weighted: bool = False) -> str:
+    kind = "confidence-weighted vote" if weighted else "majority vote"
     if vote.answer is None:
-        return f"[majority vote: no answer in any of the {vote.total} completions]"
+        return f"[{kind}: no answer in any of the {vote.total} completions]"
     tie = ", a tie broken by the earliest answer" if vote.tie else ""
-    return (f"[majority vote: {vote.answer} with {vote.votes} of {vote.total} completions "
-            f"({vote.answered} answered{tie})]")
+    weight = f", {vote.weight_share:.0%} of the weight" if weighted else ""
+    return (f"[{kind}: {vote.answer} with {vote.votes} of {vote.total} completions "
+            f"({vote.answered} answered{tie}{weight})]")
 
 
 def _show(index: int, total: int, row: dict, out, decode, think_budget: int | None) -> None:
@@ -135,6 +156,10 @@ def _show(index: int, total: int, row: dict, out, decode, think_budget: int | No
                 print(f"[end of thinking forced: budget spent] {marker!r}")
             else:
                 print(f"[end of thinking forced: the model tried to stop] {marker!r}")
+        if c.early_exit is not None:
+            print(f"[early exit: {c.early_exit} at token {c.exit_index}" + (f", {c.probes} probes" if c.probes else "")
+                  + (f", lowest group confidence {c.lowest_group_confidence:.3f}]"
+                     if c.lowest_group_confidence is not None else "]"))
         print(f"[solution: {c.solution_tokens} tokens, finish: {c.finish_reason}]")
         print(c.solution_text.strip())
     print()
@@ -143,7 +168,8 @@ def _show(index: int, total: int, row: dict, out, decode, think_budget: int | No
 def sampling_params(args) -> SamplingParams:
     return SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                           seed=args.seed, max_tokens=args.max_tokens, think_budget=args.think_budget,
-                          solution_budget=args.solution_budget, end_think=args.end_think, min_think=args.min_think)
+                          solution_budget=args.solution_budget, end_think=args.end_think, min_think=args.min_think,
+                          **early_stop_params(args.early_stop, args))
 
 
 def encode(llm, rows: list[dict], chat_template: bool) -> list[list[int]]:
@@ -157,7 +183,7 @@ class RowSink:
     """--output: each prompt's row written (and flushed) as soon as its completions finish, so an interrupt
     or a late error keeps every finished row; a finished run is rewritten in prompt order."""
 
-    def __init__(self, path, rows: list[dict], vote: bool):
+    def __init__(self, path, rows: list[dict], vote):
         self.path, self.rows, self.vote = path, rows, vote
         self.written: list[dict] = []
         self.file = open(path, "w")
@@ -189,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.vote and args.n < 2:
             raise ElasticDecodeError("--vote needs -n 2 or more (a vote over one completion is that completion)")
         rows = read_prompts(args)
+        warn_idle_deepconf([args.early_stop], args.n, args.deepconf_warmup)
         if args.output is not None:
             check_output_file(args.output, "--output")
         from .llm import LLM
@@ -202,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    sink = RowSink(args.output, rows, args.vote) if args.output is not None else None
+    vote = (lambda out: vote_of(out, args.early_stop, args.deepconf_keep)) if args.vote else None
+    sink = RowSink(args.output, rows, vote) if args.output is not None else None
     try:
         outputs = llm.generate(encoded, params, use_tqdm=len(rows) > 1, on_finished=sink)
     except (ElasticDecodeError, KeyboardInterrupt) as e:
@@ -217,9 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         for i, (row, out) in enumerate(zip(rows, outputs)):
             _show(i, len(rows), row, out, llm.engine.tokenizer.decode, args.think_budget)
             if args.vote:
-                print(_vote_line(out.vote()))
+                print(_vote_line(vote(out), weighted=args.early_stop == "deepconf"))
                 print()
-    print(llm.last_stats.summary())
+    spent = sum(out.tokens_spent for out in outputs)
+    print(llm.last_stats.summary() + (f"; {spent} tokens spent in all (cut ones and probes included)"
+                                      if args.early_stop != "none" else ""))
     return 0
 
 

@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass
 
 from .utils.answers import Vote, vote_on_texts
 
+VOTE_SCORES = {"lowest_group": "lowest_group_confidence", "tail": "tail_confidence"}  # DeepConf's trace scores
+
 
 @dataclass
 class CompletionOutput:
@@ -24,6 +26,21 @@ class CompletionOutput:
     # The weights each token came from: (first token index, weight version) per stretch (one stretch unless
     # the weights were updated while the request ran).
     weight_versions: list[tuple[int, str]] | None = None
+    # Confidence (DeepConf, docs/confidence.md): each token's (minus the mean raw logprob of its 20 most likely
+    # tokens), the lowest mean over a window of SamplingParams.confidence_window tokens (the whole trace's mean
+    # when shorter) and the mean of the last window. None where nothing was generated.
+    confidences: list[float] | None = None
+    lowest_group_confidence: float | None = None
+    tail_confidence: float | None = None
+    # An early exit (SamplingParams.early_stop): "low_confidence" (DeepConf stopped the trace there, unanswered),
+    # "low_confidence_answer" (its thinking was ended there by the forced marker), "consensus" (the request's
+    # vote was settled; stopped unfinished) or "deer" (a probe answer was confident: thinking ended there); and
+    # the output index where it happened. None: it ran its course.
+    early_exit: str | None = None
+    exit_index: int | None = None
+    probes: int = 0  # DEER probes forked from this trace
+    # DEER: each finished probe's (output index it forked at, its answer's confidence; None: the box never closed).
+    probe_confidences: list[tuple[int, float | None]] | None = None
 
 
 @dataclass
@@ -37,14 +54,23 @@ class RequestOutput:
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
     cached_tokens: int = 0  # prompt tokens the prefix cache held (computed once for the n samples)
+    # Every token generated for the request: its completions', the ones an early exit cut back, DEER's probes'.
+    tokens_spent: int = 0
+    deepconf_threshold: float | None = None  # DeepConf online: the threshold (given, or set by the warm-up)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def vote(self) -> Vote:
+    def vote(self, by: str = "majority", keep: float = 1.0) -> Vote:
         """Majority vote (self-consistency) over the `\\boxed{}` answers of the n completions'
-        solutions; equivalent answers ("0.5", "\\frac{1}{2}") count as one."""
-        return vote_on_texts([c.solution_text for c in self.outputs])
+        solutions; equivalent answers ("0.5", "\\frac{1}{2}") count as one. `by` "lowest_group" or "tail":
+        DeepConf's vote, weighted by that confidence over the top `keep` share of the completions by it."""
+        texts = [c.solution_text for c in self.outputs]
+        if by == "majority":
+            return vote_on_texts(texts)
+        if by not in VOTE_SCORES:
+            raise ValueError(f"vote by one of majority, {', '.join(VOTE_SCORES)}; got {by!r}")
+        return vote_on_texts(texts, [getattr(c, VOTE_SCORES[by]) for c in self.outputs], keep)
 
 
 @dataclass(frozen=True)

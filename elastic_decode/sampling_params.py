@@ -11,6 +11,10 @@ INT32_MAX = 2**31 - 1
 SEED_MAX = 2**63 - 1
 MAX_N = 4096  # completions of one prompt; more is almost surely a typo (each is a sequence)
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's bound for top_logprobs)
+EARLY_STOPS = ("deepconf", "deer")
+MAX_TRANSITIONS = 16  # DEER transition strings per request
+MAX_TRANSITION_CHARS = 32
+DEEPCONF_ACTIONS = ("stop", "answer")
 
 
 def _check_int(name: str, value, minimum: int, allow_none: bool, maximum: int = INT32_MAX) -> None:
@@ -96,6 +100,37 @@ class SamplingParams:
     # (core/resume.py); 0 asks for a fresh budget.
     think_spent: int | None = None
     solution_spent: int | None = None
+    # -- early exit on confidence (docs/confidence.md) -------------------------------------------------------
+    # Return each token's confidence (DeepConf: minus the mean raw logprob of its 20 most likely tokens) and the
+    # completion's lowest group and tail confidence. Computed in the sampling step (a kernel variant that costs
+    # registers, so only for batches that ask); early_stop implies it.
+    confidence: bool = False
+    # None, "deepconf" (DeepConf online: traces whose group confidence falls below a threshold stop) or "deer"
+    # (DEER: at thinking transitions a forked probe answers; thinking ends where that answer is confident).
+    # Every completion reports its token confidences and its lowest group and tail confidence either way.
+    early_stop: str | None = None
+    # Tokens in a group confidence: the sliding window of DeepConf (2048 there; shorter traces want less).
+    confidence_window: int = 2048
+    # DeepConf: the first `deepconf_warmup` of the n traces run whole; the threshold is the (1 - deepconf_keep)
+    # quantile of their lowest group confidences (keep 0.1: DeepConf-low, 0.9: DeepConf-high). With n at most
+    # deepconf_warmup every trace is a warm-up trace and nothing stops. deepconf_threshold gives the threshold
+    # outright (no warm-up: every trace may stop).
+    deepconf_warmup: int = 16
+    deepconf_keep: float = 0.1
+    deepconf_threshold: float | None = None
+    # What a trace below the threshold does: "stop" (DeepConf: it ends there, unanswered, finish_reason "stop")
+    # or "answer" (its thinking is ended by the forced marker, so it still answers within solution_budget).
+    deepconf_action: str = "stop"
+    # Stop the request's unfinished traces once the confidence-weighted vote of its finished ones gives one
+    # answer this share of the weight (DeepConf's consensus, 0.95 there). None: every trace runs.
+    deepconf_consensus: float | None = None
+    # DEER: a probe's answer (greedy, at most deer_probe_tokens) whose mean token probability is at least
+    # deer_threshold ends thinking at that transition; at most deer_max_probes probes per trace. Transitions are
+    # token strings (a token whose text holds one is a transition); None: the model family's defaults.
+    deer_threshold: float = 0.95
+    deer_transitions: tuple[str, ...] | None = None
+    deer_max_probes: int = 10
+    deer_probe_tokens: int = 20
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1, allow_none=False, maximum=MAX_N)
@@ -135,6 +170,7 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"min_think ({self.min_think}) must not exceed think_budget ({self.think_budget})", param="min_think")
         object.__setattr__(self, "stop_token_ids", _check_ids("stop_token_ids", self.stop_token_ids))
+        self._check_early_stop()
         if self.end_think is not None:
             if isinstance(self.end_think, str):
                 if not self.end_think:
@@ -144,3 +180,45 @@ class SamplingParams:
                 if not ids:
                     raise InvalidRequestError("end_think must not be empty", param="end_think")
                 object.__setattr__(self, "end_think", ids)
+
+    def _check_early_stop(self) -> None:
+        if not isinstance(self.confidence, bool):
+            raise InvalidRequestError(f"confidence must be True or False, got {self.confidence!r}", param="confidence")
+        if self.early_stop is not None and self.early_stop not in EARLY_STOPS:
+            raise InvalidRequestError(f"early_stop must be one of {', '.join(EARLY_STOPS)} or None, got "
+                                      f"{self.early_stop!r}", param="early_stop")
+        _check_int("confidence_window", self.confidence_window, 1, allow_none=False)
+        _check_int("deepconf_warmup", self.deepconf_warmup, 1, allow_none=False, maximum=MAX_N)
+        _check_float("deepconf_keep", self.deepconf_keep, 0.0, 1.0, lo_open=True, hi_open=False)
+        if self.deepconf_threshold is not None:
+            _check_float("deepconf_threshold", self.deepconf_threshold, float("-inf"), float("inf"), lo_open=True,
+                         hi_open=True)
+        if self.deepconf_action not in DEEPCONF_ACTIONS:
+            raise InvalidRequestError(f"deepconf_action must be one of {', '.join(DEEPCONF_ACTIONS)}, got "
+                                      f"{self.deepconf_action!r}", param="deepconf_action")
+        if self.deepconf_consensus is not None:
+            _check_float("deepconf_consensus", self.deepconf_consensus, 0.0, 1.0, lo_open=True, hi_open=False)
+        _check_float("deer_threshold", self.deer_threshold, 0.0, 1.0, lo_open=False, hi_open=False)
+        _check_int("deer_max_probes", self.deer_max_probes, 0, allow_none=False, maximum=1000)
+        _check_int("deer_probe_tokens", self.deer_probe_tokens, 1, allow_none=False, maximum=256)
+        if self.deer_transitions is not None:
+            bad = (isinstance(self.deer_transitions, str) or not hasattr(self.deer_transitions, "__iter__")
+                   or not 1 <= len(tuple(self.deer_transitions)) <= MAX_TRANSITIONS
+                   or not all(isinstance(t, str) and 0 < len(t) <= MAX_TRANSITION_CHARS for t in self.deer_transitions))
+            if bad:
+                raise InvalidRequestError(f"deer_transitions must be a list of 1 to {MAX_TRANSITIONS} strings of 1 to "
+                                          f"{MAX_TRANSITION_CHARS} characters, got {self.deer_transitions!r}",
+                                          param="deer_transitions")
+            object.__setattr__(self, "deer_transitions", tuple(self.deer_transitions))
+        if self.early_stop is None:
+            return
+        if self.early_stop == "deer" and self.think_budget is None:
+            raise InvalidRequestError("early_stop 'deer' ends thinking: it needs a think_budget", param="early_stop")
+        if self.early_stop == "deepconf" and self.deepconf_action == "answer" and self.think_budget is None:
+            raise InvalidRequestError("deepconf_action 'answer' ends thinking with the marker: it needs a think_budget",
+                                      param="deepconf_action")
+
+    @property
+    def wants_confidence(self) -> bool:
+        """Token confidences are computed for this request (asked for, or needed by an early stop)."""
+        return self.confidence or self.early_stop is not None

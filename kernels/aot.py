@@ -222,7 +222,8 @@ def launch_plan(shape: ModelShape, dtype: torch.dtype, device: torch.device | st
     Each thunk calls a public launcher of kernels/ with tensors of the model's shapes, dtype and
     strides (small batches: the batch size is a grid dimension, not a compile-time value). Every
     compile-time variant the engine can reach is listed: split-KV off and on, the residual and
-    plain RMSNorm, the sampler with one chunk per row and with several. `num_seqs` and
+    plain RMSNorm, the sampler with one chunk per row and with several, each with and without the token
+    confidence. `num_seqs` and
     `context_len` change only runtime values (tests use them to show that no launch recompiles).
     """
     gen = torch.Generator().manual_seed(0)
@@ -247,8 +248,9 @@ def launch_plan(shape: ModelShape, dtype: torch.dtype, device: torch.device | st
     logits = rand(n, shape.vocab)
     params, state = budget_state.sampling_batch(n, temperature=0.7, top_k=50, top_p=0.95, device=device)
 
-    def sample(chunks):
-        return lambda: sample_with_budget.sample_with_budget(logits, params, state, num_chunks=chunks)
+    def sample(chunks, confidence=False):
+        return lambda: sample_with_budget.sample_with_budget(logits, params, state, num_chunks=chunks,
+                                                             confidence=confidence)
 
     def rope(norms):
         qkv = rand(n, (hq + 2 * hkv) * d)  # the packed QKV output: q, k, v are views of it
@@ -272,6 +274,8 @@ def launch_plan(shape: ModelShape, dtype: torch.dtype, device: torch.device | st
         ("silu_mul", lambda: silu_mul.silu_mul(rand(n, shape.intermediate), rand(n, shape.intermediate))),
         ("sample_with_budget", sample(1)),
         ("sample_with_budget chunked", sample(4)),
+        ("sample_with_budget + confidence", sample(1, confidence=True)),
+        ("sample_with_budget chunked + confidence", sample(4, confidence=True)),
     ]
 
 

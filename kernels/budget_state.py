@@ -35,6 +35,7 @@ MARKER_PAD = -2  # marker columns before E
 RECENT_PAD = -1  # recent-window columns before the first thinking token
 STOP_PAD = -1  # stop-id columns past a row's stop ids
 NO_LIMIT = 2**31 - 1  # int32 stand-in for "no budget"
+CONF_K = 20  # the token confidence's k: DeepConf's top-20 logprobs
 MAX_MARKER_TOKENS = 64  # longest end-of-thinking marker, in tokens (the Triton sampler holds it in registers)
 
 
@@ -88,6 +89,10 @@ class BudgetState(_Rows):
     forced_end: torch.Tensor  # int32 [num_seqs]; 1 once the marker was forced
     forced: torch.Tensor  # int32 [num_seqs]; 1 if this step's token was forced
     finish: torch.Tensor  # int32 [num_seqs]; FINISH_* code once DONE
+    # float32 [num_seqs]; written each step like `forced`: the step's token confidence (DeepConf): minus the
+    # mean log-probability of the CONF_K (20) most likely tokens under the raw distribution (log_softmax of the
+    # logits as given: before min_think suppression, temperature and filters); 0 for DONE rows.
+    confidence: torch.Tensor
 
 
 
@@ -129,5 +134,6 @@ def sampling_batch(
         forced_end=torch.zeros(n, dtype=i32),
         forced=torch.zeros(n, dtype=i32),
         finish=torch.zeros(n, dtype=i32),
+        confidence=torch.zeros(n),
     )
     return params.to(device), state.to(device)

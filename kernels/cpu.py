@@ -345,8 +345,9 @@ def filtered_probs(logits: torch.Tensor, params: reference.SamplerParams) -> tor
 
 
 def sample_with_budget(logits: torch.Tensor, params: reference.SamplerParams, state: reference.BudgetState, *,
-                       num_chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return reference.sample_with_budget(logits, params, state, filter_probs=filtered_probs, uniform=philox_uniform)
+                       num_chunks: int | None = None, confidence: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.sample_with_budget(logits, params, state, filter_probs=filtered_probs, uniform=philox_uniform,
+                                        confidence=confidence)
 
 
 def philox_uniform(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from .budget_state import (
+    CONF_K,
     DONE,
     FINISH_LENGTH,
     FINISH_NONFINITE,
@@ -295,6 +296,14 @@ def sample_from_probs(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tenso
     return torch.minimum(idx, last_positive)
 
 
+def token_confidence(logits: torch.Tensor) -> torch.Tensor:
+    """DeepConf's token confidence of each row: minus the mean log-probability of its CONF_K most likely
+    tokens under log_softmax(logits) (the raw distribution), float32 [num_seqs]."""
+    raw = logits.float()
+    top = raw.topk(min(CONF_K, raw.shape[1]), dim=-1).values
+    return torch.logsumexp(raw, dim=-1) - top.mean(dim=-1)
+
+
 def sample_with_budget(
     logits: torch.Tensor,  # [num_seqs, vocab], any float dtype
     params: SamplerParams,
@@ -304,6 +313,7 @@ def sample_with_budget(
     # the same results computed faster (kernels/cpu.py): the kept probabilities, the Philox uniforms
     filter_probs: Callable[[torch.Tensor, SamplerParams], torch.Tensor] = filtered_probs,
     uniform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = philox_uniform,
+    confidence: bool = False,  # also write state.confidence (token_confidence of each row)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step of sampling + the budget machine for every row.
 
@@ -405,6 +415,8 @@ def sample_with_budget(
     logprobs = logp.gather(1, tokens.clamp(min=0)[:, None]).squeeze(1)
     logprobs = torch.where(active & ~nonfinite, logprobs, torch.zeros_like(logprobs))
     bad = active & nonfinite
+    if confidence:
+        state.confidence.copy_(torch.where(active & ~nonfinite, token_confidence(logits), torch.zeros_like(logprobs)))
     state.phase.copy_(torch.where(bad, torch.full_like(state.phase, DONE), state.phase))
     state.finish.copy_(torch.where(bad, torch.full_like(state.finish, FINISH_NONFINITE), state.finish))
     return torch.where(bad, torch.full_like(tokens, PAD_TOKEN), tokens), logprobs

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from .budget_state import (
+    CONF_K,
     DONE,
     FINISH_LENGTH,
     FINISH_NONFINITE,
@@ -90,6 +91,7 @@ RADIX = 16  # candidate thresholds tested per search pass
 SEARCH_PASSES = 8  # RADIX ** 8 = 2 ** 32: enough to pin any 32-bit key exactly
 STOP_BLOCK = 16  # stop ids compared per step
 MAX_TILES = 256  # tile sums merged per step of the unfiltered draw
+CONF_CAPACITY = 256  # raw values per chunk that may be among the row's CONF_K largest (fp32: 1 KB)
 SCAN_WARPS = 8
 FINISH_WARPS = 8  # with 4, ptxas spills the search tiles
 # Left to itself ptxas holds the finish kernel to 64 registers and spills; 128 still lets two
@@ -307,6 +309,72 @@ def _append(buf_idx, buf_val, cnt_ptr, count, idx, s, g, g_first, m, s_out, z_ou
     return count, overflow, s_out, z_out
 
 
+@triton.jit
+def _conf_compact(buf, cnt_ptr, count, tau, m, CONF_K: tl.constexpr, RADIX: tl.constexpr,
+                  SEARCH_PASSES: tl.constexpr, BLOCK: tl.constexpr):
+    """A full confidence buffer (raw values > tau) cut to the values above its own CONF_K-th largest, which
+    becomes the new tau (fewer than CONF_K values stay). Returns (count, tau)."""
+    tl.store(cnt_ptr, count)
+    tl.debug_barrier()  # this program's buffer stores and count are visible to all its threads
+    kk, _ = _buffer_search(buf, cnt_ptr, 1, 0, _order_key(tau).to(tl.int64), _order_key(m).to(tl.int64), m, _MIN_KEY,
+                           CONF_K, 0.0, 0.0, _TOPK, RADIX, SEARCH_PASSES, BLOCK)
+    tau = tl.maximum(tau, _key_value(kk.to(tl.int32)))
+    kept = 0
+    for t0 in range(0, count, BLOCK):
+        o = t0 + tl.arange(0, BLOCK)
+        v = tl.load(buf + o, mask=o < count, other=float("-inf"))
+        stay = (o < count) & (v > tau)
+        pos = kept + tl.cumsum(stay.to(tl.int32), axis=0) - 1
+        tl.debug_barrier()  # every thread has read this block before any writes into it
+        tl.store(buf + pos, v, mask=stay)
+        kept += tl.sum(stay.to(tl.int32), axis=0)
+    tl.debug_barrier()
+    return kept, tau
+
+
+@triton.jit
+def _conf_sum(val_ptr, cnt_ptr, num_chunks, chunk_stride, key, BLOCK: tl.constexpr):
+    """(count, sum) of the buffered raw values whose order key is above `key`, over every chunk."""
+    cnt = 0
+    total = 0.0
+    for c in range(0, num_chunks):
+        count = tl.load(cnt_ptr + c * 4)
+        for t0 in range(0, count, BLOCK):
+            o = t0 + tl.arange(0, BLOCK)
+            v = tl.load(val_ptr + c * chunk_stride + o, mask=o < count, other=float("-inf"))
+            above = (o < count) & (_order_key(v) > key)
+            cnt += tl.sum(above.to(tl.int32), axis=0)
+            total += tl.sum(tl.where(above, v, 0.0), axis=0)
+    return cnt, total
+
+
+@triton.jit
+def _conf_from_row(logits_ptr, row_off, vocab, m, k, RADIX: tl.constexpr, SEARCH_PASSES: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """The fallback of a chunk whose confidence buffer overflowed (a row ordered against the scan): the k-th
+    largest raw value's key by radix search over the whole row, and (count, sum) of the values above it."""
+    offs = tl.arange(0, BLOCK)
+    lo = tl.full([], _MIN_KEY, tl.int64)
+    hi = _order_key(m).to(tl.int64)
+    for _ in range(SEARCH_PASSES):
+        cand, cand32, step = _candidates(lo, hi, RADIX)
+        count = tl.zeros([RADIX], tl.int32)
+        for start in range(0, vocab, BLOCK):
+            x = tl.load(logits_ptr + row_off + start + offs, mask=start + offs < vocab, other=float("-inf"))
+            above = _order_key(x.to(tl.float32))[:, None] >= cand32[None, :]  # [BLOCK, RADIX]
+            count += tl.sum(above.to(tl.int32), axis=0)
+        lo, hi, _ = _narrow(lo, hi, cand, step, count >= k, RADIX)
+    key = lo.to(tl.int32)
+    cnt = 0
+    total = 0.0
+    for start in range(0, vocab, BLOCK):
+        x = tl.load(logits_ptr + row_off + start + offs, mask=start + offs < vocab, other=float("-inf")).to(tl.float32)
+        above = (start + offs < vocab) & (_order_key(x) > key)
+        cnt += tl.sum(above.to(tl.int32), axis=0)
+        total += tl.sum(tl.where(above, x, 0.0), axis=0)
+    return key, cnt, total
+
+
 # -- kernel 1: the streaming pass --------------------------------------------------------------
 
 
@@ -330,12 +398,17 @@ def _scan_kernel(
     tile_ptr,  # fp32 [num_seqs, num_tiles, 2] out: each tile's (max s, sum exp(s - max))
     num_tiles,
     stat_ptr,  # fp32 [num_seqs, num_chunks, 4] out: (max s, sum exp(s - max), max s left out of the buffer, -)
-    count_ptr,  # int32 [num_seqs, num_chunks, 4] out: (first argmax, buffered, overflowed, -)
+    count_ptr,  # int32 [num_seqs, num_chunks, 4] out: (first argmax, buffered, overflowed, confidence buffered)
     buf_idx_ptr,  # int32 [num_seqs, num_chunks, CAPACITY] out: token ids of the candidates
     buf_val_ptr,  # fp32 [num_seqs, num_chunks, CAPACITY] out: their s = logit / temperature
+    conf_stat_ptr,  # fp32 [num_seqs, num_chunks, 4] out: raw (max, sum exp(x - max), tau, -) for the confidence
+    conf_buf_ptr,  # fp32 [num_seqs, num_chunks, CONF_CAPACITY] out: raw values > tau (count at count_ptr's 4th)
     BLOCK_V: tl.constexpr,
     COLUMNS: tl.constexpr,
     CAPACITY: tl.constexpr,
+    CONF_K: tl.constexpr,
+    CONF_CAPACITY: tl.constexpr,
+    CONFIDENCE: tl.constexpr,  # compute the token confidence (a variant of its own: it costs registers)
     MAX_MARKER: tl.constexpr,
     RADIX: tl.constexpr,
     SEARCH_PASSES: tl.constexpr,
@@ -387,6 +460,15 @@ def _scan_kernel(
     overflow = 0
     floor = float("-inf")  # gather bound left by compactions
     colmax = tl.full([COLUMNS], float("-inf"), tl.float32)
+    # The token confidence's raw statistics: max, softmax sum, a lower bound tau of the row's CONF_K-th largest
+    # value (the smallest maximum of COLUMNS // 4 groups of columns: that many distinct tokens lie at or above
+    # it), and the buffered values above tau (-1: the buffer overflowed; the finish kernel re-reads the row).
+    mr = float("-inf")
+    zr = 0.0
+    ctau = float("-inf")
+    ccount = 0
+    ccol = tl.full([COLUMNS], float("-inf"), tl.float32)
+    cbuf = conf_buf_ptr + slot * CONF_CAPACITY
     row_ptr = logits_ptr + row_off
     # Tiles never straddle a chunk (chunks are whole tiles), so `idx < vocab` is the
     # only mask: constant over aligned runs when vocab is a multiple of 16, so loads vectorise.
@@ -413,6 +495,29 @@ def _scan_kernel(
         tile = row64 * num_tiles + start // BLOCK_V
         tl.store(tile_ptr + tile * 2, m_safe)  # the tile's sum is relative to the running max
         tl.store(tile_ptr + tile * 2 + 1, t_sum)
+        if CONFIDENCE:  # the confidence's statistics of the raw tile (before suppression and temperature)
+            xr = raw.to(tl.float32)
+            mr_new = tl.maximum(mr, tl.max(tl.max(xr, axis=1), axis=0))
+            mr_safe = tl.where(mr_new > float("-inf"), mr_new, 0.0)
+            zr = zr * tl.exp(mr - mr_safe) + tl.sum(tl.sum(tl.exp(xr - mr_safe), axis=1), axis=0)
+            mr = mr_new
+            ccol = tl.maximum(ccol, tl.max(xr, axis=0))
+            ctau = tl.maximum(ctau, tl.min(tl.max(tl.reshape(ccol, [COLUMNS // 4, 4]), axis=1), axis=0))
+            c_new = tl.sum(tl.sum((xr > ctau).to(tl.int32), axis=1), axis=0)
+            if (ccount >= 0) & (c_new > 0):
+                if ccount + c_new > CONF_CAPACITY:
+                    ccount, ctau = _conf_compact(cbuf, count_ptr + slot * 4 + 3, ccount, ctau, mr_safe, CONF_K, RADIX,
+                                                 SEARCH_PASSES, SEARCH_BLOCK)
+                    c_new = tl.sum(tl.sum((xr > ctau).to(tl.int32), axis=1), axis=0)
+                if ccount + c_new > CONF_CAPACITY:
+                    ccount = -1
+                else:
+                    ckeep = xr > ctau
+                    in_row = tl.cumsum(ckeep.to(tl.int32), axis=1)  # [R, COLUMNS]
+                    row_n = tl.sum(ckeep.to(tl.int32), axis=1)  # [R]
+                    pos = ccount + (tl.cumsum(row_n, axis=0) - row_n)[:, None] + in_row - 1
+                    tl.store(cbuf + pos, xr, mask=ckeep)
+                    ccount += c_new
         if gathering != 0:
             g = floor
             if topk_on:
@@ -462,6 +567,11 @@ def _scan_kernel(
     tl.store(count_ptr + slot * 4, arg)
     tl.store(count_ptr + slot * 4 + 1, count)
     tl.store(count_ptr + slot * 4 + 2, overflow)
+    if CONFIDENCE:
+        tl.store(count_ptr + slot * 4 + 3, ccount)
+        tl.store(conf_stat_ptr + slot * 4, mr)
+        tl.store(conf_stat_ptr + slot * 4 + 1, zr)
+        tl.store(conf_stat_ptr + slot * 4 + 2, ctau)
 
 
 # -- kernel 2: thresholds, draw and the budget machine -------------------------------------------
@@ -617,6 +727,7 @@ def _finish_kernel(
     vocab,
     tokens_ptr,  # int64 [num_seqs] out
     logprobs_ptr,  # fp32 [num_seqs] out
+    confidence_ptr,  # fp32 [num_seqs] out: the token confidence of the step (BudgetState.confidence)
     temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr,  # [num_seqs]
     think_budget_ptr, solution_budget_ptr, max_new_ptr, min_think_ptr, min_tokens_ptr,  # int32 [num_seqs]
     marker_ptr,  # int32 [num_seqs, marker_width], right-aligned
@@ -633,9 +744,14 @@ def _finish_kernel(
     count_ptr,  # int32 [num_seqs, num_chunks, 4] from the scan
     buf_idx_ptr,  # int32 [num_seqs, num_chunks, CAPACITY] from the scan
     buf_val_ptr,  # fp32 [num_seqs, num_chunks, CAPACITY] from the scan
+    conf_stat_ptr,  # fp32 [num_seqs, num_chunks, 4] from the scan
+    conf_buf_ptr,  # fp32 [num_seqs, num_chunks, CONF_CAPACITY] from the scan
     num_chunks,
     BLOCK_V: tl.constexpr,
     CAPACITY: tl.constexpr,
+    CONF_K: tl.constexpr,
+    CONF_CAPACITY: tl.constexpr,
+    CONFIDENCE: tl.constexpr,
     MAX_MARKER: tl.constexpr,
     STOP_BLOCK: tl.constexpr,
     MAX_TILES: tl.constexpr,
@@ -648,6 +764,8 @@ def _finish_kernel(
         tl.store(tokens_ptr + row, _PAD_TOKEN)
         tl.store(logprobs_ptr + row, 0.0)
         tl.store(forced_ptr + row, 0)
+        if CONFIDENCE:
+            tl.store(confidence_ptr + row, 0.0)
         return
     phase_in = tl.load(phase_ptr + row)
     phase, think, k_len, j, marker, recent, shifted, pad, sup_tok, sup_stop = _row_setup(
@@ -667,9 +785,21 @@ def _finish_kernel(
     s_out = float("-inf")
     total = 0
     overflow = 0
+    mr = float("-inf")  # the confidence's: raw max, softmax sum, CONF_K-th value bound, a buffer overflowed
+    zr = 0.0
+    ctau = float("-inf")
+    c_over = 0
     first_slot = row64 * num_chunks
     for c in range(0, num_chunks):
         slot = first_slot + c
+        if CONFIDENCE:
+            mr_c = tl.load(conf_stat_ptr + slot * 4)
+            mr_new = tl.maximum(mr, mr_c)
+            mr_safe = tl.where(mr_new > float("-inf"), mr_new, 0.0)
+            zr = zr * tl.exp(mr - mr_safe) + tl.load(conf_stat_ptr + slot * 4 + 1) * tl.exp(mr_c - mr_safe)
+            mr = mr_new
+            ctau = tl.maximum(ctau, tl.load(conf_stat_ptr + slot * 4 + 2))
+            c_over |= (tl.load(count_ptr + slot * 4 + 3) < 0).to(tl.int32)
         m_c = tl.load(stat_ptr + slot * 4)
         if m_c > m:
             best_idx = tl.load(count_ptr + slot * 4)
@@ -739,6 +869,26 @@ def _finish_kernel(
                 sampled = _draw_from_row(logits_ptr, row_off, vocab, sup_tok, sup_stop, stop_row, num_stop, temperature,
                                          m, z, top_k, top_p, min_e, u, RADIX, SEARCH_PASSES, SEARCH_BLOCK)
 
+    # Token confidence: lse(x) - mean of the CONF_K largest raw values x. Every value above the largest
+    # chunk's tau is buffered, and at least CONF_K values lie at or above it, so the CONF_K largest are the
+    # buffered ones above the CONF_K-th largest key kc, then copies of kc's value.
+    if CONFIDENCE:
+        k_conf = tl.minimum(vocab, CONF_K)
+        if c_over != 0:
+            kc, c_above, s_above = _conf_from_row(logits_ptr, row_off, vocab, mr, k_conf, RADIX, SEARCH_PASSES,
+                                                  SEARCH_BLOCK)
+        else:
+            cbuf_base = conf_buf_ptr + first_slot * CONF_CAPACITY
+            ccnt_base = count_ptr + first_slot * 4 + 3
+            kk, _ = _buffer_search(cbuf_base, ccnt_base, num_chunks, CONF_CAPACITY, _order_key(ctau).to(tl.int64),
+                                   _order_key(mr).to(tl.int64), tl.where(mr > float("-inf"), mr, 0.0), _MIN_KEY, k_conf,
+                                   0.0, 0.0, _TOPK, RADIX, SEARCH_PASSES, SEARCH_BLOCK)
+            kc = kk.to(tl.int32)
+            c_above, s_above = _conf_sum(cbuf_base, ccnt_base, num_chunks, CONF_CAPACITY, kc, SEARCH_BLOCK)
+        fill = tl.where(c_above < k_conf, (k_conf - c_above).to(tl.float32) * _key_value(kc), 0.0)
+        confidence = mr + tl.log(zr) - (s_above + fill) / k_conf.to(tl.float32)
+        tl.store(confidence_ptr + row, tl.where(nonfinite, 0.0, confidence))
+
     # -- the budget machine (docs/architecture.md), scalar per row ------------------------------
     is_stop = 0
     for s0 in range(0, num_stop):
@@ -792,6 +942,7 @@ def sample_with_budget(
     state: BudgetState,  # updated in place
     *,
     num_chunks: int | None = None,  # programs per row; None: chosen from the batch size and the GPU
+    confidence: bool = False,  # also write state.confidence (a kernel variant of its own: it costs registers)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     num_seqs, vocab = logits.shape
     if logits.stride(1) != 1:
@@ -819,6 +970,9 @@ def sample_with_budget(
     counts = torch.empty(num_seqs, num_chunks, 4, dtype=torch.int32, device=device)
     buf_idx = torch.empty(num_seqs, num_chunks, CAPACITY, dtype=torch.int32, device=device)
     buf_val = torch.empty(num_seqs, num_chunks, CAPACITY, dtype=torch.float32, device=device)
+    conf_stats = torch.empty(num_seqs if confidence else 1, num_chunks, 4, dtype=torch.float32, device=device)
+    conf_buf = torch.empty(num_seqs if confidence else 1, num_chunks, CONF_CAPACITY if confidence else 1,
+                           dtype=torch.float32, device=device)
     num_stop = params.stop_ids.shape[1]
     common = dict(
         logits_ptr=logits, logits_stride=logits.stride(0), vocab=vocab,
@@ -827,7 +981,8 @@ def sample_with_budget(
         marker_ptr=params.marker, marker_len_ptr=params.marker_len, marker_width=marker_width,
         stop_ids_ptr=params.stop_ids, num_stop=num_stop, phase_ptr=state.phase, think_ptr=state.think_count,
         generated_ptr=state.generated,
-        recent_ptr=state.recent, tile_ptr=tile_stats, num_tiles=num_tiles,
+        recent_ptr=state.recent, tile_ptr=tile_stats, num_tiles=num_tiles, conf_stat_ptr=conf_stats,
+        conf_buf_ptr=conf_buf, CONF_K=CONF_K, CONF_CAPACITY=CONF_CAPACITY, CONFIDENCE=confidence,
         BLOCK_V=BLOCK_V, CAPACITY=CAPACITY, MAX_MARKER=MAX_MARKER_TOKENS, RADIX=RADIX,  # the marker window in registers
         SEARCH_PASSES=SEARCH_PASSES, SEARCH_BLOCK=SEARCH_BLOCK,
     )
@@ -836,7 +991,7 @@ def sample_with_budget(
         COLUMNS=COLUMNS, TAIL_SHARE=TAIL_SHARE, num_warps=SCAN_WARPS, **common,
     )
     _finish_kernel[(num_seqs,)](
-        tokens_ptr=tokens, logprobs_ptr=logprobs, seed_ptr=params.seed,
+        tokens_ptr=tokens, logprobs_ptr=logprobs, confidence_ptr=state.confidence, seed_ptr=params.seed,
         solution_budget_ptr=params.solution_budget, max_new_ptr=params.max_new_tokens,
         solution_ptr=state.solution_count, force_pos_ptr=state.force_pos,
         forced_end_ptr=state.forced_end, forced_ptr=state.forced, finish_ptr=state.finish,

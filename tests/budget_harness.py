@@ -50,6 +50,7 @@ def make_batch(rows, device="cpu"):
         recent=torch.full((n, width), -1, dtype=i32),
         forced_end=torch.zeros(n, dtype=i32),
         forced=torch.zeros(n, dtype=i32),
+        confidence=torch.zeros(n),
         finish=torch.zeros(n, dtype=i32),
     )
     return params.to(device), state.to(device)

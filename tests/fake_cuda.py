@@ -242,9 +242,9 @@ def scripted_results(monkeypatch, script: ScriptedStep) -> None:
         current["batch"], current["device"] = batch, self.device
         return run(self, batch)
 
-    def read_back(tokens, logprobs, forced, state, top=None, recent_width=None) -> StepResult:
+    def read_back(tokens, logprobs, forced, confidence, state, top=None, recent_width=None) -> StepResult:
         batch, device = current["batch"], current["device"]
-        for t in (tokens, logprobs, forced, *vars(state).values()):
+        for t in (tokens, logprobs, forced, *([] if confidence is None else [confidence]), *vars(state).values()):
             if t.device != device:
                 raise WrongDevice(f"a step's result on {t.device}, the runner's device is {device}")
         steps = tokens.shape[0]

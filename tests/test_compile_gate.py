@@ -51,7 +51,7 @@ def test_every_kernel_compiles_for_every_target_dtype_and_shape(variants):
             compiled = {r["kernel"] for r in rows if r["dtype"] == dtype}
             assert compiled == KERNELS, (arch, dtype, KERNELS - compiled)
         for launch in ("rope_write_kv", "rope_write_kv + q/k norm", "paged_decode_attention", "paged_decode_attention split-KV", "rms_norm", "rms_norm + residual",
-                       "sample_with_budget"):
+                       "sample_with_budget", "sample_with_budget + confidence"):
             assert any(r["launch"] == launch for r in rows), (arch, launch)
 
 
@@ -141,6 +141,9 @@ with aot.stand_in_driver(90):
     llm.generate(prompts, params, use_tqdm=False)
     llm.generate(prompts[:1], params[:1], use_tqdm=False)
     llm.generate([prompts[3] * 12], SamplingParams(temperature=1.0, max_tokens=5), use_tqdm=False)
+    llm.generate(prompts[:2], SamplingParams(temperature=0.6, top_p=0.95, seed=4, n=2, think_budget=12, max_tokens=20,
+                                             early_stop="deepconf", deepconf_threshold=1e9, confidence_window=3),
+                 use_tqdm=False)  # the sampler's confidence variant
     after = {n: len(fn.device_caches[0][0]) for n, fn in kernels.items()}
 print(json.dumps({"warm": warm, "after": after}))
 """
@@ -149,7 +152,7 @@ print(json.dumps({"warm": warm, "after": after}))
 @pytest.mark.slow
 def test_the_engine_compiles_nothing_after_its_start_up_warm_up(tiny_models):
     """The engine's own launches (prefills and multi-step decode chunks of varied batches, markers,
-    stop lists, min_think, a long prompt) hit only the variants its start-up plan compiled."""
+    stop lists, min_think, a long prompt, token confidence) hit only the variants its start-up plan compiled."""
     proc = python(["-c", SHADOW_ENGINE, str(tiny_models["qwen3"])])
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -41,8 +41,20 @@ class BlockManager:
         """A prompt whose logprobs are asked for is computed whole (a cached block has no hidden states)."""
         return seq.params.prompt_logprobs is None or seq.prompt_logprobs is not None
 
+    def _forked(self, seq: Sequence) -> list[int]:
+        """The blocks a DEER probe shares with the trace it forks: the trace's full blocks up to the fork point
+        (their K/V stays: a trace never writes below its length), none when the trace no longer holds them."""
+        parent = seq.probe_of
+        if parent is None or not parent.block_table or parent.num_generated < seq.probe_at:
+            return []
+        shared = min((len(seq) - 1) // self.block_size, (parent.num_prompt_tokens + seq.probe_at) // self.block_size,
+                     len(parent.block_table))
+        return parent.block_table[:shared]
+
     def blocks_to_admit(self, seq: Sequence) -> int:
         """Free blocks that admitting `seq` would take (shared blocks in use cost nothing)."""
+        if seq.probe_of is not None:
+            return self._blocks_for(len(seq)) - len(self._forked(seq))
         in_use = 0
         for h in self._prefix_hashes(seq) if self._reuses_prefix(seq) else ():
             block = self.allocator.peek(h)
@@ -55,8 +67,14 @@ class BlockManager:
         return self.blocks_to_admit(seq) <= self.allocator.num_free
 
     def allocate(self, seq: Sequence) -> None:
-        """Give `seq` blocks for all its tokens, reusing cached prefix blocks."""
+        """Give `seq` blocks for all its tokens, reusing cached prefix blocks (a DEER probe: its trace's)."""
         assert not seq.block_table, "allocate() on a sequence that holds blocks"
+        if seq.probe_of is not None:  # shares the trace's full blocks; registers nothing (the probe is thrown away)
+            shared = self._forked(seq)
+            self.allocator.fork(shared)
+            seq.num_cached_tokens = len(shared) * self.block_size
+            seq.block_table = shared + self.allocator.allocate(self._blocks_for(len(seq)) - len(shared))
+            return
         table: list[int] = []
         hashes = self._prefix_hashes(seq)
         for h in hashes if self._reuses_prefix(seq) else ():
@@ -72,6 +90,7 @@ class BlockManager:
             parent = hashes[j] if j < len(hashes) else BlockAllocator.hash_tokens(parent, seq.token_ids[j * bs : (j + 1) * bs])
             self.allocator.register_hash(table[j], parent)
         seq.block_table = table
+        seq.hashed_tokens = len(seq) // bs * bs
 
     def _blocks_to_append(self, seq: Sequence, steps: int) -> int:
         # `steps` decode steps write positions len(seq) - 1 .. len(seq) + steps - 2.

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from elastic_decode.kernels import DONE, FINISH_STOP
+from elastic_decode.kernels import DONE, FINISH_NONE, FINISH_STOP, RECENT_PAD, THINKING
 
+from . import confidence
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
 from .step import ScheduledBatch, StepResult
@@ -127,6 +128,8 @@ class Scheduler:
         that finished with it."""
         finished = []
         for i, seq in enumerate(batch.seqs):
+            before = (seq.num_generated, seq.phase, seq.think_count, seq.solution_count, list(seq.recent),
+                      seq.force_pos, seq.forced_end)
             if result.tokens[i] and seq.weight_version != weight_version:
                 seq.weight_versions.append((seq.num_generated, weight_version))
             if result.prompt_logprobs is not None and i in result.prompt_logprobs:
@@ -143,6 +146,10 @@ class Scheduler:
             seq.recent = result.recent[i][len(result.recent[i]) - len(seq.marker) :]
             seq.forced_end = result.forced_end[i]
             seq.finish = result.finish[i]
+            if result.confidence is not None and seq.params.wants_confidence:
+                seq.confidences += result.confidence[i]
+                if seq.conf_threshold is not None:
+                    self._check_confidence(seq, before)
             if seq.phase == DONE:
                 seq.status = SequenceStatus.FINISHED
                 self._free(seq)
@@ -151,3 +158,83 @@ class Scheduler:
             done = {id(s) for s in finished}
             self.running = [s for s in self.running if id(s) not in done]
         return finished
+
+    # -- early exit (core/confidence.py) ------------------------------------------------------------------------
+
+    def _check_confidence(self, seq: Sequence, before: tuple) -> None:
+        """DeepConf's online stop over the tokens the chunk just added: at the first whose full window's mean is
+        below the threshold, the trace is cut back to it and stopped, or (deepconf_action "answer") its thinking
+        is ended by the forced marker there. Only tokens sampled while thinking are checked (every token of a
+        request without a thinking phase): in a chunk that left the thought, the ones before the marker."""
+        start, phase0, think0 = before[0], before[1], before[2]
+        eligible = seq.num_generated - start
+        if seq.params.think_budget is not None:
+            if phase0 != THINKING:
+                return
+            if seq.phase != THINKING:  # the chunk left the thought: its forced marker, or the model's own
+                forced = seq.forced_mask[start:]
+                eligible = forced.index(1) if 1 in forced else seq.think_count - think0
+        window = seq.params.confidence_window
+        at, running = confidence.first_low_window(seq.confidences[: start + eligible], start, window,
+                                                  seq.conf_threshold, seq.conf_running)
+        seq.conf_running = running
+        if at is None:
+            return
+        seq.conf_threshold = None  # decided: one exit per trace
+        answer = seq.params.deepconf_action == "answer"
+        seq.discarded += self.rewind(seq, at + 1, before, goes_on=answer)
+        seq.exit_index = at + 1
+        if answer:
+            seq.early_exit = confidence.LOW_CONFIDENCE_ANSWER
+            self.end_thinking(seq)
+        else:
+            seq.early_exit = confidence.LOW_CONFIDENCE
+            seq.phase, seq.finish = DONE, FINISH_STOP
+
+    def end_thinking(self, seq: Sequence) -> None:
+        """End a thinking trace's thought now: the marker is forced from its next token (its thinking limit drops to
+        what it has; its device row is written again)."""
+        seq.think_limit = seq.think_count
+        seq.epoch += 1
+
+    def rewind(self, seq: Sequence, keep: int, before: tuple | None = None, goes_on: bool = True) -> int:
+        """Cut a trace's output back to its first `keep` tokens, as if the later ones had never been sampled; its
+        device row is written again at the next chunk. The kept tokens must all have been sampled while thinking
+        (solving, for a request without a thinking phase). `before` (output length, phase, think count, solution
+        count, thinking window, force position, forced end) is the state before the chunk that ran past `keep`:
+        the state at `keep` is that plus the kept tokens of the chunk. Without it (the cut tokens were all
+        sampled in the phase the trace is still in) the counters step back one per cut token. `goes_on`: the trace
+        decodes on (else it is about to finish). Returns the number of tokens cut."""
+        cut = seq.num_generated - keep
+        if cut <= 0:
+            return 0
+        del seq.token_ids[seq.num_prompt_tokens + keep :]
+        del seq.logprobs[keep:], seq.forced_mask[keep:], seq.confidences[keep:]
+        if seq.top_logprobs:
+            del seq.top_logprobs[keep:]
+        seq.weight_versions = [(i, v) for i, v in seq.weight_versions if i < keep]
+        width = len(seq.marker)
+        if before is not None:
+            start, phase, think, solution, recent, force_pos, forced_end = before
+            seq.phase, seq.force_pos, seq.forced_end, seq.finish = phase, force_pos, forced_end, FINISH_NONE
+            if seq.params.think_budget is not None:
+                seq.think_count, seq.solution_count = think + keep - start, solution
+                tail = [RECENT_PAD] * width + list(recent) + seq.output_ids[start:]
+                seq.recent = tail[len(tail) - width :]
+            else:
+                seq.solution_count = solution + keep - start
+        elif seq.params.think_budget is not None:
+            seq.think_count -= cut
+            tail = [RECENT_PAD] * width + seq.output_ids
+            seq.recent = tail[len(tail) - width :]
+        else:
+            seq.solution_count -= cut
+        seq.epoch += 1  # the device row holds the cut tokens' state: write it again
+        if goes_on and seq.num_prompt_tokens + keep < seq.hashed_tokens and seq.status is SequenceStatus.RUNNING:
+            # A re-prefill made blocks past the cut findable by their old tokens: writing new ones into them would
+            # poison the prefix cache. The trace is computed again instead (its old blocks keep their content).
+            self.running = [s for s in self.running if s is not seq]
+            self._free(seq)
+            seq.status = SequenceStatus.WAITING
+            self.waiting.appendleft(seq)
+        return cut

@@ -65,6 +65,26 @@ class Sequence:
     # The weights each output token came from: (first output index, weight version) for every stretch.
     weight_versions: list[tuple[int, str]] = field(default_factory=list)
 
+    # Confidence and early exit (core/confidence.py): each output token's confidence; DeepConf's threshold once
+    # known (None: no online stop) and the running sum of the last window; a thinking limit below the budget
+    # (the forced marker comes when the count reaches it); why and at which output index the trace exited early.
+    confidences: list[float] = field(default_factory=list)
+    conf_threshold: float | None = None
+    conf_running: float = 0.0
+    think_limit: int | None = None
+    early_exit: str | None = None
+    exit_index: int | None = None
+    # DEER: a probe is a sequence of its own, forked from `probe_of` at output index `probe_at` (its blocks up to
+    # there shared); it is never part of the request's outputs. A trace counts its probes and its transitions.
+    probe_of: Sequence | None = None
+    probe_at: int = 0
+    probes: int = 0
+    deer_scanned: int = 0  # output tokens already looked at for transitions
+    pending_at: int | None = None  # a probe forked here is still deciding: later tokens may be cut back
+    discarded: int = 0  # tokens sampled and then cut back by an early exit (they were spent all the same)
+    hashed_tokens: int = 0  # leading tokens whose full blocks the latest prefill made findable by the prefix cache
+    probe_log: list[tuple[int, float | None]] = field(default_factory=list)  # DEER: (output index, answer confidence)
+
     def __post_init__(self) -> None:
         if self.params.think_budget is None:
             self.phase = self.start_phase = SOLVING
@@ -79,6 +99,13 @@ class Sequence:
         self.recent = list(state.recent)
         self.prompt_think, self.prompt_marker = state.prompt_think, state.prompt_marker
         self.prompt_solution = state.solution_count
+
+    @property
+    def settled(self) -> int:
+        """Output tokens no early exit can cut back any more (what a stream may send)."""
+        if self.pending_at is None or self.phase != THINKING:  # past thinking, no probe can cut it back
+            return self.num_generated
+        return min(self.pending_at, self.num_generated)
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -39,3 +39,6 @@ class StepResult:
     # A prefill's prompt logprobs, for the sequences that asked: {sequence index: (logprob per prompt token,
     # None for the first; their alternatives per token, or None)}.
     prompt_logprobs: dict[int, tuple[list, list | None]] | None = None
+    # Per sequence, per emitted token: its token confidence (kernels.BudgetState.confidence); None from a
+    # runner that does not compute it.
+    confidence: list[list[float]] | None = None

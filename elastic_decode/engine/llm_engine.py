@@ -21,6 +21,7 @@ import torch
 from elastic_decode.kernels import FINISH_NONFINITE, MAX_MARKER_TOKENS, SOLVING
 
 from ..config import EngineConfig
+from ..core import confidence
 from ..core.block_manager import BlockManager
 from ..core.scheduler import Scheduler
 from ..core.resume import StartState, start_state
@@ -38,6 +39,7 @@ from ..worker.cuda_graphs import DecodeGraphs, wants_cuda_graphs
 from ..worker.device_batch import DeviceBatch
 from ..worker.model_runner import ModelRunner, allocate_kv_caches
 from . import startup
+from .early_exit import EarlyExits
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("elastic_decode")
@@ -62,6 +64,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence] = field(default_factory=list)
+    exits: object = None  # early_exit.RequestExits
 
     @property
     def finished(self) -> bool:
@@ -132,6 +135,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._rng = random.Random(config.seed)
         self.last_batch: ScheduledBatch | None = None  # what the latest step ran (for metrics)
+        self.early_exits = EarlyExits(self)
 
     def _check_parallel_settings(self) -> None:
         config = self.config
@@ -301,6 +305,7 @@ class LLMEngine:
             )
             seq.start_from(start)
             request.seqs.append(seq)
+        for seq in self.early_exits.start(request):
             self.scheduler.add(seq)
         self.requests[request.request_id] = request
         return request.request_id
@@ -330,6 +335,7 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is not None:
             self.scheduler.abort(request.seqs)
+            self.early_exits.abort(request)
 
     def stop_sequence(self, request_id: int, index: int) -> RequestOutput | None:
         """End completion `index` of a request now, as a stop would (its caller found a stop string
@@ -338,6 +344,7 @@ class LLMEngine:
         if request is None or request.seqs[index].status is SequenceStatus.FINISHED:
             return None
         self.scheduler.stop(request.seqs[index])
+        self.early_exits.trace_ended(request, request.seqs[index])  # its probe, a warm-up it ends
         if not request.finished:
             return None
         del self.requests[request_id]
@@ -355,6 +362,7 @@ class LLMEngine:
                 f"the model produced non-finite logits (NaN or inf) for {bad} of {len(batch.seqs)} sequences; its "
                 "weights are likely non-finite (check the checkpoint, or the tensors given to load_weights)")
         finished = self.scheduler.postprocess(batch, result, self.weight_version)
+        finished = self.early_exits.after_step(batch.seqs, finished)
         outputs = []
         for request_id in dict.fromkeys(s.request_id for s in finished):
             request = self.requests[request_id]
@@ -367,6 +375,7 @@ class LLMEngine:
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
         decode = self.tokenizer.decode
+        window = seq.params.confidence_window
         thinking, _, solution = seq.output_parts()
         return CompletionOutput(
             index=seq.sample_index,
@@ -382,6 +391,13 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             top_logprobs=[list(row) for row in seq.top_logprobs] if seq.params.logprobs else None,
             weight_versions=list(seq.weight_versions),
+            confidences=list(seq.confidences) if seq.params.wants_confidence else None,
+            lowest_group_confidence=confidence.lowest_group_confidence(seq.confidences, window),
+            tail_confidence=confidence.tail_confidence(seq.confidences, window),
+            early_exit=seq.early_exit,
+            exit_index=seq.exit_index,
+            probes=seq.probes,
+            probe_confidences=list(seq.probe_log) if seq.params.early_stop == "deer" else None,
         )
 
     def _request_output(self, request: Request) -> RequestOutput:
@@ -394,6 +410,8 @@ class LLMEngine:
             prompt_logprobs=first.prompt_logprobs,
             prompt_top_logprobs=first.prompt_top_logprobs,
             cached_tokens=first.cached_tokens or 0,
+            tokens_spent=self.early_exits.tokens_spent(request),
+            deepconf_threshold=request.exits.threshold,
         )
 
     # -- weights ----------------------------------------------------------------------

@@ -30,6 +30,7 @@ import torch
 
 from elastic_decode.kernels import FORCING
 
+from ..core import confidence
 from ..core.sequence import SequenceStatus
 from ..errors import ElasticDecodeError, InvalidRequestError
 from ..sampling_params import SamplingParams
@@ -68,6 +69,9 @@ class CompletionDelta:
     prompt_solution: int
     top_logprobs: list[list[tuple[int, float]]] | None = None  # of the new tokens, with params.logprobs
     weight_versions: tuple[tuple[int, str], ...] = ()  # every token's weights so far: (first index, version)
+    confidences: list[float] = field(default_factory=list)  # of the new tokens (core/confidence.py)
+    early_exit: tuple[str | None, int | None, int] = (None, None, 0)  # (why, output index, DEER probes) so far
+    group_confidence: tuple[float | None, float | None] = (None, None)  # (lowest group, tail), on the last delta
     # On a completion's last delta: the prompt's logprobs and alternatives (with params.prompt_logprobs), the
     # prompt tokens the prefix cache held.
     prompt_logprobs: list | None = None
@@ -345,7 +349,7 @@ class EngineLoop:
             i = seq.sample_index
             if live.done[i]:
                 continue
-            out = seq.output_ids
+            out = seq.output_ids[: seq.settled]  # a DEER probe still deciding may cut the rest back
             new = slice(live.sent[i], len(out))
             ended = seq.status is SequenceStatus.FINISHED and final_reason is None
             reason = final_reason or (seq.finish_reason if ended else None)
@@ -366,6 +370,11 @@ class EngineLoop:
                 prompt_solution=seq.prompt_solution,
                 top_logprobs=seq.top_logprobs[new] if seq.params.logprobs else None,
                 weight_versions=tuple(seq.weight_versions),
+                confidences=seq.confidences[new],
+                early_exit=(seq.early_exit, seq.exit_index, seq.probes),
+                group_confidence=(confidence.lowest_group_confidence(seq.confidences, seq.params.confidence_window),
+                                  confidence.tail_confidence(seq.confidences, seq.params.confidence_window))
+                if reason is not None else (None, None),
                 prompt_logprobs=seq.prompt_logprobs if reason is not None else None,
                 prompt_top_logprobs=seq.prompt_top_logprobs if reason is not None else None,
                 cached_tokens=seq.cached_tokens or 0))

@@ -24,6 +24,7 @@ class Tokenizer:
         opened = self.hf(THINK_OPEN, add_special_tokens=False)["input_ids"]
         self.think_open: int | None = opened[0] if len(opened) == 1 else None  # the model's <think> token, if any
         self.assistant_start = self._assistant_start()
+        self.model_type = getattr(hf_config, "model_type", "")
 
     def _eos_ids(self, path: Path, hf_config) -> tuple[int, ...]:
         ids: list[int] = []
@@ -89,3 +90,9 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def deer_transitions(self) -> tuple[str, ...]:
+        """DEER's default transition strings for this model family: the reasoning models built on Qwen2/Qwen3
+        (DeepSeek-R1 distills, QwQ, Qwen3) turn with "Wait" and "Alternatively" (the DEER paper's transitions);
+        other models, which rarely say either, at paragraph breaks."""
+        return ("Wait", "Alternatively") if self.model_type in ("qwen2", "qwen3") else ("Wait", "\n\n")

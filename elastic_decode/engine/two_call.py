@@ -20,6 +20,7 @@ import dataclasses
 from collections.abc import Callable
 
 from ..outputs import CompletionOutput, RequestOutput
+from ..errors import InvalidRequestError
 from ..sampling_params import SamplingParams
 
 # Call 2's seed: a fixed function of the request's seed and the sample's index.
@@ -51,6 +52,11 @@ def run_two_call(engine, generate: Callable[..., list[RequestOutput]], encoded: 
     params, use_tqdm)` runs requests on `engine` to completion (the LLM's loop)."""
     # Call 1: thinking only (requests without a thinking budget are plain decoding, done here;
     # with t = 0 there is no thinking to generate).
+    for p in params:
+        if p.wants_confidence:
+            raise InvalidRequestError("confidence and early_stop need the in-kernel budget mode (the two-call recipe "
+                                      "is a baseline: it runs thinking and solution as separate requests)",
+                                      param="early_stop")
     first = [i for i, p in enumerate(params) if p.think_budget != 0]
 
     def fit(max_tokens: int | None, prompt_len: int) -> int | None:

@@ -18,7 +18,14 @@ BUDGET_NAMES = {
     "think_spent": ("thinking_spent", "think_spent"),  # a resubmitted rollout's thinking so far
     "solution_spent": ("solution_spent",),
 }
-NAMES = {name for names in BUDGET_NAMES.values() for name in names}
+# Early exit on confidence (SamplingParams, docs/confidence.md): same name everywhere, and the JSON types taken.
+EARLY_STOP_TYPES = {
+    "confidence": (bool,), "early_stop": (str,), "confidence_window": (int,), "deepconf_warmup": (int,), "deepconf_keep": (int, float),
+    "deepconf_threshold": (int, float), "deepconf_action": (str,), "deepconf_consensus": (int, float),
+    "deer_threshold": (int, float), "deer_transitions": (list,), "deer_max_probes": (int,),
+    "deer_probe_tokens": (int,),
+}
+NAMES = {name for names in BUDGET_NAMES.values() for name in names} | set(EARLY_STOP_TYPES)
 
 
 def budget_params(fields: dict) -> dict:
@@ -41,6 +48,14 @@ def budget_params(fields: dict) -> dict:
         elif type(value) is not int:  # bool is an int subclass: refused here
             raise InvalidRequestError(f"{name} must be an integer, got {value!r}", param=name)
         out[param] = value
+    for name, types in EARLY_STOP_TYPES.items():
+        value = fields.get(name)
+        if value is None:
+            continue
+        if type(value) not in types:  # a bool is no number here
+            raise InvalidRequestError(f"{name} must be a {' or '.join(t.__name__ for t in types)}, got {value!r}",
+                                      param=name)
+        out[name] = tuple(value) if name == "deer_transitions" else value
     return out
 
 

@@ -81,7 +81,7 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest, reque
         choices.append({
             "index": j, "message": message, "finish_reason": text.finish_reason, "budget": budget(text),
             "logprobs": {"content": token_entries(decode, text.token_ids, text.logprobs, text.forced_mask,
-                                                  text.top_logprobs)} if body.logprobs else None,
+                                                  text.top_logprobs, text.confidences)} if body.logprobs else None,
             **token_fields(body, prompt, text, decode),
         })
     return {"id": rid, "object": "chat.completion", "created": created, "model": state.config.model_name,
@@ -112,7 +112,7 @@ async def chat_stream(state: ServerState, run: Run, rid: str, created: int, body
                     delta["content"] = piece.content
             new = slice(before, len(text.token_ids))
             lp = ({"content": token_entries(decode, text.token_ids[new], text.logprobs[new], text.forced_mask[new],
-                                            text.top_logprobs[new])}
+                                            text.top_logprobs[new], text.confidences[new])}
                   if logprobs and new.start < new.stop else None)
             if delta or lp:
                 yield sse(chunk(j, delta, extra=lp))
@@ -158,7 +158,7 @@ async def text_completion(state: ServerState, body: CompletionRequest, request: 
                 "index": k * run.n + j, "text": (reasoning or "") + marker + content,
                 "finish_reason": text.finish_reason, "budget": budget(text),
                 "logprobs": completion_logprobs(decode, text.token_ids, text.logprobs, text.forced_mask,
-                                                text.top_logprobs) if want_logprobs else None,
+                                                text.top_logprobs, text.confidences) if want_logprobs else None,
                 **token_fields(body, run.prompts[k], text, decode),
             })
     return {"id": rid, "object": "text_completion", "created": created, "model": state.config.model_name,
@@ -179,7 +179,7 @@ async def completion_stream(state: ServerState, run: Run, rid: str, created: int
             new = slice(before, len(text.token_ids))
             piece_text = piece.reasoning + piece.marker + piece.content
             lp = (completion_logprobs(decode, text.token_ids[new], text.logprobs[new], text.forced_mask[new],
-                                      text.top_logprobs[new]) if logprobs and new.start < new.stop else None)
+                                      text.top_logprobs[new], text.confidences[new]) if logprobs and new.start < new.stop else None)
             if piece_text or lp:
                 yield sse(chunk(k * run.n + j, piece_text, extra=lp))
             if text.finished and (k, j) not in announced:
@@ -241,7 +241,18 @@ def budget(text: CompletionText) -> dict:
         "solution_tokens": text.solution_tokens,
         "forced_tokens": sum(text.forced_mask),
         "forced_end": bool(last.forced_end) if last is not None else False,
+        **confidence_summary(text),
     }
+
+
+def confidence_summary(text: CompletionText) -> dict:
+    """The trace's confidence and early exit (docs/confidence.md): lowest group and tail confidence (once it
+    finished), why and where it exited early, DEER probes forked from it."""
+    last = text.last
+    lowest, tail = last.group_confidence if last is not None else (None, None)
+    why, where, probes = last.early_exit if last is not None else (None, None, 0)
+    return {"lowest_group_confidence": lowest, "tail_confidence": tail, "early_exit": why, "exit_index": where,
+            "probes": probes}
 
 
 def usage_of(run: Run) -> dict:
@@ -254,20 +265,21 @@ def usage_of(run: Run) -> dict:
 
 
 def token_entries(decode, ids: list[int], logprobs: list[float], forced: list[int],
-                  top: list[list[tuple[int, float]]] | None = None) -> list[dict]:
-    """OpenAI's chat logprobs entries (`top_logprobs`: the raw distribution's alternatives)."""
+                  top: list[list[tuple[int, float]]] | None = None, confidence: list[float] | None = None) -> list[dict]:
+    """OpenAI's chat logprobs entries (`top_logprobs`: the raw distribution's alternatives; our extensions:
+    `forced`, and `confidence`, the token's DeepConf confidence)."""
     out = []
     for k, (t, lp, f) in enumerate(zip(ids, logprobs, forced)):
         s = decode([t])
         alternatives = [{"token": (a := decode([i])), "logprob": v, "bytes": list(a.encode())}
                         for i, v in top[k]] if top else []
         out.append({"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": alternatives,
-                    "forced": bool(f)})
+                    "forced": bool(f), **({"confidence": confidence[k]} if confidence else {})})
     return out
 
 
 def completion_logprobs(decode, ids: list[int], logprobs: list[float], forced: list[int],
-                        top: list[list[tuple[int, float]]] | None = None) -> dict:
+                        top: list[list[tuple[int, float]]] | None = None, confidence: list[float] | None = None) -> dict:
     tokens = [decode([t]) for t in ids]
     offsets, at = [], 0
     for s in tokens:
@@ -275,7 +287,7 @@ def completion_logprobs(decode, ids: list[int], logprobs: list[float], forced: l
         at += len(s)
     alternatives = [{decode([i]): v for i, v in row} for row in top] if top else None
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": alternatives, "text_offset": offsets,
-            "forced": [bool(f) for f in forced]}
+            "forced": [bool(f) for f in forced], "token_confidences": list(confidence or [])}
 
 
 def sse(payload: dict | str) -> str:

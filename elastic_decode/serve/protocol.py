@@ -106,6 +106,19 @@ class BudgetFields(_Body):
     thinking_spent: int | None = None
     think_spent: int | None = None
     solution_spent: int | None = None
+    # Early exit on confidence (docs/confidence.md), SamplingParams' names.
+    confidence: bool | None = None
+    early_stop: str | None = None
+    confidence_window: int | None = None
+    deepconf_warmup: int | None = None
+    deepconf_keep: float | None = None
+    deepconf_threshold: float | None = None
+    deepconf_action: str | None = None
+    deepconf_consensus: float | None = None
+    deer_threshold: float | None = None
+    deer_transitions: list[str] | None = None
+    deer_max_probes: int | None = None
+    deer_probe_tokens: int | None = None
 
     def budgets(self, custom: dict | None, where: str, known: set[str] = frozenset()) -> dict:
         """SamplingParams' budget arguments from these fields and the custom ones (which may hold only budget

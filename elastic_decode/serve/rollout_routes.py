@@ -110,6 +110,7 @@ async def generate_tokens(state: ServerState, body: GenerateRequest, request: Re
             item = {"index": j, "token_ids": text.token_ids, "logprobs": text.logprobs,
                     "forced_mask": text.forced_mask, "finish_reason": text.finish_reason, **budget(text),
                     "top_logprobs": text.top_logprobs if params.logprobs else None,
+                    "confidences": text.confidences if params.wants_confidence else None,
                     "weight_version": text.weight_version or state.loop.engine.weight_version,
                     "weight_versions": text.weight_versions}
             if body.return_text:

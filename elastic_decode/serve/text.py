@@ -70,6 +70,7 @@ class CompletionText:
         self.logprobs: list[float] = []
         self.forced_mask: list[int] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []  # with SamplingParams.logprobs
+        self.confidences: list[float] = []  # each token's (core/confidence.py)
         self.last: CompletionDelta | None = None
         # what the engine says once: the prompt's logprobs (when asked) and the prefix-cache hit
         self.prompt_logprobs: list | None = None
@@ -144,6 +145,7 @@ class CompletionText:
         self.token_ids += delta.token_ids[:new]
         self.logprobs += delta.logprobs[:new]
         self.forced_mask += delta.forced_mask[:new]
+        self.confidences += delta.confidences[:new]
         if delta.top_logprobs is not None:
             self.top_logprobs += delta.top_logprobs[:new]
         if new < len(delta.token_ids) or (self.stop and self._cut is not None):

@@ -13,7 +13,9 @@ by that equivalence and picks the largest group.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
+import math
 import re
 from dataclasses import dataclass
 
@@ -166,6 +168,9 @@ class Vote:
     index: int | None  # the completion whose answer stands for the winning group (its first)
     tie: bool  # another group had as many votes (the earliest-answered group won)
     answers: tuple[str | None, ...]  # every completion's extracted answer, in order
+    # Weighted votes (DeepConf: by confidence): the winning group's share of the answered weight; with
+    # equal weights, votes / answered.
+    weight_share: float = 0.0
 
     @property
     def share(self) -> float:
@@ -173,12 +178,14 @@ class Vote:
         return self.votes / self.total if self.total else 0.0
 
 
-def majority_vote(answers: list[str | None]) -> Vote:
-    """Group equivalent answers (`answers_match`) and pick the largest group.
+def majority_vote(answers: list[str | None], weights: list[float] | None = None) -> Vote:
+    """Group equivalent answers (`answers_match`) and pick the largest group (with `weights`, the heaviest:
+    DeepConf's confidence-weighted vote).
 
     Missing answers (None: no box, or a box the budget cut off) do not vote. Ties go to the
     group whose first answer came earliest, so the result does not depend on dict order.
     """
+    weights = [1.0] * len(answers) if weights is None else list(weights)
     groups: list[list[int]] = []  # completion indices; groups[g][0] is the representative
     for i, answer in enumerate(answers):
         if answer is None or not normalize_answer(answer):
@@ -191,19 +198,36 @@ def majority_vote(answers: list[str | None]) -> Vote:
             groups.append([i])
     if not groups:
         return Vote(None, 0, 0, len(answers), None, False, tuple(answers))
-    best = max(len(g) for g in groups)
-    winner = next(g for g in groups if len(g) == best)  # groups are in first-answer order
+    weight = [sum(weights[i] for i in g) for g in groups]
+    best = max(weight)
+    winner = groups[weight.index(best)]  # groups are in first-answer order
+    total = sum(weight)
     return Vote(
         answer=answers[winner[0]],
-        votes=best,
+        votes=len(winner),
         answered=sum(len(g) for g in groups),
         total=len(answers),
         index=winner[0],
-        tie=sum(len(g) == best for g in groups) > 1,
+        tie=sum(w == best for w in weight) > 1,
         answers=tuple(answers),
+        weight_share=best / total if total > 0 else 0.0,
     )
 
 
-def vote_on_texts(texts: list[str]) -> Vote:
-    """Majority vote over the last `\\boxed{}` answer of each text."""
-    return majority_vote([extract_boxed(t) for t in texts])
+def confidence_vote(answers: list[str | None], scores: list[float | None], keep: float = 1.0) -> Vote:
+    """DeepConf's offline vote: the traces ranked by confidence `scores` (a trace's lowest group or tail
+    confidence; None: no score, it does not vote), the top `keep` share of them kept (at least one; DeepConf
+    filters with 0.1 or 0.9), and a vote over those weighted by their scores. The Vote's `answers` are all the
+    traces'; the ones filtered out count as not answered."""
+    ranked = sorted((i for i, s in enumerate(scores) if s is not None), key=lambda i: -scores[i])
+    kept = set(ranked[: max(1, math.ceil(keep * len(ranked)))]) if ranked else set()
+    vote = majority_vote([a if i in kept else None for i, a in enumerate(answers)],
+                         [scores[i] if i in kept else 0.0 for i in range(len(answers))])
+    return dataclasses.replace(vote, answers=tuple(answers))
+
+
+def vote_on_texts(texts: list[str], scores: list[float | None] | None = None, keep: float = 1.0) -> Vote:
+    """Majority vote over the last `\\boxed{}` answer of each text (with confidence `scores`: DeepConf's
+    weighted and filtered vote, `confidence_vote`)."""
+    answers = [extract_boxed(t) for t in texts]
+    return majority_vote(answers) if scores is None else confidence_vote(answers, scores, keep)

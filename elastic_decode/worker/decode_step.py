@@ -35,10 +35,12 @@ def decode_step(
     block_size: int,
     inp: DecodeInputs,
     top: int = 0,
+    confidence: bool = False,
 ):
     """Returns (tokens int64 [num_seqs], logprobs float32 [num_seqs]); PAD_TOKEN for DONE rows.
     With `top` > 0 also the `top` most likely tokens of each row's raw distribution:
-    (tokens, logprobs, (values float32 [num_seqs, top], ids int64 [num_seqs, top])).
+    (tokens, logprobs, (values float32 [num_seqs, top], ids int64 [num_seqs, top])). With `confidence` the
+    sampler also writes each row's token confidence to inp.state.confidence.
 
     Rows already DONE write no KV (slot -1) and keep their position, so every read stays
     inside KV that was written; rows that finish in this step stop advancing.
@@ -60,7 +62,7 @@ def decode_step(
     hidden = model(inp.input_ids, inp.positions, kv_caches, attn, ops)  # [num_seqs, hidden]
     logits = model.compute_logits(hidden, ops)  # [num_seqs, vocab]
     alternatives = top_logprobs(logits, top) if top else None
-    tokens, logprobs = ops.sample_with_budget(logits, inp.params, inp.state)
+    tokens, logprobs = ops.sample_with_budget(logits, inp.params, inp.state, confidence=confidence)
     live = inp.state.phase != DONE  # bool [num_seqs]: rows that go on
     inp.input_ids.copy_(torch.where(live, tokens, inp.input_ids))
     inp.positions.add_(live.long())

@@ -91,7 +91,8 @@ def sampler_fields(seqs, width: int | None = None, stop_width: int | None = None
         "top_p": (f32, [x.top_p for x in p], (n,)),
         "min_p": (f32, [x.min_p for x in p], (n,)),
         "seed": (torch.long, [s.seed for s in seqs], (n,)),
-        "think_budget": (i32, [x.think_budget if x.think_budget is not None else NO_LIMIT for x in p], (n,)),
+        "think_budget": (i32, [s.think_limit if s.think_limit is not None else x.think_budget
+                               if x.think_budget is not None else NO_LIMIT for s, x in zip(seqs, p)], (n,)),
         "solution_budget": (i32, [x.solution_budget if x.solution_budget is not None else NO_LIMIT for x in p], (n,)),
         "max_new_tokens": (i32, [s.max_new_tokens for s in seqs], (n,)),
         "min_think": (i32, [x.min_think for x in p], (n,)),
@@ -109,6 +110,7 @@ def sampler_fields(seqs, width: int | None = None, stop_width: int | None = None
         "forced_end": (i32, [s.forced_end for s in seqs], (n,)),
         "forced": (i32, [0] * n, (n,)),
         "finish": (i32, [s.finish for s in seqs], (n,)),
+        "confidence": (f32, [0.0] * n, (n,)),
     }
 
 
@@ -285,7 +287,8 @@ class DeviceBatch:
         old = self.tensors() if self.full is not None else {}
         widths = {"marker": MAX_MARKER_TOKENS, "stop": stop_width, "blocks": block_width}
         dtypes = {"input_ids": torch.long, "positions": torch.long, "seed": torch.long,
-                  "temperature": torch.float32, "top_p": torch.float32, "min_p": torch.float32}
+                  "temperature": torch.float32, "top_p": torch.float32, "min_p": torch.float32,
+                  "confidence": torch.float32}
         new = {}
         for name in _ROW_FIELDS:
             columns = _COLUMNS.get(name)

@@ -50,6 +50,7 @@ class StepPlan:
     graphs: bool  # replay the CUDA graphs (decode, where the batch fits them)
     top: int = 0  # alternatives per token to return (the most any sequence asked for); off the graphs
     recent_width: int = 1  # columns of the thinking window to read back (the batch's longest marker)
+    confidence: bool = False  # compute token confidences (a sequence asked for them); off the graphs
     # prefill: (sequence, its first packed row, its rows, alternatives) of the sequences whose prompt logprobs
     # are asked for (their prompt is computed whole: no cached prefix)
     prompt_rows: tuple[tuple[int, int, int, int], ...] = ()
@@ -163,10 +164,13 @@ class ModelRunner:
             cu = host["cu_seqlens_q"][1]
             prompt_rows = tuple((i, cu[i], cu[i + 1] - cu[i], s.params.prompt_logprobs) for i, s in enumerate(batch.seqs)
                                 if s.params.prompt_logprobs is not None and s.prompt_logprobs is None)
-            return StepPlan(True, host, None, 1, False, top, max(len(s.marker) for s in batch.seqs), prompt_rows)
+            return StepPlan(True, host, None, 1, False, top, max(len(s.marker) for s in batch.seqs),
+                            confidence=any(s.params.wants_confidence for s in batch.seqs), prompt_rows=prompt_rows)
         update, rows = self.rows.update(batch.seqs), self.rows  # the rows know the batch's top and marker width
-        graphs = not rows.top and self.graphs is not None and self.graphs.fits(len(batch.seqs))
-        return StepPlan(False, None, update, batch.num_steps, graphs, rows.top, rows.marker_width)
+        confidence = any(s.params.wants_confidence for s in batch.seqs)
+        graphs = not rows.top and not confidence and self.graphs is not None and self.graphs.fits(len(batch.seqs))
+        return StepPlan(False, None, update, batch.num_steps, graphs, rows.top, rows.marker_width,
+                        confidence=confidence)
 
     def run(self, batch: ScheduledBatch) -> StepResult:
         try:
@@ -186,7 +190,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan):
-        """Run a plan: (tokens [steps, seqs], logprobs, forced, final budget state, top alternatives
+        """Run a plan: (tokens [steps, seqs], logprobs, forced, confidence, final budget state, top alternatives
         ((values, ids) [steps, seqs, top]) or None, prompt logprobs (host values) or None) on the device, in
         the batch's order."""
         if not plan.is_prefill:
@@ -196,8 +200,9 @@ class ModelRunner:
         prompt = self._prompt_logprobs(hidden, input_ids, plan.prompt_rows) if plan.prompt_rows else None
         logits = self.model.compute_logits(hidden[logits_rows], self.ops)  # [num_seqs, vocab]
         top = top_logprobs(logits, plan.top) if plan.top else None
-        tokens, logprobs = self.ops.sample_with_budget(logits, params, state)
-        return tokens[None], logprobs[None], state.forced[None], state, \
+        tokens, logprobs = self.ops.sample_with_budget(logits, params, state, confidence=plan.confidence)
+        return tokens[None], logprobs[None], state.forced[None], state.confidence[None] if plan.confidence else None, \
+            state, \
             None if top is None else (top[0][None], top[1][None]), prompt
 
     def _prompt_logprobs(self, hidden: torch.Tensor, input_ids: torch.Tensor, rows) -> dict:
@@ -222,37 +227,43 @@ class ModelRunner:
         n = plan.update.n
         if plan.graphs:
             tokens, logprobs, forced, state = self.graphs.run(self.kv_caches, self.batch, n, plan.num_steps)
+            confidence = None  # the graphs are captured without it (a batch that wants it runs eagerly)
             top = None
         else:
             inp = self.batch.view(n)
-            tokens_k, logprobs_k, forced_k, top_k = [], [], [], []
+            tokens_k, logprobs_k, forced_k, confidence_k, top_k = [], [], [], [], []
             for _ in range(plan.num_steps):
                 tokens, logprobs, *alternatives = decode_step(self.model, self.ops, self.kv_caches, self.block_size,
-                                                              inp, plan.top)
+                                                              inp, plan.top, plan.confidence)
                 tokens_k.append(tokens)
                 logprobs_k.append(logprobs)
                 forced_k.append(inp.state.forced.clone())
+                if plan.confidence:
+                    confidence_k.append(inp.state.confidence.clone())
                 top_k += alternatives
             tokens, logprobs, forced = torch.stack(tokens_k), torch.stack(logprobs_k), torch.stack(forced_k)
+            confidence = torch.stack(confidence_k) if confidence_k else None
             top = (torch.stack([v for v, _ in top_k]), torch.stack([i for _, i in top_k])) if top_k else None
             state = inp.state
         perm = self.batch.perm  # rows -> batch order (None: the rows are in batch order)
         if perm is not None:
             tokens, logprobs, forced = tokens[:, perm], logprobs[:, perm], forced[:, perm]
+            confidence = None if confidence is None else confidence[:, perm]
             state = state.map(lambda t: t[perm])
             top = None if top is None else (top[0][:, perm], top[1][:, perm])
-        return tokens, logprobs, forced, state, top
+        return tokens, logprobs, forced, confidence, state, top
 
     @staticmethod
     def _result(
         tokens: torch.Tensor,  # [num_steps, num_seqs]; PAD_TOKEN where a row was already DONE
         logprobs: torch.Tensor,  # float32 [num_steps, num_seqs]
         forced: torch.Tensor,  # int32 [num_steps, num_seqs]
+        confidence: torch.Tensor | None,  # float32 [num_steps, num_seqs], when computed
         state: BudgetState,  # after the last step
         top: tuple[torch.Tensor, torch.Tensor] | None = None,  # float32 / int64 [num_steps, num_seqs, k]
         recent_width: int | None = None,  # the thinking window's last columns to read (default: all)
     ) -> StepResult:
-        """The device-to-host copies of a step or chunk: one for every int, one for the logprobs. A row
+        """The device-to-host copies of a step or chunk: one for every int, one for the logprobs and confidences. A row
         emits PAD_TOKEN only after it is DONE, so each row's tokens are the ones before its first PAD_TOKEN."""
         num_steps, n = tokens.shape
         recent = state.recent[:, -recent_width:] if recent_width else state.recent
@@ -260,7 +271,9 @@ class ModelRunner:
         ints = torch.cat([tokens.int().flatten(), forced.flatten(), state.phase, state.think_count,
                           state.solution_count, state.force_pos, state.forced_end, state.finish,
                           recent.flatten()]).cpu().numpy()
-        logprob_rows = logprobs.cpu().numpy().T.tolist()
+        floats = (logprobs[None] if confidence is None else torch.stack([logprobs, confidence])).cpu().numpy()
+        logprob_rows = floats[0].T.tolist()
+        confidence_rows = floats[1].T.tolist() if confidence is not None else None
         at = 2 * n * num_steps
         steps_tokens = ints[: n * num_steps].reshape(num_steps, n)
         counts = (steps_tokens != PAD_TOKEN).sum(0).tolist()  # [num_seqs]
@@ -273,6 +286,7 @@ class ModelRunner:
                 return [row if c == num_steps else row[:c] for row, c in zip(rows, counts)]
 
             tokens_rows, forced_rows, logprob_rows = cut(tokens_rows), cut(forced_rows), cut(logprob_rows)
+            confidence_rows = cut(confidence_rows) if confidence_rows is not None else None
         return StepResult(
             tokens=tokens_rows,
             logprobs=logprob_rows,
@@ -285,6 +299,7 @@ class ModelRunner:
             forced_end=forced_end,
             finish=finish,
             top_logprobs=None if top is None else _top_rows(top, counts),
+            confidence=confidence_rows,
         )
 
 
