@@ -83,6 +83,10 @@ def add_early_stop_arguments(group) -> None:
                             "forced marker so it still answers")
     group.add_argument("--deer-threshold", type=float, default=0.95,
                        help="DEER: a probe answer this confident (mean token probability) ends thinking (default 0.95)")
+    group.add_argument("--deer-answer-prefix", default=None,
+                       help="DEER: what a probe writes after the end-of-thinking marker, opening the answer's box "
+                            "(default '**Final Answer**\\n\\boxed{'; a model trained on another format answers "
+                            "surer in its own, e.g. 'The answer is \\boxed{')")
     group.add_argument("--deer-transitions", type=_strings, default=None,
                        help="DEER: comma-separated strings that mark a thinking transition, where a probe answers "
                             "(default: the model family's: 'Wait' and 'Alternatively' for Qwen-based reasoning "
@@ -95,7 +99,8 @@ def early_stop_params(name: str, args) -> dict:
         return {"confidence_window": args.confidence_window}
     return dict(early_stop=name, confidence_window=args.confidence_window, deepconf_warmup=args.deepconf_warmup,
                 deepconf_keep=args.deepconf_keep, deepconf_action=args.deepconf_action,
-                deer_threshold=args.deer_threshold, deer_transitions=args.deer_transitions)
+                deer_threshold=args.deer_threshold, deer_transitions=args.deer_transitions,
+                deer_answer_prefix=args.deer_answer_prefix)
 
 
 def warn_idle_deepconf(early_stops, n: int, warmup: int) -> None:

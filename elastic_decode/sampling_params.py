@@ -129,6 +129,10 @@ class SamplingParams:
     # token strings (a token whose text holds one is a transition); None: the model family's defaults.
     deer_threshold: float = 0.95
     deer_transitions: tuple[str, ...] | None = None
+    # What a probe writes after the end-of-thinking marker before its answer: it must open the answer's box (more
+    # "{" than "}"). None: DEER's "**Final Answer**\n\\boxed{". A model trained on another answer format
+    # answers surer in its own ("The answer is \\boxed{").
+    deer_answer_prefix: str | None = None
     deer_max_probes: int = 10
     deer_probe_tokens: int = 20
 
@@ -210,6 +214,12 @@ class SamplingParams:
                                           f"{MAX_TRANSITION_CHARS} characters, got {self.deer_transitions!r}",
                                           param="deer_transitions")
             object.__setattr__(self, "deer_transitions", tuple(self.deer_transitions))
+        if self.deer_answer_prefix is not None:
+            prefix = self.deer_answer_prefix
+            if not isinstance(prefix, str) or not 0 < len(prefix) <= 200 or prefix.count("{") <= prefix.count("}"):
+                raise InvalidRequestError("deer_answer_prefix must be a string of 1 to 200 characters that opens the "
+                                          f"answer's box (e.g. ends with \\boxed{{), got {prefix!r}",
+                                          param="deer_answer_prefix")
         if self.early_stop is None:
             return
         if self.early_stop == "deer" and self.think_budget is None:

@@ -120,7 +120,9 @@ def test_weighted_and_filtered_votes():
 def test_early_stop_settings_are_checked():
     for bad in [dict(early_stop="maybe"), dict(early_stop="deer"), dict(deepconf_keep=0.0),
                 dict(early_stop="deepconf", deepconf_action="answer"), dict(deepconf_action="pause"),
-                dict(deer_transitions="Wait"), dict(confidence_window=0), dict(deepconf_consensus=1.5)]:
+                dict(deer_transitions="Wait"), dict(confidence_window=0), dict(deepconf_consensus=1.5),
+                dict(deer_transitions=[]), dict(deer_transitions=["x" * 33]), dict(deer_answer_prefix="The answer is"),
+                dict(confidence=1)]:
         with pytest.raises(InvalidRequestError):
             SamplingParams(**bad)
     SamplingParams(early_stop="deer", think_budget=10, deer_transitions=["Wait"])
@@ -250,15 +252,20 @@ def test_deer_probes_answer_on_shared_blocks_and_leave_the_trace_as_it_was(tiny_
     probes = []
     judge = early_exit.probe_confidence
 
-    def recorded(probe, decode):
+    def recorded(probe, decode, depth=1):
         probes.append((list(probe.token_ids[: probe.num_prompt_tokens]), probe.output_ids, probe.cached_tokens))
-        return judge(probe, decode)
+        assert depth == 2  # the prefix below leaves two braces open
+        return judge(probe, decode, depth)
 
     monkeypatch.setattr(early_exit, "probe_confidence", recorded)
-    params = SamplingParams(**DEER_BASE, early_stop="deer", deer_threshold=1.0,
+    prefix = "Answer: {\\boxed{"
+    params = SamplingParams(**DEER_BASE, early_stop="deer", deer_threshold=1.0, deer_answer_prefix=prefix,
                             deer_transitions=_transitions(llm, plain.outputs[0]))
     never = llm.generate(["7 - 2 ="], params)[0]
     assert probes and sum(c.probes for c in never.outputs) >= len(probes)
+    opening = llm.engine.tokenizer.hf(prefix, add_special_tokens=False)["input_ids"]
+    marker = list(llm.engine.tokenizer.marker(None))
+    assert all(context[-len(opening) - len(marker):] == marker + opening for context, _, _ in probes)
     assert any(cached > 0 for _, _, cached in probes)  # the trace's blocks were shared, not computed again
     # Each probe's greedy answer is what a fresh engine answers to the same context (no shared K/V went wrong).
     fresh = tiny_llm(tiny_llama)
@@ -280,7 +287,7 @@ def test_a_confident_probe_ends_thinking_at_its_transition(tiny_llama, monkeypat
 
     llm = tiny_llm(tiny_llama, num_scheduler_steps=steps)
     plain = llm.generate(["7 - 2 ="], SamplingParams(**DEER_BASE))[0]
-    monkeypatch.setattr(early_exit, "probe_confidence", lambda probe, decode: 0.99)  # every answer is sure
+    monkeypatch.setattr(early_exit, "probe_confidence", lambda probe, decode, depth=1: 0.99)  # every answer is sure
     params = SamplingParams(**DEER_BASE, early_stop="deer", deer_threshold=0.95,
                             deer_transitions=_transitions(llm, plain.outputs[0]))
     out = llm.generate(["7 - 2 ="], params)[0]

@@ -166,7 +166,8 @@ class EarlyExits:
         at = next((i for i in range(len(out) - 1, start - 1, -1) if is_transition(tokenizer, strings, out, i)), None)
         if at is None:
             return
-        opening = tokenizer.hf(DEER_OPENING, add_special_tokens=False)["input_ids"]  # no BOS mid-sequence
+        prefix = params.deer_answer_prefix or DEER_OPENING
+        opening = tokenizer.hf(prefix, add_special_tokens=False)["input_ids"]  # no BOS mid-sequence
         context = seq.token_ids[: seq.num_prompt_tokens + at] + list(seq.marker) + list(opening)
         if len(context) + params.deer_probe_tokens > self.engine.window:
             return
@@ -190,7 +191,8 @@ class EarlyExits:
         trace.pending_at = None
         trace.deer_scanned = max(trace.deer_scanned, trace.num_generated)  # what it sampled meanwhile may be sent
         exits.probe_tokens += probe.num_generated
-        answer = probe_confidence(probe, self.engine.tokenizer.decode)
+        prefix = request.params.deer_answer_prefix or DEER_OPENING
+        answer = probe_confidence(probe, self.engine.tokenizer.decode, prefix.count("{") - prefix.count("}"))
         trace.probe_log.append((probe.probe_at, answer))
         if answer is None or answer < request.params.deer_threshold:
             return
@@ -221,11 +223,10 @@ def is_transition(tokenizer, strings: tuple[str, ...], out: list[int], i: int) -
     return any(s in pair and s not in first for s in strings)
 
 
-def probe_confidence(probe: Sequence, decode) -> float | None:
+def probe_confidence(probe: Sequence, decode, depth: int = 1) -> float | None:
     """DEER's answer confidence: the mean probability of the probe's answer tokens, up to and including the one that
     closes the box (braces counted: "\\frac{1}{2}" is one answer); None when the box does not close within the
-    probe's tokens (an unfinished answer is never confident)."""
-    depth = 1  # the opening's "\\boxed{"
+    probe's tokens (an unfinished answer is never confident). `depth`: the braces the answer prefix left open."""
     for i, token in enumerate(probe.output_ids):
         for ch in decode([token]):
             depth += (ch == "{") - (ch == "}")

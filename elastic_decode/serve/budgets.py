@@ -22,7 +22,7 @@ BUDGET_NAMES = {
 EARLY_STOP_TYPES = {
     "confidence": (bool,), "early_stop": (str,), "confidence_window": (int,), "deepconf_warmup": (int,), "deepconf_keep": (int, float),
     "deepconf_threshold": (int, float), "deepconf_action": (str,), "deepconf_consensus": (int, float),
-    "deer_threshold": (int, float), "deer_transitions": (list,), "deer_max_probes": (int,),
+    "deer_threshold": (int, float), "deer_transitions": (list,), "deer_answer_prefix": (str,), "deer_max_probes": (int,),
     "deer_probe_tokens": (int,),
 }
 NAMES = {name for names in BUDGET_NAMES.values() for name in names} | set(EARLY_STOP_TYPES)

@@ -117,6 +117,7 @@ class BudgetFields(_Body):
     deepconf_consensus: float | None = None
     deer_threshold: float | None = None
     deer_transitions: list[str] | None = None
+    deer_answer_prefix: str | None = None
     deer_max_probes: int | None = None
     deer_probe_tokens: int | None = None
 
