@@ -106,6 +106,16 @@ def test_group_tail_and_threshold_match_their_statements():
         assert confidence.warmup_threshold(scores, keep) == pytest.approx(np.percentile(scores, 100 * (1 - keep)))
 
 
+def test_an_infinite_confidence_keeps_the_windows_finite():
+    # A row with fewer than 20 finite logits is infinitely confident; its windows are high, never NaN.
+    values = [5.0, 5.0, float("inf"), 5.0, 5.0, 5.0, 1.0, 1.0]
+    at, running = confidence.first_low_window(values, 0, 2, 4.0, 0.0)
+    assert at == 6 and math.isfinite(running)  # the window (5, 1) is the first below 4
+    assert confidence.lowest_group_confidence(values, 2) == pytest.approx(1.0)
+    assert confidence.window_means(values, 2)[-1] == pytest.approx(1.0)
+    assert confidence.tail_confidence(values, 8) > 1e5
+
+
 def test_weighted_and_filtered_votes():
     # Three low-confidence traces say 7, two confident ones say 9.
     answers, scores = ["7", "7", "7", "9", "9"], [1.0, 1.0, 1.0, 5.0, 5.0]

@@ -23,11 +23,20 @@ LOW_CONFIDENCE_ANSWER = "low_confidence_answer"  # the same point, but thinking 
 CONSENSUS = "consensus"  # the request's weighted vote was settled: the trace was stopped unfinished
 DEER = "deer"  # a probe answer at a transition point was confident: thinking was ended there
 
+# A row with fewer than 20 finite logits has an infinite confidence (the model rules out all but a few tokens);
+# windows count it as this much, so their running sums stay finite (exact in float64 beside values ~10).
+CAP = 1e6
+
+
+def _capped(values: list[float]) -> list[float]:
+    return [v if v < CAP else CAP for v in values]
+
 
 def window_means(values: list[float], window: int) -> list[float]:
     """The mean of every full window of `window` consecutive values (none when fewer values)."""
     if len(values) < window:
         return []
+    values = _capped(values)
     total = math.fsum(values[:window])
     means = [total / window]
     for i in range(window, len(values)):
@@ -41,14 +50,14 @@ def lowest_group_confidence(values: list[float], window: int) -> float | None:
     if not values:
         return None
     means = window_means(values, window)
-    return min(means) if means else math.fsum(values) / len(values)
+    return min(means) if means else math.fsum(_capped(values)) / len(values)
 
 
 def tail_confidence(values: list[float], window: int) -> float | None:
     """The mean confidence of a trace's last `window` tokens."""
     if not values:
         return None
-    tail = values[-window:]
+    tail = _capped(values[-window:])
     return math.fsum(tail) / len(tail)
 
 
@@ -68,9 +77,9 @@ def first_low_window(values: list[float], start: int, window: int, threshold: fl
     `start`, or of all of them when fewer): the first index whose full window's mean is below `threshold`, or None;
     and the running sum at the end of the scan (up to that index when found)."""
     for i in range(start, len(values)):
-        running += values[i]
+        running += min(values[i], CAP)
         if i >= window:
-            running -= values[i - window]
+            running -= min(values[i - window], CAP)
         if i + 1 >= window and running / window < threshold:
             return i, running
     return None, running
