@@ -12,6 +12,7 @@ SEED_MAX = 2**63 - 1
 MAX_N = 4096  # completions of one prompt; more is almost surely a typo (each is a sequence)
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's bound for top_logprobs)
 EARLY_STOPS = ("deepconf", "deer")
+DEER_ANSWER_PREFIX = "**Final Answer**\n\\boxed{"  # DEER's answer-inducing text, after the marker
 MAX_TRANSITIONS = 16  # DEER transition strings per request
 MAX_TRANSITION_CHARS = 32
 DEEPCONF_ACTIONS = ("stop", "answer")
@@ -227,6 +228,11 @@ class SamplingParams:
         if self.early_stop == "deepconf" and self.deepconf_action == "answer" and self.think_budget is None:
             raise InvalidRequestError("deepconf_action 'answer' ends thinking with the marker: it needs a think_budget",
                                       param="deepconf_action")
+
+    @property
+    def deer_prefix(self) -> str:
+        """What a DEER probe writes after the marker: deer_answer_prefix, or DEER's own."""
+        return self.deer_answer_prefix or DEER_ANSWER_PREFIX
 
     @property
     def wants_confidence(self) -> bool:

@@ -128,8 +128,9 @@ class Scheduler:
         that finished with it."""
         finished = []
         for i, seq in enumerate(batch.seqs):
-            before = (seq.num_generated, seq.phase, seq.think_count, seq.solution_count, list(seq.recent),
-                      seq.force_pos, seq.forced_end)
+            before = None if seq.conf_threshold is None else (
+                seq.num_generated, seq.phase, seq.think_count, seq.solution_count, list(seq.recent), seq.force_pos,
+                seq.forced_end)  # the state a DeepConf stop rewinds to
             if result.tokens[i] and seq.weight_version != weight_version:
                 seq.weight_versions.append((seq.num_generated, weight_version))
             if result.prompt_logprobs is not None and i in result.prompt_logprobs:
@@ -148,7 +149,7 @@ class Scheduler:
             seq.finish = result.finish[i]
             if result.confidence is not None and seq.params.wants_confidence:
                 seq.confidences += result.confidence[i]
-                if seq.conf_threshold is not None:
+                if before is not None:
                     self._check_confidence(seq, before)
             if seq.phase == DONE:
                 seq.status = SequenceStatus.FINISHED

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from elastic_decode.kernels import FINISH_NONE, FINISH_STOP, FORCING, RECENT_PAD, SOLVING, THINKING
 
+from . import confidence
+
 from ..sampling_params import SamplingParams
 
 
@@ -99,6 +101,13 @@ class Sequence:
         self.recent = list(state.recent)
         self.prompt_think, self.prompt_marker = state.prompt_think, state.prompt_marker
         self.prompt_solution = state.solution_count
+
+    @property
+    def group_confidence(self) -> tuple[float | None, float | None]:
+        """(lowest group, tail) confidence of the output so far (core/confidence.py; None, None before any)."""
+        window = self.params.confidence_window
+        return (confidence.lowest_group_confidence(self.confidences, window),
+                confidence.tail_confidence(self.confidences, window))
 
     @property
     def settled(self) -> int:

@@ -28,7 +28,6 @@ from ..core.sequence import Sequence, SequenceStatus
 from ..sampling_params import SamplingParams
 from ..utils.answers import extract_boxed, majority_vote
 
-DEER_OPENING = "**Final Answer**\n\\boxed{"  # after the marker: what the probe's answer continues
 
 
 @dataclass(eq=False)
@@ -166,8 +165,7 @@ class EarlyExits:
         at = next((i for i in range(len(out) - 1, start - 1, -1) if is_transition(tokenizer, strings, out, i)), None)
         if at is None:
             return
-        prefix = params.deer_answer_prefix or DEER_OPENING
-        opening = tokenizer.hf(prefix, add_special_tokens=False)["input_ids"]  # no BOS mid-sequence
+        opening = tokenizer.hf(params.deer_prefix, add_special_tokens=False)["input_ids"]  # no BOS mid-sequence
         context = seq.token_ids[: seq.num_prompt_tokens + at] + list(seq.marker) + list(opening)
         if len(context) + params.deer_probe_tokens > self.engine.window:
             return
@@ -191,7 +189,7 @@ class EarlyExits:
         trace.pending_at = None
         trace.deer_scanned = max(trace.deer_scanned, trace.num_generated)  # what it sampled meanwhile may be sent
         exits.probe_tokens += probe.num_generated
-        prefix = request.params.deer_answer_prefix or DEER_OPENING
+        prefix = request.params.deer_prefix
         answer = probe_confidence(probe, self.engine.tokenizer.decode, prefix.count("{") - prefix.count("}"))
         trace.probe_log.append((probe.probe_at, answer))
         if answer is None or answer < request.params.deer_threshold:

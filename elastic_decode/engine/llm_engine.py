@@ -21,7 +21,6 @@ import torch
 from elastic_decode.kernels import FINISH_NONFINITE, MAX_MARKER_TOKENS, SOLVING
 
 from ..config import EngineConfig
-from ..core import confidence
 from ..core.block_manager import BlockManager
 from ..core.scheduler import Scheduler
 from ..core.resume import StartState, start_state
@@ -375,7 +374,7 @@ class LLMEngine:
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
         decode = self.tokenizer.decode
-        window = seq.params.confidence_window
+        lowest, tail = seq.group_confidence
         thinking, _, solution = seq.output_parts()
         return CompletionOutput(
             index=seq.sample_index,
@@ -392,8 +391,8 @@ class LLMEngine:
             top_logprobs=[list(row) for row in seq.top_logprobs] if seq.params.logprobs else None,
             weight_versions=list(seq.weight_versions),
             confidences=list(seq.confidences) if seq.params.wants_confidence else None,
-            lowest_group_confidence=confidence.lowest_group_confidence(seq.confidences, window),
-            tail_confidence=confidence.tail_confidence(seq.confidences, window),
+            lowest_group_confidence=lowest,
+            tail_confidence=tail,
             early_exit=seq.early_exit,
             exit_index=seq.exit_index,
             probes=seq.probes,

@@ -30,7 +30,6 @@ import torch
 
 from elastic_decode.kernels import FORCING
 
-from ..core import confidence
 from ..core.sequence import SequenceStatus
 from ..errors import ElasticDecodeError, InvalidRequestError
 from ..sampling_params import SamplingParams
@@ -372,9 +371,7 @@ class EngineLoop:
                 weight_versions=tuple(seq.weight_versions),
                 confidences=seq.confidences[new],
                 early_exit=(seq.early_exit, seq.exit_index, seq.probes),
-                group_confidence=(confidence.lowest_group_confidence(seq.confidences, seq.params.confidence_window),
-                                  confidence.tail_confidence(seq.confidences, seq.params.confidence_window))
-                if reason is not None else (None, None),
+                group_confidence=seq.group_confidence if reason is not None else (None, None),
                 prompt_logprobs=seq.prompt_logprobs if reason is not None else None,
                 prompt_top_logprobs=seq.prompt_top_logprobs if reason is not None else None,
                 cached_tokens=seq.cached_tokens or 0))

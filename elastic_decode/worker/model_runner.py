@@ -158,6 +158,7 @@ class ModelRunner:
 
     def plan(self, batch: ScheduledBatch) -> StepPlan:
         """What a step runs, as host values (the same on every tensor-parallel rank)."""
+        confidence = any(s.params.wants_confidence for s in batch.seqs)
         if batch.is_prefill:
             top = max(s.params.logprobs for s in batch.seqs)
             host = self._prefill_host(batch.seqs)
@@ -165,9 +166,8 @@ class ModelRunner:
             prompt_rows = tuple((i, cu[i], cu[i + 1] - cu[i], s.params.prompt_logprobs) for i, s in enumerate(batch.seqs)
                                 if s.params.prompt_logprobs is not None and s.prompt_logprobs is None)
             return StepPlan(True, host, None, 1, False, top, max(len(s.marker) for s in batch.seqs),
-                            confidence=any(s.params.wants_confidence for s in batch.seqs), prompt_rows=prompt_rows)
+                            confidence=confidence, prompt_rows=prompt_rows)
         update, rows = self.rows.update(batch.seqs), self.rows  # the rows know the batch's top and marker width
-        confidence = any(s.params.wants_confidence for s in batch.seqs)
         graphs = not rows.top and not confidence and self.graphs is not None and self.graphs.fits(len(batch.seqs))
         return StepPlan(False, None, update, batch.num_steps, graphs, rows.top, rows.marker_width,
                         confidence=confidence)
