@@ -117,6 +117,8 @@ def _check_launch(launches: Launches, name: str, args, kwargs) -> None:
             raise WrongDevice(f"{name} launched on cuda:{current} (the current device) with a tensor on "
                               f"{value.device}: Triton would read that pointer in the wrong context")
     launches.counts[name] += 1
+    if kwargs.get("CONFIDENCE"):  # the sampler's token-confidence variant
+        launches.counts[name + " + confidence"] += 1
     launches.devices.add(current)
 
 

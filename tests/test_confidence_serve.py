@@ -2,6 +2,8 @@
 token's confidence (logprobs extension) and the completion's early exit (the `budget` extension)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'elastic_decode[serve]')")
@@ -68,3 +70,45 @@ def test_bad_early_stop_fields_are_a_400_naming_them(served, fields, param):
     status, body = post(url, "/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, **fields})
     assert status == 400, body
     assert body["error"]["param"] == param
+
+
+# -- as a hostile client would use them -------------------------------------------------------------------
+
+HELD = {"n": 4, "early_stop": "deepconf", "deepconf_warmup": 2, "confidence_window": 4, "thinking_budget": 300,
+        "min_think": 300, "solution_budget": 50, "max_tokens": 400, "ignore_eos": True}
+# Transitions that a random model meets all the time: a probe is almost always pending.
+PROBING = {"n": 2, "early_stop": "deer", "deer_transitions": list("aeiost"), "thinking_budget": 300, "min_think": 300,
+           "solution_budget": 50, "max_tokens": 400, "ignore_eos": True, "deer_max_probes": 1000}
+
+
+@pytest.mark.parametrize("fields", [HELD, PROBING], ids=["deepconf-warmup-held", "deer-probes-pending"])
+def test_a_vanished_client_leaves_no_trace_or_probe_behind(served, fields):
+    from test_serve_faults import raw_request
+
+    from serving import empty, get, wait_for_tokens
+
+    url, loop, _ = served
+    sock = raw_request(url, "/v1/completions", json.dumps({"model": MODEL, "prompt": "go", **fields}).encode())
+    wait_for_tokens(loop, 20)
+    assert loop.stats()["kv_blocks_used"] > 0
+    sock.close()
+    assert empty(loop, wait=5.0), loop.stats()  # held traces, probes and their shared blocks are all gone
+    status, body = get(url, "/metrics")
+    assert status == 200 and "elastic_decode_kv_blocks_used 0" in body.decode()
+
+
+def test_pauses_composed_around_probing_requests_end_with_every_block_back(served):
+    from serving import empty, in_thread, wait_for_tokens
+
+    url, loop, _ = served
+    short = {**PROBING, "thinking_budget": 40, "min_think": 40, "solution_budget": 4, "max_tokens": 60}
+    thread, box = in_thread(lambda: post(url, "/v1/completions", {"model": MODEL, "prompt": "go", **short}))
+    wait_for_tokens(loop, 10)
+    loop.pause("keep")  # probes and traces stay, frozen
+    loop.pause("keep")  # a second pause on top of the first
+    loop.resume()
+    thread.join(timeout=120)
+    status, body = box["value"]
+    assert status == 200, body
+    assert all(c["finish_reason"] in ("stop", "length") for c in body["choices"])
+    assert empty(loop, wait=5.0), loop.stats()

@@ -64,6 +64,26 @@ def test_the_engine_runs_its_cuda_path_on_cuda_1(monkeypatch, tiny_models, k):
     assert len(steps) == sum(s for _, _, s in decode_chunks)
 
 
+def test_confidence_and_deer_probes_launch_on_the_engines_device(monkeypatch, tiny_models):
+    """A batch that asks for token confidence runs the sampler's confidence variant, eagerly, on cuda:1; DEER probes
+    forked from its traces (the scripted token is a transition) share their blocks and launch there too."""
+    script = ScriptedStep()
+    with fake_cuda(monkeypatch) as launches:
+        scripted_results(monkeypatch, script)
+        llm = fake_llm(tiny_models["qwen3"], num_scheduler_steps=2, kv_cache_memory_gb=0.01)
+        graphs_before = len(_Graph.captured_on)
+        script.token = llm.engine.tokenizer.hf(" Wait", add_special_tokens=False)["input_ids"][0]
+        transition = llm.engine.tokenizer.decode([script.token])
+        params = SamplingParams(max_tokens=12, seed=1, n=2, think_budget=10, early_stop="deer",
+                                deer_transitions=(transition,), deer_probe_tokens=3)
+        out = llm.generate(PROMPTS[:1], params, use_tqdm=False)[0]
+        assert llm.engine.stats()["kv_blocks_used"] == 0
+    assert launches.devices == {1}
+    assert launches.counts["_scan_kernel + confidence"] >= 1 and launches.counts["_finish_kernel + confidence"] >= 1
+    assert sum(c.probes for c in out.outputs) >= 1
+    assert len(_Graph.captured_on) == graphs_before  # a confidence batch decodes eagerly: no capture on demand
+
+
 def test_the_engine_loop_thread_launches_on_the_engines_device(monkeypatch, tiny_models):
     """The server's engine loop steps the engine on a thread of its own, whose current device is cuda:0."""
     from elastic_decode.engine.loop import EngineLoop
